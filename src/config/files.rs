@@ -1,0 +1,213 @@
+//! The serde shapes of the configuration files, field by field. The
+//! commented examples under `config/` show each of them in use.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// `gateway.toml`: process settings and where the other files are.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayFile {
+    /// Where to listen, each listener with the product of its anonymous traffic.
+    #[serde(rename = "listener")]
+    pub listeners: Vec<Spanned<ListenerEntry>>,
+    /// The other files, relative to `gateway.toml`'s folder.
+    pub files: FilesEntry,
+    /// Which peers are believed about the client and caller.
+    #[serde(default)]
+    pub trust: TrustEntry,
+    /// Signing of the stamped headers.
+    #[serde(default)]
+    pub signing: SigningEntry,
+    /// Upstream connection settings.
+    #[serde(default)]
+    pub upstream: UpstreamEntry,
+    /// Worker threads per listener service (default 2).
+    #[serde(default)]
+    pub threads: Option<usize>,
+}
+
+/// One `[[listener]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerEntry {
+    /// `host:port`, e.g. `0.0.0.0:8080`.
+    pub address: String,
+    /// `api` or `chat`: the product of requests that carry no credentials.
+    pub product: String,
+}
+
+/// `[files]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilesEntry {
+    /// The rules file (TOML).
+    pub rules: PathBuf,
+    /// The pools file (TOML).
+    pub pools: PathBuf,
+    /// The consent snapshot (JSON Lines).
+    pub accounts: PathBuf,
+    /// A MaxMind-format country database; without one no country is stamped.
+    #[serde(default)]
+    pub geo: Option<PathBuf>,
+}
+
+/// `[trust]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustEntry {
+    /// CIDR networks of trusted proxies, e.g. `["10.0.0.0/8"]`.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+    /// Header naming the account, set by a trusted front service.
+    #[serde(default)]
+    pub identity_header: Option<String>,
+}
+
+/// `[signing]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SigningEntry {
+    /// File holding the HMAC key; when set, `x-privacy-signature` is stamped.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+}
+
+/// `[upstream]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamEntry {
+    /// TCP (and TLS) connect timeout in milliseconds (default 2000).
+    #[serde(default)]
+    pub connect_timeout_ms: Option<u64>,
+    /// Longest silence while reading a response, in milliseconds (default 120000:
+    /// model streams can pause).
+    #[serde(default)]
+    pub read_timeout_ms: Option<u64>,
+}
+
+/// `rules.toml`: what the policy needs to know about plans, paths and addresses.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RulesFile {
+    /// Date of the privacy policy these rules implement, e.g. `2025-02-06`.
+    pub policy_date: String,
+    /// Prefix lengths for client-address truncation.
+    #[serde(default)]
+    pub client_ip: ClientIpEntry,
+    /// Plan names per product, each mapped to a plan class.
+    pub plans: PlansEntry,
+    /// Method + path -> capability, first match wins.
+    #[serde(rename = "route")]
+    pub routes: Vec<Spanned<RouteEntry>>,
+}
+
+/// `[client_ip]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientIpEntry {
+    /// IPv4 prefix length, 0 to 32 (default 24).
+    #[serde(default)]
+    pub ipv4_prefix: Option<Spanned<u8>>,
+    /// IPv6 prefix length, 0 to 128 (default 48).
+    #[serde(default)]
+    pub ipv6_prefix: Option<Spanned<u8>>,
+}
+
+/// `[plans]`: `[plans.api]` and `[plans.chat]`, each `name = "class"`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlansEntry {
+    /// La Plateforme plans; classes `api-free`, `api-paid`.
+    pub api: BTreeMap<String, Spanned<String>>,
+    /// Le Chat plans; classes `chat-individual`, `chat-team`.
+    pub chat: BTreeMap<String, Spanned<String>>,
+}
+
+/// One `[[route]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteEntry {
+    /// HTTP method; any method when absent.
+    #[serde(default)]
+    pub method: Option<String>,
+    /// Path pattern; `{name}` matches one non-empty segment.
+    pub path: String,
+    /// The capability such requests use.
+    pub capability: String,
+}
+
+/// `pools.toml`: the upstream pools.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolsFile {
+    /// Every pool; at most 64.
+    #[serde(rename = "pool")]
+    pub pools: Vec<Spanned<PoolEntry>>,
+}
+
+/// One `[[pool]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolEntry {
+    /// Unique name, stamped as `x-privacy-pool`.
+    pub name: String,
+    /// Who runs it, stamped as `x-privacy-subprocessor`; accounts opt out by this name.
+    pub subprocessor: String,
+    /// Where it keeps data (`eu`, `us`, ...); accounts' `residency` refers to it.
+    pub region: String,
+    /// Capabilities it serves.
+    pub capabilities: Vec<String>,
+    /// Share of traffic relative to the other candidate pools (default 1).
+    #[serde(default)]
+    pub weight: Option<u32>,
+    /// `http://host:port` or `https://host:port` endpoints.
+    pub addresses: Vec<String>,
+    /// Name to send in TLS SNI and to verify the certificate against
+    /// (default: the host of the address).
+    #[serde(default)]
+    pub tls_server_name: Option<String>,
+    /// PEM file of CA certificates to verify the pool's certificate with
+    /// (default: the system's).
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
+}
+
+/// One line of `accounts.jsonl`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountLine {
+    /// Stable account id.
+    pub id: String,
+    /// `api` or `chat`.
+    pub product: String,
+    /// A plan name of the rules file for that product.
+    pub plan: String,
+    /// SHA-256 hashes (64 hex digits) of the account's API keys.
+    #[serde(default)]
+    pub api_key_sha256: Vec<String>,
+    /// Objection / opt-out of training.
+    #[serde(default)]
+    pub training_opt_out: bool,
+    /// Team opt-in to training.
+    #[serde(default)]
+    pub training_opt_in: bool,
+    /// Zero data retention.
+    #[serde(default)]
+    pub zdr: bool,
+    /// No IP-based personalisation.
+    #[serde(default)]
+    pub ip_personalization_opt_out: bool,
+    /// Subprocessor names the account opted out of.
+    #[serde(default)]
+    pub subprocessor_opt_outs: Vec<String>,
+    /// Region name the account's data must stay in.
+    #[serde(default)]
+    pub residency: Option<String>,
+    /// Right to limitation exercised.
+    #[serde(default)]
+    pub restricted: bool,
+}

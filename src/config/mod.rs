@@ -1,0 +1,15 @@
+//! Configuration files -> one validated, compiled [`Snapshot`].
+//!
+//! Loading reads every file, checks every reference and either returns a
+//! complete snapshot or every error found, each with its file and line. A
+//! snapshot is immutable; the running one sits behind [`SnapshotHandle`].
+
+mod accounts;
+mod files;
+mod load;
+mod snapshot;
+
+pub use accounts::{hash_api_key, Account, AccountStore, KeyHash};
+pub use files::*;
+pub use load::{load, ConfigError, ConfigErrors, LoadOptions};
+pub use snapshot::{GatewaySettings, Listener, Snapshot, SnapshotHandle};

@@ -1,0 +1,82 @@
+//! The compiled, immutable configuration, and the handle that swaps it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use http::HeaderName;
+
+use super::accounts::AccountStore;
+use crate::capability::CapabilityRoutes;
+use crate::client_ip::{PrefixLengths, TrustedProxies};
+use crate::geo::GeoDb;
+use crate::policy::{PoolCatalog, Product};
+use crate::routing::Upstreams;
+use crate::stamp::SigningKey;
+
+/// One listening address and the product of its anonymous traffic.
+#[derive(Clone, Debug)]
+pub struct Listener {
+    /// Where to listen.
+    pub address: SocketAddr,
+    /// Product of requests without credentials.
+    pub product: Product,
+}
+
+/// Settings fixed for the life of the process (sockets and threads).
+#[derive(Clone, Debug)]
+pub struct GatewaySettings {
+    /// Listeners.
+    pub listeners: Vec<Listener>,
+    /// Worker threads per listener.
+    pub threads: usize,
+}
+
+/// Everything a request is decided and forwarded under. One is loaded at the
+/// start of each request and used for all of its phases.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// `policy_date+r<revision>`, stamped as `x-privacy-policy-version`.
+    pub policy_version: String,
+    /// The pools as the policy sees them.
+    pub pools: PoolCatalog,
+    /// The pools' addresses.
+    pub upstreams: Upstreams,
+    /// Method + path -> capability.
+    pub routes: CapabilityRoutes,
+    /// Truncation of client addresses.
+    pub prefix_lengths: PrefixLengths,
+    /// How many plan names the rules define.
+    pub plan_count: usize,
+    /// The consent snapshot.
+    pub accounts: AccountStore,
+    /// Country database, when configured.
+    pub geo: Option<GeoDb>,
+    /// Peers believed about the client and caller.
+    pub trusted_proxies: TrustedProxies,
+    /// Header naming the account, from trusted peers only.
+    pub identity_header: Option<HeaderName>,
+    /// Key for `x-privacy-signature`.
+    pub signing_key: Option<SigningKey>,
+}
+
+/// The running snapshot: read lock-free by every request, replaced whole.
+#[derive(Debug)]
+pub struct SnapshotHandle(ArcSwap<Snapshot>);
+
+impl SnapshotHandle {
+    /// Starts with `snapshot`.
+    pub fn new(snapshot: Snapshot) -> Self {
+        SnapshotHandle(ArcSwap::from_pointee(snapshot))
+    }
+
+    /// The current snapshot, to be held for the whole request.
+    pub fn current(&self) -> Arc<Snapshot> {
+        self.0.load_full()
+    }
+
+    /// Replaces the snapshot; requests in flight keep theirs.
+    pub fn replace(&self, snapshot: Snapshot) {
+        self.0.store(Arc::new(snapshot));
+    }
+}

@@ -1,0 +1,207 @@
+//! From one request head to its decision: gathers the facts (caller, client
+//! address, capability, signals), calls [`policy::decide`], and looks up the
+//! country when the decision allows it. The proxy and the command-line tools
+//! share this path, so what they report is what the proxy does.
+
+use std::net::IpAddr;
+
+use http::{HeaderMap, Method};
+
+use crate::client_ip::{client_address, ClientIpError, ClientPrefix};
+use crate::config::Snapshot;
+use crate::geo::CountryCode;
+use crate::identity::{self, Caller, Credentials, IdentityError};
+use crate::policy::{
+    self, Basis, Capability, Consents, Decision, PlanClass, Product, RequestFacts,
+};
+
+/// The parts of a request the gateway decides on.
+#[derive(Clone, Copy, Debug)]
+pub struct RequestHead<'r> {
+    /// HTTP method.
+    pub method: &'r Method,
+    /// Path without the query.
+    pub path: &'r str,
+    /// Request headers as received.
+    pub headers: &'r HeaderMap,
+    /// The TCP peer.
+    pub peer: IpAddr,
+    /// Product of the listener that accepted the request.
+    pub listener_product: Product,
+}
+
+/// A request the gateway will forward, with everything stamped upstream
+/// except the pool (chosen per attempt).
+#[derive(Clone, Debug)]
+pub struct Admission {
+    /// Account id, or `anonymous`.
+    pub account: Box<str>,
+    /// Plan name, or `anonymous`.
+    pub plan: Box<str>,
+    /// Product.
+    pub product: Product,
+    /// Capability.
+    pub capability: Capability,
+    /// The policy's decision.
+    pub decision: Decision,
+    /// Country, when the decision allowed the lookup and it found one.
+    pub country: Option<CountryCode>,
+    /// The truncated client address; forwarded only when the decision allows.
+    pub client_prefix: ClientPrefix,
+}
+
+impl Admission {
+    /// The prefix to forward, or `None` under `ip_personalization_opt_out`.
+    pub fn forwarded_prefix(&self) -> Option<ClientPrefix> {
+        self.decision
+            .forward_client_prefix
+            .then_some(self.client_prefix)
+    }
+}
+
+/// A request the gateway answers itself.
+#[derive(Clone, Debug)]
+pub enum Refusal {
+    /// The caller could not be established (401).
+    Identity(IdentityError),
+    /// The client address could not be established (400).
+    ClientIp(ClientIpError),
+    /// No capability route matches method and path (404).
+    UnknownRoute,
+    /// The account's constraints leave no pool for the capability (451).
+    NoPermittedRoute(Box<Admission>),
+}
+
+impl Refusal {
+    /// The HTTP status answered.
+    pub fn status(&self) -> u16 {
+        match self {
+            Refusal::Identity(_) => 401,
+            Refusal::ClientIp(_) => 400,
+            Refusal::UnknownRoute => 404,
+            Refusal::NoPermittedRoute(_) => 451,
+        }
+    }
+
+    /// The stable `error.code`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Refusal::Identity(e) => e.code(),
+            Refusal::ClientIp(_) => "malformed_forwarded_for",
+            Refusal::UnknownRoute => "unknown_route",
+            Refusal::NoPermittedRoute(_) => "no_permitted_route",
+        }
+    }
+
+    /// A sentence for the client; never names an address, key or body.
+    pub fn message(&self) -> String {
+        match self {
+            Refusal::Identity(e) => e.to_string(),
+            Refusal::ClientIp(e) => e.to_string(),
+            Refusal::UnknownRoute => "no capability is configured for this method and path".into(),
+            Refusal::NoPermittedRoute(a) => format!(
+                "the account's privacy settings leave no permitted pool for capability `{}`",
+                a.capability
+            ),
+        }
+    }
+}
+
+/// The basis ids of the constraints that removed pools, for a 451 answer.
+pub fn route_constraints(decision: &Decision) -> Vec<Basis> {
+    let mut out = Vec::new();
+    if !decision.route.removed_opt_out.is_empty() {
+        out.push(Basis::SubprocessorOptOut);
+    }
+    if !decision.route.removed_residency.is_empty() {
+        out.push(Basis::Residency);
+    }
+    out
+}
+
+const NO_CONSENTS: Consents = Consents {
+    training_opt_out: false,
+    training_opt_in: false,
+    zdr: false,
+    ip_personalization_opt_out: false,
+    subprocessor_opt_outs: policy::SubprocessorSet::EMPTY,
+    residency: None,
+    restricted: false,
+};
+
+/// Decides one request under `snapshot`.
+pub fn evaluate(snapshot: &Snapshot, head: &RequestHead<'_>) -> Result<Admission, Refusal> {
+    let trusted_peer = snapshot.trusted_proxies.contains(head.peer);
+    let forwarded_for = head
+        .headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .map(|v| v.as_bytes())
+        .collect::<Vec<_>>();
+    let client = client_address(
+        head.peer,
+        forwarded_for.into_iter(),
+        &snapshot.trusted_proxies,
+    )
+    .map_err(Refusal::ClientIp)?;
+
+    let credentials = Credentials {
+        authorization: head
+            .headers
+            .get(http::header::AUTHORIZATION)
+            .map(|v| v.as_bytes()),
+        trusted_identity: snapshot
+            .identity_header
+            .as_ref()
+            .filter(|_| trusted_peer)
+            .and_then(|name| head.headers.get(name))
+            .map(|v| v.as_bytes()),
+    };
+    let caller = identity::resolve(&snapshot.accounts, head.listener_product, credentials)
+        .map_err(Refusal::Identity)?;
+
+    let capability = snapshot
+        .routes
+        .capability(head.method, head.path)
+        .ok_or(Refusal::UnknownRoute)?;
+
+    let (account, plan, product, plan_class, consents) = match caller {
+        Caller::Account(a) => (&*a.id, &*a.plan, a.product, a.plan_class, &a.consents),
+        Caller::Anonymous => (
+            "anonymous",
+            "anonymous",
+            head.listener_product,
+            PlanClass::ChatAnonymous,
+            &NO_CONSENTS,
+        ),
+    };
+    let facts = RequestFacts {
+        product,
+        plan: Some(plan_class),
+        consents,
+        capability,
+        global_privacy_control: head
+            .headers
+            .get("sec-gpc")
+            .is_some_and(|v| v.as_bytes().trim_ascii() == b"1"),
+    };
+    let decision = policy::decide(&snapshot.pools, &facts);
+
+    let country = match &snapshot.geo {
+        Some(db) if decision.geo.lookup => db.country(client),
+        _ => None,
+    };
+    let admission = Admission {
+        account: account.into(),
+        plan: plan.into(),
+        product,
+        capability,
+        decision,
+        country,
+        client_prefix: ClientPrefix::new(client, snapshot.prefix_lengths),
+    };
+    if decision.route.candidates.is_empty() {
+        return Err(Refusal::NoPermittedRoute(Box::new(admission)));
+    }
+    Ok(admission)
+}

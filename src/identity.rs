@@ -1,0 +1,104 @@
+//! Who is asking: an API key or a trusted identity header, resolved to an account.
+
+use thiserror::Error;
+
+use crate::config::{Account, AccountStore};
+use crate::policy::Product;
+
+/// The caller of one request.
+#[derive(Clone, Copy, Debug)]
+pub enum Caller<'s> {
+    /// A known account.
+    Account(&'s Account),
+    /// No credentials, on a listener whose product allows it (Le Chat).
+    Anonymous,
+}
+
+/// Why the caller could not be established; each is answered with `401`.
+#[derive(Clone, Copy, Debug, Error, PartialEq, Eq)]
+pub enum IdentityError {
+    /// The product needs an API key and none was sent.
+    #[error("an API key is required")]
+    MissingApiKey,
+    /// `Authorization` is present but not `Bearer <key>`.
+    #[error("the Authorization header is not of the form `Bearer <key>`")]
+    MalformedAuthorization,
+    /// No account holds this key.
+    #[error("the API key is not known")]
+    UnknownApiKey,
+    /// A trusted front service named an account that does not exist.
+    #[error("the account named by the identity header is not known")]
+    UnknownAccount,
+}
+
+impl IdentityError {
+    /// The stable `error.code` of the JSON answer.
+    pub const fn code(self) -> &'static str {
+        match self {
+            IdentityError::MissingApiKey => "missing_api_key",
+            IdentityError::MalformedAuthorization => "malformed_authorization",
+            IdentityError::UnknownApiKey => "unknown_api_key",
+            IdentityError::UnknownAccount => "unknown_account",
+        }
+    }
+}
+
+/// What a request says about its caller. `trusted_identity` must only be
+/// filled when the TCP peer is a trusted proxy.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Credentials<'r> {
+    /// The `Authorization` header value.
+    pub authorization: Option<&'r [u8]>,
+    /// The identity header's value, from a trusted peer only.
+    pub trusted_identity: Option<&'r [u8]>,
+}
+
+/// Resolves the caller. A trusted identity header wins over an API key.
+pub fn resolve<'s>(
+    accounts: &'s AccountStore,
+    listener_product: Product,
+    credentials: Credentials<'_>,
+) -> Result<Caller<'s>, IdentityError> {
+    if let Some(id) = credentials.trusted_identity {
+        let id = std::str::from_utf8(id).map_err(|_| IdentityError::UnknownAccount)?;
+        return accounts
+            .by_id(id.trim())
+            .map(Caller::Account)
+            .ok_or(IdentityError::UnknownAccount);
+    }
+    match credentials.authorization {
+        Some(value) => {
+            let key = bearer_token(value).ok_or(IdentityError::MalformedAuthorization)?;
+            accounts
+                .by_api_key(key)
+                .map(Caller::Account)
+                .ok_or(IdentityError::UnknownApiKey)
+        }
+        None if listener_product == Product::Chat => Ok(Caller::Anonymous),
+        None => Err(IdentityError::MissingApiKey),
+    }
+}
+
+/// The key of `Bearer <key>` (scheme case-insensitive, RFC 9110 §11.1).
+fn bearer_token(value: &[u8]) -> Option<&[u8]> {
+    let (scheme, rest) = value.split_at_checked(7)?;
+    if !scheme.eq_ignore_ascii_case(b"bearer ") {
+        return None;
+    }
+    let key = rest.trim_ascii();
+    (!key.is_empty()).then_some(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_tokens_parse() {
+        assert_eq!(bearer_token(b"Bearer abc"), Some(&b"abc"[..]));
+        assert_eq!(bearer_token(b"bearer  abc "), Some(&b"abc"[..]));
+        assert_eq!(bearer_token(b"Basic abc"), None);
+        assert_eq!(bearer_token(b"Bearer "), None);
+        assert_eq!(bearer_token(b"Bear"), None);
+    }
+}

@@ -1,0 +1,30 @@
+//! `privacy-gateway`: an inline Pingora reverse proxy that enforces an AI
+//! provider's privacy policy on every inference request.
+//!
+//! Data flows one way: request -> facts -> decision -> rewrite -> forward.
+//!
+//! - [`policy`]: the decision, pure (training, retention, geo, permitted pools).
+//! - [`config`]: files -> validated, immutable [`config::Snapshot`].
+//! - [`identity`]: API key / trusted identity header -> account.
+//! - [`client_ip`]: peer + trusted hops -> client address -> [`client_ip::ClientPrefix`].
+//! - [`geo`]: country of an address from a `.mmdb` file.
+//! - [`capability`]: method + path -> capability.
+//! - [`evaluate`]: one request head -> facts -> decision (shared by the proxy and tools).
+//! - [`routing`]: pool addresses and the choice among permitted pools.
+//! - [`stamp`]: the upstream header contract and its signature.
+//! - [`proxy`]: the Pingora `ProxyHttp` adapter.
+//! - [`server`]: assembles Pingora services from the settings.
+//! - [`echo`]: echo upstreams for `demo` and tests.
+
+pub mod capability;
+pub mod client_ip;
+pub mod config;
+pub mod echo;
+pub mod evaluate;
+pub mod geo;
+pub mod identity;
+pub mod policy;
+pub mod proxy;
+pub mod routing;
+pub mod server;
+pub mod stamp;

@@ -1,0 +1,196 @@
+//! Command line: `run`, `demo`, `check`, `hash-key`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use privacy_gateway::config::{self, LoadOptions, SnapshotHandle};
+use privacy_gateway::echo::EchoUpstream;
+use privacy_gateway::server;
+
+/// An inline reverse proxy that enforces a privacy policy on every inference request.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve with the given configuration.
+    Run {
+        /// Path to gateway.toml.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Serve the example configuration with local echo upstreams for every pool.
+    Demo {
+        /// Path to gateway.toml.
+        #[arg(long, short, default_value = "config/gateway.toml")]
+        config: PathBuf,
+    },
+    /// Load and validate the configuration without serving.
+    Check {
+        /// Path to gateway.toml.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Print the SHA-256 of an API key read from standard input, as the accounts file stores it.
+    HashKey,
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("warn,access=info,privacy_gateway=info")
+    });
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).try_init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run { config } => run(&config, LoadOptions::default(), None),
+        Command::Demo { config } => demo(&config),
+        Command::Check { config } => check(&config),
+        Command::HashKey => hash_key(),
+    }
+}
+
+fn run(config_path: &Path, options: LoadOptions, banner: Option<String>) -> ExitCode {
+    init_logging();
+    let (settings, snapshot) = match config::load(config_path, &options) {
+        Ok(loaded) => loaded,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return ExitCode::from(2);
+        }
+    };
+    tracing::info!(policy_version = %snapshot.policy_version, accounts = snapshot.accounts.len(), "configuration loaded");
+    let handle = Arc::new(SnapshotHandle::new(snapshot));
+    let server = match server::build(&settings, handle, None) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    for listener in &settings.listeners {
+        println!(
+            "listening on {} ({} product)",
+            listener.address, listener.product
+        );
+    }
+    if let Some(banner) = banner {
+        println!("{banner}");
+    }
+    server.run(pingora::server::RunArgs::default());
+    ExitCode::SUCCESS
+}
+
+fn demo(config_path: &Path) -> ExitCode {
+    let pool_names = match config::load(config_path, &LoadOptions::default()) {
+        Ok((_, snapshot)) => snapshot
+            .upstreams
+            .pools()
+            .iter()
+            .map(|p| p.name.clone())
+            .collect::<Vec<_>>(),
+        Err(errors) => {
+            eprintln!("{errors}");
+            return ExitCode::from(2);
+        }
+    };
+    // The echo upstreams run on their own runtime, beside Pingora's.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = match tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+        {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = tx.send(Err(e));
+                return;
+            }
+        };
+        runtime.block_on(async move {
+            let mut echoes = Vec::new();
+            for name in &pool_names {
+                match EchoUpstream::start(name).await {
+                    Ok(echo) => echoes.push(echo),
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                }
+            }
+            let addresses: HashMap<String, Vec<String>> = pool_names
+                .iter()
+                .cloned()
+                .zip(echoes.iter().map(|e| vec![e.url()]))
+                .collect();
+            let _ = tx.send(Ok(addresses));
+            // Keep the echoes alive for the life of the process.
+            std::future::pending::<()>().await;
+        });
+    });
+    let pool_addresses = match rx.recv() {
+        Ok(Ok(a)) => a,
+        Ok(Err(e)) => {
+            eprintln!("cannot start the demo's echo upstreams: {e}");
+            return ExitCode::FAILURE;
+        }
+        Err(_) => {
+            eprintln!("the demo's echo upstreams did not start");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut banner = String::from("demo echo upstreams:");
+    let mut names: Vec<_> = pool_addresses.iter().collect();
+    names.sort();
+    for (pool, urls) in names {
+        banner.push_str(&format!("\n  {pool:<18} {}", urls.join(", ")));
+    }
+    run(config_path, LoadOptions { pool_addresses }, Some(banner))
+}
+
+fn check(config_path: &Path) -> ExitCode {
+    match config::load(config_path, &LoadOptions::default()) {
+        Ok((settings, snapshot)) => {
+            println!(
+                "ok: policy {}, {} listeners, {} routes, {} plans, {} pools, {} accounts, geo {}",
+                snapshot.policy_version,
+                settings.listeners.len(),
+                snapshot.routes.len(),
+                snapshot.plan_count,
+                snapshot.upstreams.pools().len(),
+                snapshot.accounts.len(),
+                if snapshot.geo.is_some() { "on" } else { "off" },
+            );
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            eprintln!("{errors}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn hash_key() -> ExitCode {
+    let mut key = String::new();
+    if std::io::stdin().read_line(&mut key).is_err() {
+        eprintln!("cannot read the key from standard input");
+        return ExitCode::FAILURE;
+    }
+    println!(
+        "{}",
+        hex::encode(config::hash_api_key(
+            key.trim_end_matches(['\r', '\n']).as_bytes()
+        ))
+    );
+    ExitCode::SUCCESS
+}

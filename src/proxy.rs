@@ -1,0 +1,332 @@
+//! The Pingora `ProxyHttp` adapter: a thin shell that gathers the request
+//! head, calls [`evaluate`], and applies the result (answer, or strip, stamp
+//! and forward). No policy lives here: it compares no plan and reads no flag.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::*;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::{ErrorSource, ErrorType};
+
+use crate::config::{Snapshot, SnapshotHandle};
+use crate::evaluate::{evaluate, route_constraints, Admission, Refusal, RequestHead};
+use crate::policy::Product;
+use crate::routing::Target;
+use crate::stamp::{self, StampInput};
+
+/// The custom error raised when every permitted endpoint has been tried.
+const NO_PERMITTED_ENDPOINT: ErrorType = ErrorType::Custom("permitted_pools_unavailable");
+
+/// One listener's proxy logic.
+pub struct PrivacyProxy {
+    snapshots: Arc<SnapshotHandle>,
+    listener_product: Product,
+}
+
+impl PrivacyProxy {
+    /// A proxy for a listener of `listener_product`, reading `snapshots`.
+    pub fn new(snapshots: Arc<SnapshotHandle>, listener_product: Product) -> Self {
+        PrivacyProxy {
+            snapshots,
+            listener_product,
+        }
+    }
+}
+
+/// Per-request state, carried through every phase.
+pub struct RequestCtx {
+    started: Instant,
+    decision_id: String,
+    /// The one snapshot this request is decided and forwarded under.
+    snapshot: Arc<Snapshot>,
+    admission: Option<Admission>,
+    /// Targets already attempted; retries never repeat one.
+    tried: Vec<Target>,
+    target: Option<Target>,
+}
+
+impl RequestCtx {
+    fn admitted(&self) -> Result<&Admission> {
+        self.admission
+            .as_ref()
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "request was not admitted"))
+    }
+}
+
+/// The JSON body of an answer the gateway gives itself.
+fn error_body(
+    code: &str,
+    message: &str,
+    decision_id: &str,
+    extra: Option<serde_json::Value>,
+) -> Bytes {
+    let mut error = serde_json::json!({
+        "code": code,
+        "message": message,
+        "decision_id": decision_id,
+    });
+    if let (Some(serde_json::Value::Object(extra)), Some(obj)) = (extra, error.as_object_mut()) {
+        obj.extend(extra);
+    }
+    Bytes::from(serde_json::json!({ "error": error }).to_string())
+}
+
+async fn respond_json(
+    session: &mut Session,
+    status: u16,
+    decision_id: &str,
+    body: Bytes,
+) -> Result<()> {
+    let mut resp = ResponseHeader::build(status, Some(4))?;
+    resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
+    resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+    resp.insert_header(stamp::DECISION_ID, decision_id)?;
+    session.write_response_header(Box::new(resp), false).await?;
+    session.write_response_body(Some(body), true).await
+}
+
+fn peer_ip(session: &Session) -> Option<IpAddr> {
+    session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip())
+}
+
+/// Removes what a client may never decide (spec §7) from the upstream request.
+fn strip_client_controlled(req: &mut RequestHeader, snapshot: &Snapshot) {
+    let reserved: Vec<http::HeaderName> = req
+        .headers
+        .keys()
+        .filter(|name| stamp::is_reserved(name.as_str()))
+        .cloned()
+        .collect();
+    for name in reserved {
+        req.remove_header(&name);
+    }
+    for name in stamp::ADDRESS_HEADERS {
+        req.remove_header(name);
+    }
+    if let Some(identity) = &snapshot.identity_header {
+        req.remove_header(identity);
+    }
+    // The gateway authenticated the caller; the key stays here.
+    req.remove_header(&http::header::AUTHORIZATION);
+}
+
+#[async_trait]
+impl ProxyHttp for PrivacyProxy {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> Self::CTX {
+        RequestCtx {
+            started: Instant::now(),
+            decision_id: uuid::Uuid::now_v7().simple().to_string(),
+            snapshot: self.snapshots.current(),
+            admission: None,
+            tried: Vec::new(),
+            target: None,
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
+        let Some(peer) = peer_ip(session) else {
+            let body = error_body(
+                "no_peer_address",
+                "the connection has no IP peer",
+                &ctx.decision_id,
+                None,
+            );
+            respond_json(session, 400, &ctx.decision_id, body).await?;
+            return Ok(true);
+        };
+        let req = session.req_header();
+        let head = RequestHead {
+            method: &req.method,
+            path: req.uri.path(),
+            headers: &req.headers,
+            peer,
+            listener_product: self.listener_product,
+        };
+        match evaluate(&ctx.snapshot, &head) {
+            Ok(admission) => {
+                ctx.admission = Some(admission);
+                Ok(false)
+            }
+            Err(refusal) => {
+                let extra = match &refusal {
+                    Refusal::NoPermittedRoute(a) => Some(serde_json::json!({
+                        "capability": a.capability.as_str(),
+                        "constraints": route_constraints(&a.decision)
+                            .iter()
+                            .map(|b| b.as_str())
+                            .collect::<Vec<_>>(),
+                    })),
+                    _ => None,
+                };
+                let body = error_body(refusal.code(), &refusal.message(), &ctx.decision_id, extra);
+                respond_json(session, refusal.status(), &ctx.decision_id, body).await?;
+                Ok(true)
+            }
+        }
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut Self::CTX,
+    ) -> Result<Box<HttpPeer>> {
+        let candidates = ctx.admitted()?.decision.route.candidates;
+        let upstreams = &ctx.snapshot.upstreams;
+        let target = upstreams
+            .choose(candidates, &ctx.tried)
+            .ok_or_else(|| Error::explain(NO_PERMITTED_ENDPOINT, "no permitted endpoint left"))?;
+        let peer = upstreams
+            .peer(target)
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "target out of range"))?;
+        ctx.target = Some(target);
+        Ok(Box::new(peer))
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut Self::CTX,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        if let Some(target) = ctx.target.take() {
+            ctx.tried.push(target);
+        }
+        // Nothing was sent yet: try another permitted endpoint, if one is left.
+        let more = ctx.admission.as_ref().is_some_and(|a| {
+            ctx.snapshot
+                .upstreams
+                .choose(a.decision.route.candidates, &ctx.tried)
+                .is_some()
+        });
+        e.set_retry(more);
+        e
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        strip_client_controlled(upstream_request, &ctx.snapshot);
+        let admission = ctx.admitted()?;
+        let pool = ctx
+            .target
+            .and_then(|t| ctx.snapshot.upstreams.pool(t.pool))
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "no target chosen"))?;
+        let input = StampInput {
+            decision_id: &ctx.decision_id,
+            policy_version: &ctx.snapshot.policy_version,
+            product: admission.product,
+            plan: &admission.plan,
+            account: &admission.account,
+            decision: &admission.decision,
+            country: admission.country,
+            client_prefix: admission.forwarded_prefix(),
+            pool: &pool.name,
+            subprocessor: &pool.subprocessor,
+        };
+        for (name, value) in stamp::upstream_headers(&input, ctx.snapshot.signing_key.as_ref()) {
+            upstream_request.insert_header(name, value)?;
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        upstream_response.insert_header(stamp::DECISION_ID, &ctx.decision_id)?;
+        Ok(())
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut Self::CTX,
+    ) -> FailToProxy {
+        let (status, code, message) = match (e.etype(), e.esource()) {
+            (t, _) if *t == NO_PERMITTED_ENDPOINT => (
+                503,
+                "permitted_pools_unavailable",
+                "every pool permitted for this request is unavailable",
+            ),
+            (ErrorType::HTTPStatus(s), _) => (*s, "http_error", "the request could not be proxied"),
+            (_, ErrorSource::Upstream) => (502, "upstream_error", "the upstream failed"),
+            (
+                ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError,
+                ErrorSource::Downstream,
+            ) => (0, "", ""),
+            (_, ErrorSource::Downstream) => (400, "bad_request", "the request is malformed"),
+            _ => (500, "internal_error", "the gateway failed"),
+        };
+        if status > 0 {
+            let extra = ctx
+                .admission
+                .as_ref()
+                .filter(|_| status == 503)
+                .map(|a| serde_json::json!({ "capability": a.capability.as_str() }));
+            let body = error_body(code, message, &ctx.decision_id, extra);
+            // The client may be gone; there is nobody left to tell.
+            let _ = respond_json(session, status, &ctx.decision_id, body).await;
+        }
+        FailToProxy {
+            error_code: status,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Self::CTX) {
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let pool = ctx
+            .target
+            .and_then(|t| ctx.snapshot.upstreams.pool(t.pool))
+            .map_or("-", |p| p.name.as_str());
+        match &ctx.admission {
+            Some(a) => tracing::info!(
+                target: "access",
+                decision_id = %ctx.decision_id,
+                status,
+                account = %a.account,
+                capability = %a.capability,
+                training = a.decision.training.as_str(),
+                training_basis = %a.decision.training_basis,
+                retention = a.decision.retention.as_str(),
+                pool,
+                client_prefix = %a.client_prefix,
+                total_us = ctx.started.elapsed().as_micros() as u64,
+            ),
+            None => tracing::info!(
+                target: "access",
+                decision_id = %ctx.decision_id,
+                status,
+                total_us = ctx.started.elapsed().as_micros() as u64,
+            ),
+        }
+    }
+
+    fn request_summary(&self, session: &Session, ctx: &Self::CTX) -> String {
+        // Method and path only: never the client address or credentials.
+        let req = session.req_header();
+        format!(
+            "{} {} decision={}",
+            req.method,
+            req.uri.path(),
+            ctx.decision_id
+        )
+    }
+}
