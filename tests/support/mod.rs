@@ -1,0 +1,257 @@
+//! Test harness: starts the real `privacy-gateway` binary on loopback with a
+//! generated configuration, in front of recording echo upstreams, one per pool.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use privacy_gateway::echo::{EchoUpstream, Recorded};
+
+/// The client address tests connect from: loopback, but distinct from the
+/// gateway's own 127.0.0.1, so that finding it anywhere upstream is a leak.
+pub const CLIENT_V4: &str = "127.45.67.89";
+
+/// The repository's shipped example configuration file `name`.
+pub fn shipped(name: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("config")
+        .join(name);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+}
+
+/// A free loopback port (bound, read, released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// One echo upstream per pool of the shipped `pools.toml`.
+pub struct Upstreams {
+    pub echoes: HashMap<String, EchoUpstream>,
+}
+
+impl Upstreams {
+    /// Starts an echo for each shipped pool.
+    pub async fn start() -> Self {
+        let mut echoes = HashMap::new();
+        for name in shipped_pool_names() {
+            let echo = EchoUpstream::start(&name)
+                .await
+                .expect("start echo upstream");
+            echoes.insert(name, echo);
+        }
+        Upstreams { echoes }
+    }
+
+    /// The echo of pool `name`.
+    pub fn pool(&self, name: &str) -> &EchoUpstream {
+        &self.echoes[name]
+    }
+
+    /// Addresses for each pool: its echo.
+    pub fn addresses(&self) -> HashMap<String, Vec<String>> {
+        self.echoes
+            .iter()
+            .map(|(name, echo)| (name.clone(), vec![echo.url()]))
+            .collect()
+    }
+
+    /// Every request received by any pool, with the pool's name.
+    pub fn all_requests(&self) -> Vec<(String, Recorded)> {
+        let mut out = Vec::new();
+        for (name, echo) in &self.echoes {
+            for r in echo.requests() {
+                out.push((name.clone(), r));
+            }
+        }
+        out
+    }
+
+    /// Every byte any pool received.
+    pub fn all_bytes(&self) -> Vec<u8> {
+        self.echoes
+            .values()
+            .flat_map(|e| e.received_bytes())
+            .collect()
+    }
+}
+
+/// The names of the shipped pools.
+pub fn shipped_pool_names() -> Vec<String> {
+    let pools: toml::Table =
+        toml::from_str(&shipped("pools.toml")).expect("shipped pools.toml parses");
+    pools["pool"]
+        .as_array()
+        .expect("pools")
+        .iter()
+        .map(|p| p["name"].as_str().expect("name").to_string())
+        .collect()
+}
+
+/// The shipped `pools.toml` with each pool's addresses replaced.
+pub fn pools_with_addresses(addresses: &HashMap<String, Vec<String>>) -> String {
+    let mut pools: toml::Table =
+        toml::from_str(&shipped("pools.toml")).expect("shipped pools.toml parses");
+    for pool in pools["pool"].as_array_mut().expect("pools") {
+        let name = pool["name"].as_str().expect("name").to_string();
+        if let Some(addrs) = addresses.get(&name) {
+            pool["addresses"] =
+                toml::Value::Array(addrs.iter().cloned().map(toml::Value::String).collect());
+        }
+    }
+    toml::to_string(&pools).expect("serialize pools")
+}
+
+/// What to write into the gateway's configuration folder.
+#[derive(Clone)]
+pub struct TestConfig {
+    pub rules: String,
+    pub pools: String,
+    pub accounts: String,
+    /// Lines for the `[trust]` table.
+    pub trust: String,
+    /// Lines for the `[files]` table beyond rules/pools/accounts (e.g. `geo = ...`).
+    pub extra_files: String,
+    /// Other tables appended to gateway.toml (e.g. `[signing]`).
+    pub extra_tables: String,
+    /// Extra files to place beside the configuration: (name, bytes).
+    pub attachments: Vec<(String, Vec<u8>)>,
+    /// Address of the chat listener (default 127.0.0.1).
+    pub listen_host: String,
+}
+
+impl TestConfig {
+    /// The shipped rules and accounts, pools pointing at `upstreams`.
+    pub fn shipped_with(upstreams: &Upstreams) -> Self {
+        TestConfig {
+            rules: shipped("rules.toml"),
+            pools: pools_with_addresses(&upstreams.addresses()),
+            accounts: shipped("accounts.jsonl"),
+            trust: "identity_header = \"x-authenticated-account\"\n".into(),
+            extra_files: String::new(),
+            extra_tables: String::new(),
+            attachments: Vec::new(),
+            listen_host: "127.0.0.1".into(),
+        }
+    }
+}
+
+/// A running gateway process; killed when dropped.
+pub struct Gateway {
+    child: Child,
+    pub dir: tempfile::TempDir,
+    /// The `api` listener.
+    pub api: SocketAddr,
+    /// The `chat` listener.
+    pub chat: SocketAddr,
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The gateway binary built by cargo for the integration tests.
+pub fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_privacy-gateway"))
+}
+
+impl Gateway {
+    /// Writes `config`, starts the gateway, and waits until both listeners accept.
+    pub fn start(config: &TestConfig) -> Gateway {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let host: IpAddr = config.listen_host.parse().expect("listen host");
+        let api = SocketAddr::new(host, free_port());
+        let chat = SocketAddr::new(host, free_port());
+        let gateway = format!(
+            "threads = 1\n\n[[listener]]\naddress = \"{api}\"\nproduct = \"api\"\n\n[[listener]]\naddress = \"{chat}\"\nproduct = \"chat\"\n\n\
+             [files]\nrules = \"rules.toml\"\npools = \"pools.toml\"\naccounts = \"accounts.jsonl\"\n{}\n\n[trust]\n{}\n\n\
+             [upstream]\nconnect_timeout_ms = 500\nread_timeout_ms = 10000\n\n{}\n",
+            config.extra_files, config.trust, config.extra_tables
+        );
+        let write = |name: &str, bytes: &[u8]| {
+            std::fs::write(dir.path().join(name), bytes).expect("write config")
+        };
+        write("gateway.toml", gateway.as_bytes());
+        write("rules.toml", config.rules.as_bytes());
+        write("pools.toml", config.pools.as_bytes());
+        write("accounts.jsonl", config.accounts.as_bytes());
+        for (name, bytes) in &config.attachments {
+            write(name, bytes);
+        }
+        let log = std::fs::File::create(dir.path().join("gateway.log")).expect("log file");
+        let child = Command::new(binary())
+            .arg("run")
+            .arg("--config")
+            .arg(dir.path().join("gateway.toml"))
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn gateway");
+        let mut gateway = Gateway {
+            child,
+            dir,
+            api,
+            chat,
+        };
+        gateway.wait_ready();
+        gateway
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        for addr in [self.api, self.chat] {
+            while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+                if let Ok(Some(status)) = self.child.try_wait() {
+                    panic!("gateway exited with {status}:\n{}", self.logs());
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "gateway did not listen on {addr}:\n{}",
+                    self.logs()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// Everything the gateway printed so far.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("gateway.log")).unwrap_or_default()
+    }
+
+    /// `http://` URL of `path` on the api listener.
+    pub fn api_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.api)
+    }
+
+    /// `http://` URL of `path` on the chat listener.
+    pub fn chat_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.chat)
+    }
+}
+
+/// An HTTP client connecting from [`CLIENT_V4`].
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .local_address(CLIENT_V4.parse::<IpAddr>().ok())
+        .timeout(Duration::from_secs(20))
+        .build()
+        .expect("client")
+}
+
+/// The path of the folder holding test fixtures.
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("fixtures")
+}
