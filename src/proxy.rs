@@ -209,8 +209,11 @@ impl ProxyHttp for PrivacyProxy {
                 .choose(a.decision.route.candidates, &ctx.tried)
                 .is_some()
         });
-        e.set_retry(more);
-        e
+        if more {
+            e.set_retry(true);
+            return e;
+        }
+        Error::because(NO_PERMITTED_ENDPOINT, "every permitted endpoint failed", e)
     }
 
     async fn upstream_request_filter(
