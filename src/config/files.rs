@@ -137,7 +137,7 @@ pub struct RouteEntry {
     /// Path pattern; `{name}` matches one non-empty segment.
     pub path: String,
     /// The capability such requests use.
-    pub capability: String,
+    pub capability: Spanned<String>,
 }
 
 /// `pools.toml`: the upstream pools.

@@ -388,10 +388,10 @@ fn compile_rules(file: &RulesFile, r: &mut FileErrors<'_>) -> Rules {
                 continue;
             }
         };
-        let capability = match route.capability.parse::<Capability>() {
+        let capability = match route.capability.get_ref().parse::<Capability>() {
             Ok(c) => c,
             Err(e) => {
-                r.at_span(span, e);
+                r.at_span(route.capability.span(), e);
                 continue;
             }
         };
