@@ -127,12 +127,16 @@ fn training(f: &RequestFacts<'_>) -> (Training, Basis) {
     }
 }
 
-/// Spec §2, first matching row wins.
+/// Spec §2, first matching row wins. A plan the rules do not know (T0)
+/// gets the shortest retention its product allows: fail closed here too.
 fn retention(f: &RequestFacts<'_>) -> (Retention, Basis) {
     let anonymous = f.plan == Some(PlanClass::ChatAnonymous);
+    let known_plan = f.plan.is_some_and(|p| p.product() == f.product);
     match f.product {
         Product::Api if f.consents.restricted => (Retention::Zdr, Basis::Limitation), // R0
         Product::Chat if f.consents.restricted => (Retention::Conversation, Basis::Limitation), // R0
+        Product::Api if !known_plan => (Retention::Zdr, Basis::DefaultDeny),
+        Product::Chat if !known_plan => (Retention::Conversation, Basis::DefaultDeny),
         Product::Api if f.capability == Capability::FineTuning => {
             (Retention::UntilDeleted, Basis::FineTuning) // R1
         }
