@@ -30,19 +30,27 @@ fn replace_in(dir: &Path, file: &str, from: &str, to: &str) {
 
 fn line_of(dir: &Path, file: &str, needle: &str) -> usize {
     let text = std::fs::read_to_string(dir.join(file)).expect("read");
-    text.lines().position(|l| l.contains(needle)).expect("needle present") + 1
+    text.lines()
+        .position(|l| l.contains(needle))
+        .expect("needle present")
+        + 1
 }
 
 /// Asserts a failed check whose errors include `file:line:` and `message`.
 fn assert_refused(out: &Output, file: &str, line: Option<usize>, message: &str) {
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "check accepted a broken file; stderr: {stderr}");
+    assert!(
+        !out.status.success(),
+        "check accepted a broken file; stderr: {stderr}"
+    );
     let location = match line {
         Some(l) => format!("{file}:{l}: "),
         None => format!("{file}: "),
     };
     assert!(
-        stderr.lines().any(|l| l.contains(&location) && l.contains(message)),
+        stderr
+            .lines()
+            .any(|l| l.contains(&location) && l.contains(message)),
         "expected `{location}...{message}` in:\n{stderr}"
     );
 }
@@ -55,9 +63,19 @@ fn the_shipped_example_is_valid() {
         .output()
         .expect("run check");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.starts_with("ok: policy 2025-02-06+r"), "{stdout}");
-    for part in ["2 listeners", "8 routes", "6 plans", "7 pools", "14 accounts"] {
+    for part in [
+        "2 listeners",
+        "8 routes",
+        "6 plans",
+        "7 pools",
+        "14 accounts",
+    ] {
         assert!(stdout.contains(part), "{part} missing from: {stdout}");
     }
 }
@@ -76,7 +94,12 @@ fn an_unparsable_pools_file_names_its_line() {
 fn an_unknown_field_is_refused() {
     let mut line = 0;
     let out = check_with(|d| {
-        replace_in(d, "rules.toml", "ipv4_prefix = 24", "ipv4_prefix = 24\nipv4_prefx = 16");
+        replace_in(
+            d,
+            "rules.toml",
+            "ipv4_prefix = 24",
+            "ipv4_prefix = 24\nipv4_prefx = 16",
+        );
         line = line_of(d, "rules.toml", "ipv4_prefx");
     });
     assert_refused(&out, "rules.toml", Some(line), "unknown field `ipv4_prefx`");
@@ -89,35 +112,70 @@ fn a_prefix_length_out_of_range_is_refused() {
         replace_in(d, "rules.toml", "ipv4_prefix = 24", "ipv4_prefix = 33");
         line = line_of(d, "rules.toml", "ipv4_prefix = 33");
     });
-    assert_refused(&out, "rules.toml", Some(line), "ipv4_prefix must be 0 to 32");
+    assert_refused(
+        &out,
+        "rules.toml",
+        Some(line),
+        "ipv4_prefix must be 0 to 32",
+    );
 }
 
 #[test]
 fn a_route_to_an_unknown_capability_is_refused() {
     let mut line = 0;
     let out = check_with(|d| {
-        replace_in(d, "rules.toml", "capability = \"embeddings\"", "capability = \"telepathy\"");
+        replace_in(
+            d,
+            "rules.toml",
+            "capability = \"embeddings\"",
+            "capability = \"telepathy\"",
+        );
         line = line_of(d, "rules.toml", "telepathy");
     });
-    assert_refused(&out, "rules.toml", Some(line), "unknown capability `telepathy`");
+    assert_refused(
+        &out,
+        "rules.toml",
+        Some(line),
+        "unknown capability `telepathy`",
+    );
 }
 
 #[test]
 fn a_plan_with_a_class_of_another_product_is_refused() {
     let mut line = 0;
     let out = check_with(|d| {
-        replace_in(d, "rules.toml", "team = \"chat-team\"", "team = \"api-paid\"");
+        replace_in(
+            d,
+            "rules.toml",
+            "team = \"chat-team\"",
+            "team = \"api-paid\"",
+        );
         line = line_of(d, "rules.toml", "team = \"api-paid\"");
     });
-    assert_refused(&out, "rules.toml", Some(line), "cannot have class `api-paid`");
+    assert_refused(
+        &out,
+        "rules.toml",
+        Some(line),
+        "cannot have class `api-paid`",
+    );
 }
 
 #[test]
 fn a_capability_with_no_pool_is_refused() {
     let out = check_with(|d| {
-        replace_in(d, "pools.toml", "capabilities = [\"code_interpreter\"]", "capabilities = [\"web_search\"]");
+        replace_in(
+            d,
+            "pools.toml",
+            "capabilities = [\"code_interpreter\"]",
+            "capabilities = [\"web_search\"]",
+        );
     });
-    assert_refused(&out, "pools.toml", None, "capability `code_interpreter` has a route in the rules but no pool serves it");
+    assert_refused(
+        &out,
+        "pools.toml",
+        None,
+        "capability `code_interpreter` has a route in the rules but no pool serves it",
+    );
 }
 
 fn account_error(line_text: &str, message: &str) {
@@ -143,12 +201,18 @@ fn an_account_key_hash_must_be_64_hex_digits() {
 
 #[test]
 fn a_duplicate_account_is_refused() {
-    account_error(r#"{"id":"acct-api-paid","product":"api","plan":"paid"}"#, "already defined");
+    account_error(
+        r#"{"id":"acct-api-paid","product":"api","plan":"paid"}"#,
+        "already defined",
+    );
 }
 
 #[test]
 fn an_account_on_an_undefined_plan_is_refused() {
-    account_error(r#"{"id":"a2","product":"chat","plan":"enterprise"}"#, "plan `enterprise` is not defined");
+    account_error(
+        r#"{"id":"a2","product":"chat","plan":"enterprise"}"#,
+        "plan `enterprise` is not defined",
+    );
 }
 
 #[test]
@@ -161,7 +225,10 @@ fn an_account_opting_out_of_an_undefined_subprocessor_is_refused() {
 
 #[test]
 fn an_account_with_an_undefined_residency_is_refused() {
-    account_error(r#"{"id":"a4","product":"api","plan":"paid","residency":"mars"}"#, "residency `mars`");
+    account_error(
+        r#"{"id":"a4","product":"api","plan":"paid","residency":"mars"}"#,
+        "residency `mars`",
+    );
 }
 
 #[test]
@@ -171,5 +238,8 @@ fn an_unparsable_account_line_is_refused() {
 
 #[test]
 fn an_unknown_account_field_is_refused() {
-    account_error(r#"{"id":"a6","product":"api","plan":"paid","zdr_please":true}"#, "unknown field `zdr_please`");
+    account_error(
+        r#"{"id":"a6","product":"api","plan":"paid","zdr_please":true}"#,
+        "unknown field `zdr_please`",
+    );
 }

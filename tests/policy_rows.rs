@@ -519,7 +519,13 @@ fn t0_unknown_plan_gets_the_most_protective_retention() {
         let d = run(Product::Chat, None, no_consents(), capability, false);
         assert_retention(&d, Retention::Conversation, "default-deny");
     }
-    let d = run(Product::Chat, Some(PlanClass::ApiPaid), no_consents(), Capability::Chat, false);
+    let d = run(
+        Product::Chat,
+        Some(PlanClass::ApiPaid),
+        no_consents(),
+        Capability::Chat,
+        false,
+    );
     assert_retention(&d, Retention::Conversation, "default-deny");
     // R0 still comes first.
     let d = run(Product::Api, None, restricted(), Capability::Chat, false);
