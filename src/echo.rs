@@ -71,15 +71,18 @@ struct EchoState {
     received: Mutex<Vec<u8>>,
 }
 
-/// A running echo upstream on loopback; stops when dropped.
+/// A running echo upstream on loopback. Dropping it stops it like a crashed
+/// server: the listener closes and every open connection is cut.
 pub struct EchoUpstream {
     state: Arc<EchoState>,
     addr: SocketAddr,
     task: tokio::task::JoinHandle<()>,
+    stop: tokio::sync::watch::Sender<bool>,
 }
 
 impl Drop for EchoUpstream {
     fn drop(&mut self) {
+        let _ = self.stop.send(true);
         self.task.abort();
     }
 }
@@ -121,18 +124,31 @@ impl EchoUpstream {
         });
         let accept_state = state.clone();
         let accept = Arc::new(accept);
+        let (stop, stopped) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
                 let state = accept_state.clone();
                 let accept = accept.clone();
+                let mut stopped = stopped.clone();
                 tokio::spawn(async move {
-                    if let Ok(stream) = accept(tcp).await {
-                        serve(state, stream).await;
+                    let serving = async {
+                        if let Ok(stream) = accept(tcp).await {
+                            serve(state, stream).await;
+                        }
+                    };
+                    tokio::select! {
+                        _ = serving => {}
+                        _ = stopped.wait_for(|stop| *stop) => {}
                     }
                 });
             }
         });
-        Ok(EchoUpstream { state, addr, task })
+        Ok(EchoUpstream {
+            state,
+            addr,
+            task,
+            stop,
+        })
     }
 
     /// Where it listens.

@@ -11,6 +11,7 @@
 //! - [`capability`]: method + path -> capability.
 //! - [`evaluate`]: one request head -> facts -> decision (shared by the proxy and tools).
 //! - [`routing`]: pool addresses and the choice among permitted pools.
+//! - [`health`]: active and passive health of pool addresses.
 //! - [`stamp`]: the upstream header contract and its signature.
 //! - [`proxy`]: the Pingora `ProxyHttp` adapter.
 //! - [`server`]: assembles Pingora services from the settings.
@@ -22,6 +23,7 @@ pub mod config;
 pub mod echo;
 pub mod evaluate;
 pub mod geo;
+pub mod health;
 pub mod identity;
 pub mod policy;
 pub mod proxy;

@@ -160,7 +160,14 @@ fn demo(config_path: &Path) -> ExitCode {
     for (pool, urls) in names {
         banner.push_str(&format!("\n  {pool:<18} {}", urls.join(", ")));
     }
-    run(config_path, LoadOptions { pool_addresses }, Some(banner))
+    run(
+        config_path,
+        LoadOptions {
+            pool_addresses,
+            ..LoadOptions::default()
+        },
+        Some(banner),
+    )
 }
 
 fn check(config_path: &Path) -> ExitCode {

@@ -200,6 +200,7 @@ impl ProxyHttp for PrivacyProxy {
         mut e: Box<Error>,
     ) -> Box<Error> {
         if let Some(target) = ctx.target.take() {
+            ctx.snapshot.upstreams.eject(target);
             ctx.tried.push(target);
         }
         // Nothing was sent yet: try another permitted endpoint, if one is left.
@@ -214,6 +215,30 @@ impl ProxyHttp for PrivacyProxy {
             return e;
         }
         Error::because(NO_PERMITTED_ENDPOINT, "every permitted endpoint failed", e)
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        _ctx: &mut Self::CTX,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        // A pooled connection the upstream had already closed fails before
+        // the request was processed: safe to send again (on a fresh connection,
+        // to a permitted target), whatever the method, while the body is buffered.
+        // Anything else is retried only for idempotent methods, as Pingora does.
+        let body_buffered = !session.as_ref().retry_buffer_truncated();
+        if client_reused && body_buffered && matches!(e.retry, pingora::RetryType::ReusedOnly) {
+            e.set_retry(true);
+        } else if !session.req_header().method.is_idempotent() || !body_buffered {
+            e.set_retry(false);
+        } else {
+            e.retry.decide_reuse(client_reused);
+        }
+        e
     }
 
     async fn upstream_request_filter(

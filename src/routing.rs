@@ -11,6 +11,7 @@ use pingora::tls::x509::X509;
 use pingora::upstreams::peer::HttpPeer;
 use thiserror::Error;
 
+use crate::health::{CheckSpec, EndpointHealth, EndpointKey, HealthRegistry};
 use crate::policy::PoolSet;
 
 /// Why a pool address could not be used.
@@ -33,11 +34,21 @@ pub struct Endpoint {
     pub tls: bool,
     /// SNI and certificate name.
     pub server_name: String,
+    /// Share of the pool's traffic relative to its other addresses.
+    pub weight: u32,
+    /// Shared with every snapshot that has this address.
+    pub health: Arc<EndpointHealth>,
 }
 
 impl Endpoint {
-    /// Parses `http://host:port` or `https://host:port` (default ports 80/443).
-    pub fn parse(address: &str, server_name: Option<&str>) -> Result<Self, EndpointError> {
+    /// Parses `http://host:port` or `https://host:port` (default ports 80/443)
+    /// and attaches the address's health record from `registry`.
+    pub fn parse(
+        address: &str,
+        server_name: Option<&str>,
+        weight: u32,
+        registry: &HealthRegistry,
+    ) -> Result<Self, EndpointError> {
         let syntax = || EndpointError::Syntax(address.to_string());
         let (tls, rest) = if let Some(rest) = address.strip_prefix("https://") {
             (true, rest)
@@ -57,12 +68,31 @@ impl Endpoint {
             .map_err(|e| EndpointError::Resolve(address.to_string(), e))?
             .next()
             .ok_or_else(syntax)?;
+        let server_name = server_name.unwrap_or(host).to_string();
+        let health = registry.endpoint(EndpointKey {
+            socket,
+            tls,
+            server_name: server_name.clone(),
+        });
         Ok(Endpoint {
             socket,
             tls,
-            server_name: server_name.unwrap_or(host).to_string(),
+            server_name,
+            weight: weight.max(1),
+            health,
         })
     }
+}
+
+/// The item whose cumulative weight range holds `ticket` (< total weight).
+fn pick_weighted(items: impl Iterator<Item = (usize, usize)>, mut ticket: usize) -> Option<usize> {
+    for (item, weight) in items {
+        if ticket < weight {
+            return Some(item);
+        }
+        ticket -= weight;
+    }
+    None
 }
 
 fn split_host_port(authority: &str, default_port: u16) -> Option<(&str, u16)> {
@@ -89,6 +119,8 @@ pub struct UpstreamTimeouts {
     pub connect: Duration,
     /// Longest silence while reading.
     pub read: Duration,
+    /// How long an address that refused a connection is left out (passive health).
+    pub ejection: Duration,
 }
 
 impl Default for UpstreamTimeouts {
@@ -96,6 +128,7 @@ impl Default for UpstreamTimeouts {
         UpstreamTimeouts {
             connect: Duration::from_secs(2),
             read: Duration::from_secs(120),
+            ejection: Duration::from_secs(5),
         }
     }
 }
@@ -114,6 +147,8 @@ pub struct PoolUpstream {
     pub endpoints: Vec<Endpoint>,
     /// CA certificates for its TLS endpoints, when not the system's.
     pub ca: Option<Arc<Box<[X509]>>>,
+    /// Active health checks, when configured.
+    pub health_check: Option<CheckSpec>,
     next_endpoint: AtomicUsize,
 }
 
@@ -135,6 +170,7 @@ impl PoolUpstream {
         weight: u32,
         endpoints: Vec<Endpoint>,
         ca: Option<Arc<Box<[X509]>>>,
+        health_check: Option<CheckSpec>,
     ) -> Self {
         PoolUpstream {
             name,
@@ -143,8 +179,14 @@ impl PoolUpstream {
             weight,
             endpoints,
             ca,
+            health_check,
             next_endpoint: AtomicUsize::new(0),
         }
+    }
+
+    /// Whether any address of the pool can take requests now.
+    pub fn is_available(&self) -> bool {
+        self.endpoints.iter().any(|e| e.health.is_usable())
     }
 }
 
@@ -185,44 +227,56 @@ impl Upstreams {
         &self.pools
     }
 
-    /// Chooses a target among `candidates`, weighted across pools and round
-    /// robin across a pool's endpoints, skipping the targets in `tried`.
-    /// `None` when every permitted endpoint has been tried.
+    /// Chooses a target among `candidates`: weighted across pools, then
+    /// weighted round robin across a pool's addresses, skipping addresses
+    /// that are unhealthy or already in `tried`. `None` when no permitted
+    /// address is left: the caller answers 503 and never looks further.
     pub fn choose(&self, candidates: PoolSet, tried: &[Target]) -> Option<Target> {
-        let untried = |pool: usize, endpoint: usize| !tried.contains(&Target { pool, endpoint });
-        let open = |pool: usize| {
-            self.pools
-                .get(pool)
-                .is_some_and(|p| (0..p.endpoints.len()).any(|e| untried(pool, e)))
+        let usable = |pool: usize, endpoint: usize, e: &Endpoint| {
+            e.health.is_usable() && !tried.contains(&Target { pool, endpoint })
         };
-        let total: usize = candidates
-            .iter()
-            .filter(|&i| open(i))
-            .map(|i| self.pools[i].weight as usize)
-            .sum();
+        let open_weight = |pool: usize| -> usize {
+            self.pools.get(pool).map_or(0, |p| {
+                p.endpoints
+                    .iter()
+                    .enumerate()
+                    .any(|(i, e)| usable(pool, i, e))
+                    .then_some(p.weight as usize)
+                    .unwrap_or(0)
+            })
+        };
+        let total: usize = candidates.iter().map(open_weight).sum();
         if total == 0 {
             return None;
         }
-        let mut ticket = self.next_ticket.fetch_add(1, Ordering::Relaxed) % total;
-        let pool_index = candidates.iter().filter(|&i| open(i)).find(|&i| {
-            let w = self.pools[i].weight as usize;
-            if ticket < w {
-                true
-            } else {
-                ticket -= w;
-                false
-            }
-        })?;
+        let ticket = self.next_ticket.fetch_add(1, Ordering::Relaxed) % total;
+        let pool_index = pick_weighted(candidates.iter().map(|i| (i, open_weight(i))), ticket)?;
         let pool = &self.pools[pool_index];
-        let n = pool.endpoints.len();
-        let start = pool.next_endpoint.fetch_add(1, Ordering::Relaxed);
-        (0..n)
-            .map(|k| (start + k) % n)
-            .find(|&e| untried(pool_index, e))
-            .map(|endpoint| Target {
-                pool: pool_index,
-                endpoint,
-            })
+        let weights = pool.endpoints.iter().enumerate().map(|(i, e)| {
+            let w = if usable(pool_index, i, e) {
+                e.weight as usize
+            } else {
+                0
+            };
+            (i, w)
+        });
+        let pool_total: usize = weights.clone().map(|(_, w)| w).sum();
+        let ticket = pool.next_endpoint.fetch_add(1, Ordering::Relaxed) % pool_total.max(1);
+        pick_weighted(weights, ticket).map(|endpoint| Target {
+            pool: pool_index,
+            endpoint,
+        })
+    }
+
+    /// Takes a target's address out of rotation after a failed connect.
+    pub fn eject(&self, target: Target) {
+        if let Some(e) = self
+            .pools
+            .get(target.pool)
+            .and_then(|p| p.endpoints.get(target.endpoint))
+        {
+            e.health.eject(self.timeouts.ejection);
+        }
     }
 
     /// The Pingora peer for a target.
@@ -245,9 +299,10 @@ mod tests {
     use super::*;
 
     fn pool(name: &str, weight: u32, ports: &[u16]) -> PoolUpstream {
+        let registry = HealthRegistry::default();
         let endpoints = ports
             .iter()
-            .map(|p| Endpoint::parse(&format!("http://127.0.0.1:{p}"), None).unwrap())
+            .map(|p| Endpoint::parse(&format!("http://127.0.0.1:{p}"), None, 1, &registry).unwrap())
             .collect();
         PoolUpstream::new(
             name.into(),
@@ -256,19 +311,21 @@ mod tests {
             weight,
             endpoints,
             None,
+            None,
         )
     }
 
     #[test]
     fn endpoints_parse_schemes_ports_and_names() {
-        let e = Endpoint::parse("https://127.0.0.1:8443", Some("inference.test")).unwrap();
+        let r = HealthRegistry::default();
+        let e = Endpoint::parse("https://127.0.0.1:8443", Some("inference.test"), 1, &r).unwrap();
         assert!(e.tls);
         assert_eq!(e.socket.port(), 8443);
         assert_eq!(e.server_name, "inference.test");
-        let e = Endpoint::parse("http://[::1]", None).unwrap();
+        let e = Endpoint::parse("http://[::1]", None, 1, &r).unwrap();
         assert_eq!(e.socket.port(), 80);
-        assert!(Endpoint::parse("ftp://x", None).is_err());
-        assert!(Endpoint::parse("http://127.0.0.1:1/path", None).is_err());
+        assert!(Endpoint::parse("ftp://x", None, 1, &r).is_err());
+        assert!(Endpoint::parse("http://127.0.0.1:1/path", None, 1, &r).is_err());
     }
 
     #[test]
@@ -296,5 +353,40 @@ mod tests {
         let second = ups.choose(candidates, &[first]).unwrap();
         assert_ne!(first, second);
         assert_eq!(ups.choose(candidates, &[first, second]), None);
+    }
+
+    #[test]
+    fn ejected_addresses_are_skipped_and_a_pool_without_any_is_closed() {
+        let ups = Upstreams::new(
+            vec![pool("a", 1, &[1, 2]), pool("b", 1, &[3])],
+            UpstreamTimeouts::default(),
+        );
+        let mut candidates = PoolSet::EMPTY;
+        candidates.insert(0);
+        candidates.insert(1);
+        ups.eject(Target {
+            pool: 0,
+            endpoint: 0,
+        });
+        for _ in 0..20 {
+            let t = ups.choose(candidates, &[]).unwrap();
+            assert_ne!(
+                t,
+                Target {
+                    pool: 0,
+                    endpoint: 0
+                }
+            );
+        }
+        ups.eject(Target {
+            pool: 0,
+            endpoint: 1,
+        });
+        ups.eject(Target {
+            pool: 1,
+            endpoint: 0,
+        });
+        assert!(!ups.pool(0).unwrap().is_available());
+        assert_eq!(ups.choose(candidates, &[]), None);
     }
 }

@@ -7,7 +7,10 @@ use pingora::proxy::http_proxy_service_with_name;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
 
+use pingora::services::background::background_service;
+
 use crate::config::{GatewaySettings, SnapshotHandle};
+use crate::health::HealthChecker;
 use crate::proxy::PrivacyProxy;
 
 /// Why the server could not be assembled.
@@ -43,5 +46,9 @@ pub fn build(
         service.add_tcp(&listener.address.to_string());
         server.add_service(service);
     }
+    server.add_service(background_service(
+        "health checks",
+        HealthChecker::new(snapshots),
+    ));
     Ok(server)
 }

@@ -5,6 +5,9 @@
 mod support;
 
 use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use privacy_gateway::echo::{EchoUpstream, StreamPace};
 
 use reqwest::StatusCode;
 use support::{client, free_port, Gateway, TestConfig, Upstreams};
@@ -180,4 +183,124 @@ async fn a_refused_connection_is_retried_on_another_permitted_address() {
         assert_eq!(r.header("x-privacy-pool"), Some("azure-sweden"));
         assert_eq!(r.header("x-privacy-subprocessor"), Some("azure"));
     }
+}
+
+/// Within `tolerance` of `expected`.
+fn near(actual: usize, expected: usize, tolerance: usize) -> bool {
+    actual.abs_diff(expected) <= tolerance
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pools_and_the_addresses_inside_a_pool_share_traffic_by_weight() {
+    let ups = Upstreams::start().await;
+    let second = EchoUpstream::start("azure-sweden")
+        .await
+        .expect("second azure echo");
+    // azure-sweden (pool weight 2) gets two addresses weighted 3:1.
+    let mut pools: toml::Table =
+        toml::from_str(&support::pools_with_addresses(&ups.addresses())).expect("pools");
+    for pool in pools["pool"].as_array_mut().expect("pools") {
+        if pool["name"].as_str() == Some("azure-sweden") {
+            let weighted: toml::Value = toml::from_str::<toml::Table>(&format!(
+                "a = [{{ url = \"{}\", weight = 3 }}, {{ url = \"{}\", weight = 1 }}]",
+                ups.pool("azure-sweden").url(),
+                second.url()
+            ))
+            .expect("weighted addresses")["a"]
+                .clone();
+            pool["addresses"] = weighted;
+        }
+    }
+    let mut config = TestConfig::shipped_with(&ups);
+    config.pools = toml::to_string(&pools).expect("pools");
+    let gw = Gateway::start(&config);
+
+    let statuses = send_chat(&gw, "demo-api-paid", 500).await;
+    assert!(statuses.iter().all(|s| *s == StatusCode::OK));
+    let counts = per_pool(&ups);
+    let azure = counts["azure-sweden"] + second.requests().len();
+    // Pool weights 2:1:1:1 over 500 requests; addresses 3:1 inside azure-sweden.
+    assert!(near(azure, 200, 10), "azure-sweden {azure}: {counts:?}");
+    for pool in ["gcp-ireland", "gcp-us", "cerebras"] {
+        assert!(near(counts[pool], 100, 10), "{pool}: {counts:?}");
+    }
+    assert!(
+        near(counts["azure-sweden"], 150, 10) && near(second.requests().len(), 50, 10),
+        "{counts:?} second {}",
+        second.requests().len()
+    );
+}
+
+/// Sends one chat request as `key`; returns its status.
+async fn one(c: &reqwest::Client, gw: &Gateway, key: &str) -> StatusCode {
+    c.post(gw.api_url(CHAT))
+        .bearer_auth(key)
+        .body("{}")
+        .send()
+        .await
+        .expect("request")
+        .status()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn killed_pools_fail_closed_for_eu_only_and_over_for_others_and_return_after_health_checks() {
+    let mut ups = Upstreams::start().await;
+    let mut config = TestConfig::shipped_with(&ups);
+    config.pools = support::with_health_checks(&config.pools, 100);
+    // A refused connect alone keeps an address out for a minute: only a
+    // passing active check can bring it back within this test.
+    config.ejection_ms = 60_000;
+    let gw = Gateway::start(&config);
+    let c = client();
+
+    for key in ["demo-api-eu-only", "demo-api-paid"] {
+        assert_eq!(one(&c, &gw, key).await, StatusCode::OK);
+    }
+
+    // Kill both eu pools' servers mid-run.
+    let eu = ["azure-sweden", "gcp-ireland"];
+    let eu_addrs: Vec<_> = eu.iter().map(|p| ups.pool(p).addr()).collect();
+    for pool in eu {
+        ups.echoes.remove(pool);
+    }
+    for _ in 0..30 {
+        assert_eq!(
+            one(&c, &gw, "demo-api-eu-only").await,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            one(&c, &gw, "demo-api-paid").await,
+            StatusCode::OK,
+            "failover must be invisible"
+        );
+    }
+    for (pool, r) in ups.all_requests() {
+        if r.header("x-privacy-account") == Some("acct-api-eu-only") {
+            panic!("an eu-only request reached {pool}");
+        }
+    }
+
+    // Restart them on the same addresses: traffic returns once checks pass.
+    for (pool, addr) in eu.iter().zip(eu_addrs) {
+        let listener = tokio::net::TcpListener::bind(addr).await.expect("rebind");
+        let echo =
+            EchoUpstream::start_with(pool, listener, StreamPace::Every(Duration::from_millis(10)))
+                .expect("restart");
+        ups.echoes.insert(pool.to_string(), echo);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while one(&c, &gw, "demo-api-eu-only").await != StatusCode::OK {
+        assert!(
+            Instant::now() < deadline,
+            "eu pools did not come back after health checks"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let statuses = send_chat(&gw, "demo-api-eu-only", 20).await;
+    assert!(
+        statuses.iter().all(|s| *s == StatusCode::OK),
+        "{statuses:?}"
+    );
+    let back: usize = eu.iter().map(|p| ups.pool(p).requests().len()).sum();
+    assert!(back >= 20, "eu pools received {back} after the restart");
 }

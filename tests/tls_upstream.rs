@@ -143,6 +143,7 @@ fn gateway(upstream: &TlsUpstream, trusted_ca: &CertifiedIssuer<'static, KeyPair
         extra_tables: String::new(),
         attachments: vec![(CA_FILE.into(), trusted_ca.pem().into_bytes())],
         listen_host: "127.0.0.1".into(),
+        ejection_ms: 5000,
     })
 }
 

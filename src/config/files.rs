@@ -87,6 +87,10 @@ pub struct UpstreamEntry {
     /// model streams can pause).
     #[serde(default)]
     pub read_timeout_ms: Option<u64>,
+    /// How long an address that refused a connection is left out, in
+    /// milliseconds (default 5000); active checks can end it sooner.
+    #[serde(default)]
+    pub ejection_ms: Option<u64>,
 }
 
 /// `rules.toml`: what the policy needs to know about plans, paths and addresses.
@@ -164,8 +168,9 @@ pub struct PoolEntry {
     /// Share of traffic relative to the other candidate pools (default 1).
     #[serde(default)]
     pub weight: Option<u32>,
-    /// `http://host:port` or `https://host:port` endpoints.
-    pub addresses: Vec<String>,
+    /// `http://host:port` or `https://host:port` endpoints, each a string
+    /// or `{ url = "...", weight = N }`.
+    pub addresses: Vec<AddressEntry>,
     /// Name to send in TLS SNI and to verify the certificate against
     /// (default: the host of the address).
     #[serde(default)]
@@ -174,6 +179,65 @@ pub struct PoolEntry {
     /// (default: the system's).
     #[serde(default)]
     pub tls_ca_file: Option<PathBuf>,
+    /// Active health checks of the pool's addresses; none when absent.
+    #[serde(default)]
+    pub health_check: Option<HealthCheckEntry>,
+}
+
+/// One pool address.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum AddressEntry {
+    /// `http://host:port`, weight 1.
+    Url(String),
+    /// An address with a weight.
+    Weighted {
+        /// `http://host:port` or `https://host:port`.
+        url: String,
+        /// Share of the pool's traffic relative to its other addresses (default 1).
+        #[serde(default)]
+        weight: Option<u32>,
+    },
+}
+
+impl AddressEntry {
+    /// The address.
+    pub fn url(&self) -> &str {
+        match self {
+            AddressEntry::Url(url) | AddressEntry::Weighted { url, .. } => url,
+        }
+    }
+
+    /// Its weight.
+    pub fn weight(&self) -> u32 {
+        match self {
+            AddressEntry::Url(_) => 1,
+            AddressEntry::Weighted { weight, .. } => weight.unwrap_or(1),
+        }
+    }
+}
+
+/// `[pool.health_check]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckEntry {
+    /// `http` (GET `path`, expects 200) or `tcp` (connect only).
+    pub kind: String,
+    /// Path for `http` checks (default `/`).
+    #[serde(default)]
+    pub path: Option<String>,
+    /// Time between checks in milliseconds (default 1000).
+    #[serde(default)]
+    pub interval_ms: Option<u64>,
+    /// Longest wait for one check in milliseconds (default 1000).
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+    /// Consecutive passes to become healthy (default 1).
+    #[serde(default)]
+    pub healthy_threshold: Option<u32>,
+    /// Consecutive failures to become unhealthy (default 2).
+    #[serde(default)]
+    pub unhealthy_threshold: Option<u32>,
 }
 
 /// One line of `accounts.jsonl`.

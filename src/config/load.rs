@@ -14,11 +14,14 @@ use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 use super::accounts::{Account, AccountStore, DuplicateAccount, KeyHash};
-use super::files::{AccountLine, GatewayFile, PoolsFile, RulesFile};
+use super::files::{
+    AccountLine, AddressEntry, GatewayFile, HealthCheckEntry, PoolsFile, RulesFile,
+};
 use super::snapshot::{GatewaySettings, Listener, Snapshot};
 use crate::capability::{CapabilityRoute, CapabilityRoutes};
 use crate::client_ip::{PrefixLengths, TrustedProxies};
 use crate::geo::GeoDb;
+use crate::health::{CheckSpec, HealthRegistry, Probe, Thresholds};
 use crate::policy::{
     Capability, CapabilitySet, Consents, PlanClass, PoolCatalog, PoolProfile, Product, RegionId,
     SubprocessorSet, MAX_POOLS, MAX_SUBPROCESSORS,
@@ -67,6 +70,8 @@ impl fmt::Display for ConfigErrors {
 pub struct LoadOptions {
     /// Replace the addresses of these pools (the demo's local echo upstreams).
     pub pool_addresses: HashMap<String, Vec<String>>,
+    /// Where endpoint health is kept across snapshots.
+    pub health: Arc<HealthRegistry>,
 }
 
 /// Stops collecting after this many errors in one file.
@@ -198,6 +203,7 @@ pub fn load(
         UpstreamTimeouts {
             connect: gateway.upstream.connect_timeout_ms.map_or(d.connect, ms),
             read: gateway.upstream.read_timeout_ms.map_or(d.read, ms),
+            ejection: gateway.upstream.ejection_ms.map_or(d.ejection, ms),
         }
     };
     errors.append(&mut g.errors);
@@ -470,10 +476,11 @@ fn compile_pools(
                 Err(e) => p.at_span(span.clone(), format!("pool `{}`: {e}", pool.name)),
             }
         }
-        let addresses = options
+        let overridden: Option<Vec<AddressEntry>> = options
             .pool_addresses
             .get(&pool.name)
-            .unwrap_or(&pool.addresses);
+            .map(|urls| urls.iter().cloned().map(AddressEntry::Url).collect());
+        let addresses = overridden.as_ref().unwrap_or(&pool.addresses);
         if addresses.is_empty() {
             p.at_span(
                 span.clone(),
@@ -482,11 +489,32 @@ fn compile_pools(
         }
         let mut endpoints = Vec::new();
         for address in addresses {
-            match Endpoint::parse(address, pool.tls_server_name.as_deref()) {
+            if address.weight() == 0 {
+                p.at_span(
+                    span.clone(),
+                    format!("pool `{}`: address weight must be at least 1", pool.name),
+                );
+            }
+            match Endpoint::parse(
+                address.url(),
+                pool.tls_server_name.as_deref(),
+                address.weight(),
+                &options.health,
+            ) {
                 Ok(e) => endpoints.push(e),
                 Err(e) => p.at_span(span.clone(), format!("pool `{}`: {e}", pool.name)),
             }
         }
+        let health_check = pool
+            .health_check
+            .as_ref()
+            .and_then(|h| match check_spec(h) {
+                Ok(spec) => Some(spec),
+                Err(e) => {
+                    p.at_span(span.clone(), format!("pool `{}`: {e}", pool.name));
+                    None
+                }
+            });
         let ca = match &pool.tls_ca_file {
             None => None,
             Some(file) => {
@@ -538,6 +566,7 @@ fn compile_pools(
             weight.max(1),
             endpoints,
             ca,
+            health_check,
         ));
     }
     Pools {
@@ -546,6 +575,42 @@ fn compile_pools(
         subprocessors,
         regions,
     }
+}
+
+fn check_spec(entry: &HealthCheckEntry) -> Result<CheckSpec, String> {
+    let probe = match entry.kind.as_str() {
+        "tcp" => Probe::Tcp,
+        "http" => {
+            let path = entry.path.clone().unwrap_or_else(|| "/".into());
+            if !path.starts_with('/') || http::Uri::try_from(path.as_str()).is_err() {
+                return Err(format!(
+                    "health check path `{path}` must be an absolute path"
+                ));
+            }
+            Probe::Http { path }
+        }
+        other => {
+            return Err(format!(
+                "health check kind `{other}` must be `http` or `tcp`"
+            ))
+        }
+    };
+    let ms = std::time::Duration::from_millis;
+    let interval = ms(entry.interval_ms.unwrap_or(1000));
+    let timeout = ms(entry.timeout_ms.unwrap_or(1000));
+    if interval.is_zero() || timeout.is_zero() {
+        return Err("health check interval_ms and timeout_ms must be at least 1".into());
+    }
+    let thresholds = Thresholds {
+        healthy: entry.healthy_threshold.unwrap_or(1).max(1),
+        unhealthy: entry.unhealthy_threshold.unwrap_or(2).max(1),
+    };
+    Ok(CheckSpec {
+        probe,
+        interval,
+        timeout,
+        thresholds,
+    })
 }
 
 /// Printable ASCII without spaces: safe in a header value and a log line.

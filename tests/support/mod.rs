@@ -107,6 +107,21 @@ pub fn pools_with_addresses(addresses: &HashMap<String, Vec<String>>) -> String 
     toml::to_string(&pools).expect("serialize pools")
 }
 
+/// `pools` with an active HTTP health check on every pool.
+pub fn with_health_checks(pools: &str, interval_ms: u64) -> String {
+    let mut table: toml::Table = toml::from_str(pools).expect("pools parse");
+    for pool in table["pool"].as_array_mut().expect("pools") {
+        let check: toml::Table = toml::from_str(&format!(
+            "kind = \"http\"\npath = \"/healthz\"\ninterval_ms = {interval_ms}\ntimeout_ms = 500\nhealthy_threshold = 1\nunhealthy_threshold = 1\n"
+        ))
+        .expect("health check table");
+        pool.as_table_mut()
+            .expect("pool table")
+            .insert("health_check".into(), toml::Value::Table(check));
+    }
+    toml::to_string(&table).expect("serialize pools")
+}
+
 /// What to write into the gateway's configuration folder.
 #[derive(Clone)]
 pub struct TestConfig {
@@ -123,6 +138,8 @@ pub struct TestConfig {
     pub attachments: Vec<(String, Vec<u8>)>,
     /// Address of the chat listener (default 127.0.0.1).
     pub listen_host: String,
+    /// `[upstream] ejection_ms`: how long a refusing address is left out.
+    pub ejection_ms: u64,
 }
 
 impl TestConfig {
@@ -137,6 +154,7 @@ impl TestConfig {
             extra_tables: String::new(),
             attachments: Vec::new(),
             listen_host: "127.0.0.1".into(),
+            ejection_ms: 5000,
         }
     }
 }
@@ -173,8 +191,8 @@ impl Gateway {
         let gateway = format!(
             "threads = 1\n\n[[listener]]\naddress = \"{api}\"\nproduct = \"api\"\n\n[[listener]]\naddress = \"{chat}\"\nproduct = \"chat\"\n\n\
              [files]\nrules = \"rules.toml\"\npools = \"pools.toml\"\naccounts = \"accounts.jsonl\"\n{}\n\n[trust]\n{}\n\n\
-             [upstream]\nconnect_timeout_ms = 500\nread_timeout_ms = 10000\n\n{}\n",
-            config.extra_files, config.trust, config.extra_tables
+             [upstream]\nconnect_timeout_ms = 500\nread_timeout_ms = 10000\nejection_ms = {}\n\n{}\n",
+            config.extra_files, config.trust, config.ejection_ms, config.extra_tables
         );
         let write = |name: &str, bytes: &[u8]| {
             std::fs::write(dir.path().join(name), bytes).expect("write config")
