@@ -14,6 +14,7 @@
 //! - [`health`]: active and passive health of pool addresses.
 //! - [`stamp`]: the upstream header contract and its signature.
 //! - [`proxy`]: the Pingora `ProxyHttp` adapter.
+//! - [`reload`]: file watching and `SIGHUP` -> validated snapshot swap.
 //! - [`server`]: assembles Pingora services from the settings.
 //! - [`echo`]: echo upstreams for `demo` and tests.
 
@@ -27,6 +28,7 @@ pub mod health;
 pub mod identity;
 pub mod policy;
 pub mod proxy;
+pub mod reload;
 pub mod routing;
 pub mod server;
 pub mod stamp;

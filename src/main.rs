@@ -9,6 +9,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use privacy_gateway::config::{self, LoadOptions, SnapshotHandle};
 use privacy_gateway::echo::EchoUpstream;
+use privacy_gateway::reload::Reloader;
 use privacy_gateway::server;
 
 /// An inline reverse proxy that enforces a privacy policy on every inference request.
@@ -26,6 +27,10 @@ enum Command {
         /// Path to gateway.toml.
         #[arg(long, short)]
         config: PathBuf,
+        /// Take the listening sockets over from the running process (graceful
+        /// upgrade: start this, then send the old process SIGQUIT).
+        #[arg(long, short)]
+        upgrade: bool,
     },
     /// Serve the example configuration with local echo upstreams for every pool.
     Demo {
@@ -57,14 +62,14 @@ fn init_logging() {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { config } => run(&config, LoadOptions::default(), None),
+        Command::Run { config, upgrade } => run(&config, LoadOptions::default(), None, upgrade),
         Command::Demo { config } => demo(&config),
         Command::Check { config } => check(&config),
         Command::HashKey => hash_key(),
     }
 }
 
-fn run(config_path: &Path, options: LoadOptions, banner: Option<String>) -> ExitCode {
+fn run(config_path: &Path, options: LoadOptions, banner: Option<String>, upgrade: bool) -> ExitCode {
     init_logging();
     let (settings, snapshot) = match config::load(config_path, &options) {
         Ok(loaded) => loaded,
@@ -75,7 +80,8 @@ fn run(config_path: &Path, options: LoadOptions, banner: Option<String>) -> Exit
     };
     tracing::info!(policy_version = %snapshot.policy_version, accounts = snapshot.accounts.len(), "configuration loaded");
     let handle = Arc::new(SnapshotHandle::new(snapshot));
-    let server = match server::build(&settings, handle, None) {
+    let reloader = Arc::new(Reloader::new(config_path.to_path_buf(), options, settings.clone(), handle.clone()));
+    let server = match server::build(&settings, handle, Some(reloader), upgrade) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("{e}");
@@ -167,6 +173,7 @@ fn demo(config_path: &Path) -> ExitCode {
             ..LoadOptions::default()
         },
         Some(banner),
+        false,
     )
 }
 

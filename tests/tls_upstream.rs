@@ -144,6 +144,7 @@ fn gateway(upstream: &TlsUpstream, trusted_ca: &CertifiedIssuer<'static, KeyPair
         attachments: vec![(CA_FILE.into(), trusted_ca.pem().into_bytes())],
         listen_host: "127.0.0.1".into(),
         ejection_ms: 5000,
+        configmap_layout: false,
     })
 }
 

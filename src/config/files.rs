@@ -28,6 +28,29 @@ pub struct GatewayFile {
     /// Worker threads per listener service (default 2).
     #[serde(default)]
     pub threads: Option<usize>,
+    /// Process lifecycle: graceful upgrade and shutdown.
+    #[serde(default)]
+    pub process: ProcessEntry,
+}
+
+/// `[process]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessEntry {
+    /// Unix socket over which a new process (`run --upgrade`) takes the
+    /// listening sockets of the old one (default `/tmp/privacy-gateway-upgrade.sock`).
+    #[serde(default)]
+    pub upgrade_sock: Option<String>,
+    /// Where the process writes its pid (default `/tmp/privacy-gateway.pid`).
+    #[serde(default)]
+    pub pid_file: Option<String>,
+    /// After `SIGQUIT`/`SIGTERM`, how long to keep accepting before closing
+    /// the listeners, in seconds (default 5).
+    #[serde(default)]
+    pub grace_period_seconds: Option<u64>,
+    /// Then how long in-flight requests (long streams) may take to finish, in seconds (default 300).
+    #[serde(default)]
+    pub graceful_shutdown_timeout_seconds: Option<u64>,
 }
 
 /// One `[[listener]]`.

@@ -172,10 +172,12 @@ pub fn load(
             }
         },
     };
+    let mut sources = vec![gateway_path.to_path_buf()];
     let signing_key = match &gateway.signing.key_file {
         None => None,
         Some(file) => {
             let path = base.join(file);
+            sources.push(path.clone());
             match std::fs::read(&path) {
                 Ok(bytes) if bytes.trim_ascii().len() >= 16 => {
                     Some(SigningKey::new(bytes.trim_ascii().to_vec()))
@@ -211,6 +213,11 @@ pub fn load(
     let rules_path = base.join(&gateway.files.rules);
     let pools_path = base.join(&gateway.files.pools);
     let accounts_path = base.join(&gateway.files.accounts);
+    sources.extend([
+        rules_path.clone(),
+        pools_path.clone(),
+        accounts_path.clone(),
+    ]);
 
     let rules_text = read(&rules_path)?;
     let pools_text = read(&pools_path)?;
@@ -223,6 +230,12 @@ pub fn load(
 
     let mut p = FileErrors::new(&pools_path, &pools_text);
     let pools = compile_pools(&pools_file, base, options, timeouts, &mut p);
+    sources.extend(
+        pools_file
+            .pools
+            .iter()
+            .filter_map(|p| p.get_ref().tls_ca_file.as_ref().map(|f| base.join(f))),
+    );
     errors.append(&mut p.errors);
 
     for c in Capability::ALL {
@@ -244,6 +257,7 @@ pub fn load(
         None => None,
         Some(file) => {
             let path = base.join(file);
+            sources.push(path.clone());
             match GeoDb::open(&path) {
                 Ok(db) => Some(db),
                 Err(e) => {
@@ -279,6 +293,7 @@ pub fn load(
         trusted_proxies: TrustedProxies::new(trusted),
         identity_header,
         signing_key,
+        sources,
     };
     Ok((settings, snapshot))
 }
@@ -312,9 +327,20 @@ fn gateway_settings(gateway: &GatewayFile, g: &mut FileErrors<'_>) -> GatewaySet
             (_, Err(e)) => g.at_span(span, e),
         }
     }
+    let process = &gateway.process;
     GatewaySettings {
         listeners,
         threads: gateway.threads.unwrap_or(2).max(1),
+        upgrade_sock: process
+            .upgrade_sock
+            .clone()
+            .unwrap_or_else(|| "/tmp/privacy-gateway-upgrade.sock".into()),
+        pid_file: process
+            .pid_file
+            .clone()
+            .unwrap_or_else(|| "/tmp/privacy-gateway.pid".into()),
+        grace_period_seconds: process.grace_period_seconds.unwrap_or(5),
+        graceful_shutdown_timeout_seconds: process.graceful_shutdown_timeout_seconds.unwrap_or(300),
     }
 }
 

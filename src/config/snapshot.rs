@@ -15,7 +15,7 @@ use crate::routing::Upstreams;
 use crate::stamp::SigningKey;
 
 /// One listening address and the product of its anonymous traffic.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Listener {
     /// Where to listen.
     pub address: SocketAddr,
@@ -24,12 +24,20 @@ pub struct Listener {
 }
 
 /// Settings fixed for the life of the process (sockets and threads).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GatewaySettings {
     /// Listeners.
     pub listeners: Vec<Listener>,
     /// Worker threads per listener.
     pub threads: usize,
+    /// Socket for handing listeners to an upgraded process.
+    pub upgrade_sock: String,
+    /// Pid file.
+    pub pid_file: String,
+    /// Seconds to keep accepting after a shutdown or upgrade signal.
+    pub grace_period_seconds: u64,
+    /// Seconds in-flight requests may take to finish after that.
+    pub graceful_shutdown_timeout_seconds: u64,
 }
 
 /// Everything a request is decided and forwarded under. One is loaded at the
@@ -58,6 +66,8 @@ pub struct Snapshot {
     pub identity_header: Option<HeaderName>,
     /// Key for `x-privacy-signature`.
     pub signing_key: Option<SigningKey>,
+    /// Every file the snapshot was built from (what a reload watches).
+    pub sources: Vec<std::path::PathBuf>,
 }
 
 /// The running snapshot: read lock-free by every request, replaced whole.

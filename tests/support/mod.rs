@@ -140,6 +140,9 @@ pub struct TestConfig {
     pub listen_host: String,
     /// `[upstream] ejection_ms`: how long a refusing address is left out.
     pub ejection_ms: u64,
+    /// Lay the files out as a Kubernetes ConfigMap volume does: each a
+    /// symlink through `..data` to a timestamped folder.
+    pub configmap_layout: bool,
 }
 
 impl TestConfig {
@@ -155,6 +158,7 @@ impl TestConfig {
             attachments: Vec::new(),
             listen_host: "127.0.0.1".into(),
             ejection_ms: 5000,
+            configmap_layout: false,
         }
     }
 }
@@ -191,16 +195,32 @@ impl Gateway {
         let gateway = format!(
             "threads = 1\n\n[[listener]]\naddress = \"{api}\"\nproduct = \"api\"\n\n[[listener]]\naddress = \"{chat}\"\nproduct = \"chat\"\n\n\
              [files]\nrules = \"rules.toml\"\npools = \"pools.toml\"\naccounts = \"accounts.jsonl\"\n{}\n\n[trust]\n{}\n\n\
-             [upstream]\nconnect_timeout_ms = 500\nread_timeout_ms = 10000\nejection_ms = {}\n\n{}\n",
-            config.extra_files, config.trust, config.ejection_ms, config.extra_tables
+             [upstream]\nconnect_timeout_ms = 500\nread_timeout_ms = 10000\nejection_ms = {}\n\n\
+             [process]\nupgrade_sock = \"{}\"\npid_file = \"{}\"\ngrace_period_seconds = 1\ngraceful_shutdown_timeout_seconds = 5\n\n{}\n",
+            config.extra_files,
+            config.trust,
+            config.ejection_ms,
+            dir.path().join("upgrade.sock").display(),
+            dir.path().join("gateway.pid").display(),
+            config.extra_tables
         );
-        let write = |name: &str, bytes: &[u8]| {
-            std::fs::write(dir.path().join(name), bytes).expect("write config")
-        };
+        let write = |name: &str, bytes: &[u8]| std::fs::write(dir.path().join(name), bytes).expect("write config");
         write("gateway.toml", gateway.as_bytes());
-        write("rules.toml", config.rules.as_bytes());
-        write("pools.toml", config.pools.as_bytes());
-        write("accounts.jsonl", config.accounts.as_bytes());
+        let files: Vec<(&str, &[u8])> = vec![
+            ("rules.toml", config.rules.as_bytes()),
+            ("pools.toml", config.pools.as_bytes()),
+            ("accounts.jsonl", config.accounts.as_bytes()),
+        ];
+        if config.configmap_layout {
+            configmap_publish(dir.path(), "..v1", &files);
+            for (name, _) in &files {
+                std::os::unix::fs::symlink(format!("..data/{name}"), dir.path().join(name)).expect("symlink");
+            }
+        } else {
+            for (name, bytes) in &files {
+                write(name, bytes);
+            }
+        }
         for (name, bytes) in &config.attachments {
             write(name, bytes);
         }
@@ -242,6 +262,44 @@ impl Gateway {
         }
     }
 
+    /// Starts a second process with `run --upgrade` on the same configuration
+    /// (logging to `upgrade.log`): it takes the listeners over once the
+    /// running one is sent `SIGQUIT`.
+    pub fn start_upgrade(&self) -> Child {
+        spawn(self.dir.path(), "upgrade.log", true)
+    }
+
+    /// The gateway process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits (bounded) for the gateway process to exit; returns whether it did.
+    pub fn wait_exit(&mut self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    /// Replaces configuration file `name` the way deploy tools do: a new
+    /// file renamed over the old one.
+    pub fn replace_file(&self, name: &str, contents: &str) {
+        let tmp = self.dir.path().join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, contents).expect("write");
+        std::fs::rename(&tmp, self.dir.path().join(name)).expect("rename over");
+    }
+
+    /// Publishes new file contents in the ConfigMap layout: a new timestamped
+    /// folder, then `..data` swapped to it by an atomic symlink rename.
+    pub fn configmap_swap(&self, version: &str, files: &[(&str, &[u8])]) {
+        configmap_publish(self.dir.path(), version, files);
+    }
+
     /// Everything the gateway printed so far.
     pub fn logs(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("gateway.log")).unwrap_or_default()
@@ -256,6 +314,56 @@ impl Gateway {
     pub fn chat_url(&self, path: &str) -> String {
         format!("http://{}{path}", self.chat)
     }
+}
+
+/// Starts the gateway binary on `dir/gateway.toml`, logging to `dir/log`.
+fn spawn(dir: &Path, log: &str, upgrade: bool) -> Child {
+    let log = std::fs::File::create(dir.join(log)).expect("log file");
+    let mut command = Command::new(binary());
+    command.arg("run").arg("--config").arg(dir.join("gateway.toml"));
+    if upgrade {
+        command.arg("--upgrade");
+    }
+    command
+        .env("RUST_LOG", "info")
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawn gateway")
+}
+
+/// Writes `files` into `dir/version/` and points `dir/..data` at it atomically.
+fn configmap_publish(dir: &Path, version: &str, files: &[(&str, &[u8])]) {
+    std::fs::create_dir(dir.join(version)).expect("version folder");
+    for (name, bytes) in files {
+        std::fs::write(dir.join(version).join(name), bytes).expect("write");
+    }
+    let tmp = dir.join("..data_tmp");
+    std::os::unix::fs::symlink(version, &tmp).expect("symlink");
+    std::fs::rename(&tmp, dir.join("..data")).expect("swap ..data");
+}
+
+/// Sends `signal` (e.g. `HUP`, `QUIT`) to process `pid`.
+pub fn signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{signal} {pid} failed");
+}
+
+/// Waits (bounded) until `f` holds; returns whether it did.
+pub async fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    f()
 }
 
 /// An HTTP client connecting from [`CLIENT_V4`].

@@ -1,0 +1,269 @@
+//! Hot reload: one path from a trigger (a changed file, `SIGHUP`) to a new
+//! snapshot. The new snapshot is built and validated off the request path
+//! and swapped in whole; a rejected one leaves the running snapshot serving.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use notify::{RecursiveMode, Watcher};
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use tokio::sync::mpsc;
+
+use crate::config::{self, ConfigErrors, GatewaySettings, LoadOptions, SnapshotHandle};
+
+/// Counts of reload outcomes, for metrics and tests.
+#[derive(Debug, Default)]
+pub struct ReloadStats {
+    /// Snapshots swapped in.
+    pub succeeded: AtomicU64,
+    /// Reloads rejected by validation.
+    pub failed: AtomicU64,
+}
+
+/// Identity of one source file's current content: where its path leads and
+/// what is there. Rename-over, symlink swaps and in-place writes all change it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct FileIdentity {
+    path: PathBuf,
+    target: Option<PathBuf>,
+    inode: u64,
+    len: u64,
+    modified_ns: i128,
+}
+
+fn identity(path: &Path) -> FileIdentity {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).ok();
+    FileIdentity {
+        path: path.to_path_buf(),
+        target: std::fs::canonicalize(path).ok(),
+        inode: meta.as_ref().map_or(0, |m| m.ino()),
+        len: meta.as_ref().map_or(0, |m| m.len()),
+        modified_ns: meta.as_ref().map_or(0, |m| {
+            m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128
+        }),
+    }
+}
+
+fn fingerprint(sources: &[PathBuf]) -> BTreeSet<FileIdentity> {
+    sources.iter().map(|p| identity(p)).collect()
+}
+
+/// Loads, validates and swaps configuration snapshots.
+pub struct Reloader {
+    gateway_path: PathBuf,
+    options: LoadOptions,
+    settings: GatewaySettings,
+    snapshots: Arc<SnapshotHandle>,
+    /// What the current snapshot was built from, as last seen.
+    seen: Mutex<BTreeSet<FileIdentity>>,
+    /// Outcome counts.
+    pub stats: ReloadStats,
+}
+
+/// What a reload did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ReloadOutcome {
+    /// A new snapshot serves.
+    Swapped,
+    /// No source file changed; nothing was loaded.
+    Unchanged,
+}
+
+impl Reloader {
+    /// Reloads `gateway_path` with `options` into `snapshots`; `settings`
+    /// are the ones the process started with (they cannot change live).
+    pub fn new(
+        gateway_path: PathBuf,
+        options: LoadOptions,
+        settings: GatewaySettings,
+        snapshots: Arc<SnapshotHandle>,
+    ) -> Self {
+        let seen = fingerprint(&snapshots.current().sources);
+        Reloader {
+            gateway_path,
+            options,
+            settings,
+            snapshots,
+            seen: Mutex::new(seen),
+            stats: ReloadStats::default(),
+        }
+    }
+
+    /// The folders holding the current snapshot's files (what to watch).
+    pub fn watched_dirs(&self) -> BTreeSet<PathBuf> {
+        self.snapshots
+            .current()
+            .sources
+            .iter()
+            .filter_map(|p| p.parent().map(Path::to_path_buf))
+            .map(|d| {
+                if d.as_os_str().is_empty() {
+                    PathBuf::from(".")
+                } else {
+                    d
+                }
+            })
+            .collect()
+    }
+
+    /// The file names of the current snapshot's sources (what events matter).
+    pub fn watched_names(&self) -> BTreeSet<std::ffi::OsString> {
+        self.snapshots
+            .current()
+            .sources
+            .iter()
+            .filter_map(|p| p.file_name().map(|n| n.to_os_string()))
+            .collect()
+    }
+
+    /// Loads and swaps in a new snapshot. Unless `force`, does nothing when
+    /// no source file changed. On error the running snapshot stays.
+    pub fn reload(&self, force: bool) -> Result<ReloadOutcome, ConfigErrors> {
+        let current = fingerprint(&self.snapshots.current().sources);
+        let mut seen = match self.seen.lock() {
+            Ok(seen) => seen,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if !force && *seen == current {
+            return Ok(ReloadOutcome::Unchanged);
+        }
+        // Remember what was seen even if it is rejected: the same broken
+        // files are not reloaded again until they change.
+        *seen = current;
+        let started = Instant::now();
+        match config::load(&self.gateway_path, &self.options) {
+            Ok((settings, snapshot)) => {
+                if settings != self.settings {
+                    tracing::warn!("listener and thread settings changed; they apply after a restart or upgrade");
+                }
+                *seen = fingerprint(&snapshot.sources);
+                tracing::info!(
+                    policy_version = %snapshot.policy_version,
+                    accounts = snapshot.accounts.len(),
+                    load_ms = started.elapsed().as_millis() as u64,
+                    "configuration reloaded"
+                );
+                self.snapshots.replace(snapshot);
+                self.stats.succeeded.fetch_add(1, Ordering::Relaxed);
+                Ok(ReloadOutcome::Swapped)
+            }
+            Err(errors) => {
+                self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                for e in &errors.0 {
+                    tracing::error!("configuration reload rejected, keeping the running one: {e}");
+                }
+                Err(errors)
+            }
+        }
+    }
+}
+
+/// Why a reload was asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Trigger {
+    /// A watched folder changed.
+    FileEvent,
+    /// `SIGHUP`: reload even if nothing seems to have changed.
+    Hangup,
+}
+
+/// The background service that turns triggers into reloads.
+pub struct ReloadService {
+    reloader: Arc<Reloader>,
+    debounce: Duration,
+}
+
+impl ReloadService {
+    /// Reloads with `reloader`, waiting for `debounce` of quiet after a file event.
+    pub fn new(reloader: Arc<Reloader>, debounce: Duration) -> Self {
+        ReloadService { reloader, debounce }
+    }
+
+    fn watch(
+        &self,
+        tx: &mpsc::UnboundedSender<Trigger>,
+    ) -> Option<(notify::RecommendedWatcher, BTreeSet<PathBuf>)> {
+        let events = tx.clone();
+        let names = self.reloader.watched_names();
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                if event.is_ok_and(|e| is_relevant(&e, &names)) {
+                    let _ = events.send(Trigger::FileEvent);
+                }
+            })
+            .map_err(|e| tracing::error!("cannot watch configuration files: {e}"))
+            .ok()?;
+        let dirs = self.reloader.watched_dirs();
+        for dir in &dirs {
+            // Folders, not files: editors and deploy tools replace files by
+            // rename, and Kubernetes swaps a symlinked folder.
+            if let Err(e) = watcher.watch(dir, RecursiveMode::NonRecursive) {
+                tracing::error!(dir = %dir.display(), "cannot watch configuration folder: {e}");
+            }
+        }
+        Some((watcher, dirs))
+    }
+}
+
+/// Whether a file event may have changed a source file: a change (not a
+/// read) to one of their names, or to a Kubernetes `..data`-style entry.
+fn is_relevant(event: &notify::Event, names: &BTreeSet<std::ffi::OsString>) -> bool {
+    if matches!(event.kind, notify::EventKind::Access(_)) {
+        return false;
+    }
+    event.paths.iter().any(|p| {
+        p.file_name()
+            .is_some_and(|n| names.contains(n) || n.to_string_lossy().starts_with(".."))
+    })
+}
+
+#[async_trait]
+impl BackgroundService for ReloadService {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::error!("cannot listen for SIGHUP: {e}");
+                None
+            }
+        };
+        let mut watching = self.watch(&tx);
+        loop {
+            let first = tokio::select! {
+                _ = shutdown.changed() => return,
+                Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => Trigger::Hangup,
+                Some(t) = rx.recv() => t,
+            };
+            // Debounce: wait until the burst of events is over, but never
+            // longer than a few quiet periods in all.
+            let mut force = first == Trigger::Hangup;
+            let latest = tokio::time::Instant::now() + self.debounce * 5;
+            loop {
+                let quiet = (tokio::time::Instant::now() + self.debounce).min(latest);
+                match tokio::time::timeout_at(quiet, rx.recv()).await {
+                    Ok(Some(t)) => force |= t == Trigger::Hangup,
+                    _ => break,
+                }
+            }
+            let reloader = self.reloader.clone();
+            let outcome = tokio::task::spawn_blocking(move || reloader.reload(force)).await;
+            if matches!(outcome, Ok(Ok(ReloadOutcome::Swapped))) {
+                let dirs = self.reloader.watched_dirs();
+                if watching
+                    .as_ref()
+                    .is_none_or(|(_, watched)| *watched != dirs)
+                {
+                    watching = self.watch(&tx);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,260 @@
+//! Hot reload and graceful upgrade under a steady loop of requests: a changed
+//! consent takes effect without a restart, a broken file changes nothing and
+//! is reported, rename-over, ConfigMap symlink swaps and `SIGHUP` are picked
+//! up, and a binary upgrade loses no request.
+
+mod support;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use support::{client, eventually, shipped, signal, Gateway, TestConfig, Upstreams};
+
+/// What the client saw of one request of the loop.
+#[derive(Clone, Debug)]
+struct Outcome {
+    status: u16,
+    training: Option<String>,
+    policy_version: Option<String>,
+    client_prefix: Option<String>,
+}
+
+/// A bounded request loop in the background: at most `max` requests or
+/// `limit` of time, and it stops when asked.
+struct RequestLoop {
+    outcomes: Arc<Mutex<Vec<Outcome>>>,
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RequestLoop {
+    fn start(url: String, key: Option<&'static str>, fresh_connections: bool) -> Self {
+        let outcomes = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (o, s) = (outcomes.clone(), stop.clone());
+        let task = tokio::spawn(async move {
+            let c = if fresh_connections {
+                reqwest::Client::builder()
+                    .local_address(support::CLIENT_V4.parse::<std::net::IpAddr>().ok())
+                    .pool_max_idle_per_host(0)
+                    .timeout(Duration::from_secs(10))
+                    .build()
+                    .expect("client")
+            } else {
+                client()
+            };
+            let deadline = Instant::now() + Duration::from_secs(60);
+            for _ in 0..20_000 {
+                if s.load(Ordering::Relaxed) || Instant::now() > deadline {
+                    break;
+                }
+                let mut req = c.post(&url).body("{}");
+                if let Some(key) = key {
+                    req = req.bearer_auth(key);
+                }
+                let outcome = match req.send().await {
+                    Ok(resp) => {
+                        let status = resp.status().as_u16();
+                        let body: serde_json::Value = resp.json().await.unwrap_or_default();
+                        let header = |n: &str| body["headers"][n].as_str().map(str::to_string);
+                        Outcome {
+                            status,
+                            training: header("x-privacy-training"),
+                            policy_version: header("x-privacy-policy-version"),
+                            client_prefix: header("x-privacy-client-prefix"),
+                        }
+                    }
+                    Err(_) => Outcome {
+                        status: 0,
+                        training: None,
+                        policy_version: None,
+                        client_prefix: None,
+                    },
+                };
+                o.lock().expect("outcomes").push(outcome);
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        });
+        RequestLoop { outcomes, stop, task }
+    }
+
+    fn len(&self) -> usize {
+        self.outcomes.lock().expect("outcomes").len()
+    }
+
+    fn last(&self) -> Option<Outcome> {
+        self.outcomes.lock().expect("outcomes").last().cloned()
+    }
+
+    /// Waits until `n` more requests have completed (bounded).
+    async fn advance(&self, n: usize) {
+        let target = self.len() + n;
+        assert!(eventually(Duration::from_secs(20), || self.len() >= target).await, "the loop stalled");
+    }
+
+    async fn finish(self) -> Vec<Outcome> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.expect("loop task");
+        let outcomes = self.outcomes.lock().expect("outcomes").clone();
+        outcomes
+    }
+}
+
+fn assert_none_failed(outcomes: &[Outcome]) {
+    let failed: Vec<_> = outcomes.iter().enumerate().filter(|(_, o)| o.status != 200).collect();
+    assert!(failed.is_empty(), "{} of {} requests failed: {:?}", failed.len(), outcomes.len(), &failed[..failed.len().min(5)]);
+}
+
+/// The shipped accounts with `demo-chat-free` opted out of training.
+fn accounts_with_chat_free_opted_out() -> String {
+    let accounts = shipped("accounts.jsonl");
+    let line = accounts.lines().find(|l| l.contains("\"acct-chat-free\"")).expect("demo-chat-free line");
+    let opted_out = line.replacen('{', "{\"training_opt_out\": true, ", 1);
+    accounts.replace(line, &opted_out)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_opt_out_in_a_new_accounts_file_applies_without_a_restart_or_a_failed_request() {
+    let ups = Upstreams::start().await;
+    let gw = Gateway::start(&TestConfig::shipped_with(&ups));
+    let run = RequestLoop::start(gw.chat_url("/v1/chat/completions"), Some("demo-chat-free"), false);
+    run.advance(20).await;
+    assert_eq!(run.last().and_then(|o| o.training).as_deref(), Some("allowed"));
+
+    gw.replace_file("accounts.jsonl", &accounts_with_chat_free_opted_out());
+    let applied = eventually(Duration::from_secs(10), || {
+        run.last().and_then(|o| o.training).as_deref() == Some("denied")
+    })
+    .await;
+    run.advance(20).await;
+    let outcomes = run.finish().await;
+    assert!(applied, "the opt-out was not applied; logs:\n{}", gw.logs());
+    assert_none_failed(&outcomes);
+    // The swap is atomic: once denied, never allowed again.
+    let first_denied = outcomes.iter().position(|o| o.training.as_deref() == Some("denied")).expect("denied");
+    assert!(outcomes[first_denied..].iter().all(|o| o.training.as_deref() == Some("denied")));
+    assert!(outcomes[..first_denied].iter().all(|o| o.training.as_deref() == Some("allowed")));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_broken_rules_file_changes_nothing_is_reported_and_its_fix_applies() {
+    let ups = Upstreams::start().await;
+    let gw = Gateway::start(&TestConfig::shipped_with(&ups));
+    let run = RequestLoop::start(gw.api_url("/v1/chat/completions"), Some("demo-api-paid"), false);
+    run.advance(10).await;
+    let before = run.last().expect("outcome");
+    assert_eq!(before.client_prefix.as_deref(), Some("127.45.67.0/24"));
+
+    let rules = shipped("rules.toml");
+    let broken = rules.replace("ipv4_prefix = 24", "ipv4_prefix = 24\nipv4_prefix_typo = 16");
+    gw.replace_file("rules.toml", &broken);
+    let line = broken.lines().position(|l| l.contains("ipv4_prefix_typo")).expect("typo") + 1;
+    let reported = eventually(Duration::from_secs(10), || gw.logs().contains(&format!("rules.toml:{line}: unknown field"))).await;
+    assert!(reported, "the broken file was not reported with file:line; logs:\n{}", gw.logs());
+    run.advance(20).await;
+    let during = run.last().expect("outcome");
+    assert_eq!(during.policy_version, before.policy_version, "a broken file replaced the rules");
+    assert_eq!(during.client_prefix, before.client_prefix);
+
+    gw.replace_file("rules.toml", &rules.replace("ipv4_prefix = 24", "ipv4_prefix = 16"));
+    let fixed = eventually(Duration::from_secs(10), || {
+        run.last().and_then(|o| o.client_prefix).as_deref() == Some("127.45.0.0/16")
+    })
+    .await;
+    let outcomes = run.finish().await;
+    assert!(fixed, "the fixed rules were not applied; logs:\n{}", gw.logs());
+    assert_none_failed(&outcomes);
+    let after = outcomes.last().expect("outcome");
+    assert_ne!(after.policy_version, before.policy_version, "the rules revision must change with the rules");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_configmap_symlink_swap_is_picked_up() {
+    let ups = Upstreams::start().await;
+    let mut config = TestConfig::shipped_with(&ups);
+    config.configmap_layout = true;
+    let gw = Gateway::start(&config);
+    let run = RequestLoop::start(gw.chat_url("/v1/chat/completions"), Some("demo-chat-free"), false);
+    run.advance(10).await;
+    assert_eq!(run.last().and_then(|o| o.training).as_deref(), Some("allowed"));
+
+    let accounts = accounts_with_chat_free_opted_out();
+    gw.configmap_swap(
+        "..v2",
+        &[
+            ("rules.toml", config.rules.as_bytes()),
+            ("pools.toml", config.pools.as_bytes()),
+            ("accounts.jsonl", accounts.as_bytes()),
+        ],
+    );
+    let applied = eventually(Duration::from_secs(10), || {
+        run.last().and_then(|o| o.training).as_deref() == Some("denied")
+    })
+    .await;
+    let outcomes = run.finish().await;
+    assert!(applied, "the symlink swap was not picked up; logs:\n{}", gw.logs());
+    assert_none_failed(&outcomes);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_reloads_even_when_no_file_changed() {
+    let ups = Upstreams::start().await;
+    let gw = Gateway::start(&TestConfig::shipped_with(&ups));
+    let reloads = |logs: &str| logs.matches("configuration reloaded").count();
+    assert_eq!(reloads(&gw.logs()), 0);
+    // Give the reload service a moment to install its handler: SIGHUP's
+    // default action would end the process.
+    assert!(eventually(Duration::from_secs(5), || gw.logs().contains("Starting service: BG configuration reload")).await);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    signal(gw.pid(), "HUP");
+    assert!(
+        eventually(Duration::from_secs(10), || reloads(&gw.logs()) == 1).await,
+        "SIGHUP did not reload; logs:\n{}",
+        gw.logs()
+    );
+    let resp = client()
+        .post(gw.api_url("/v1/chat/completions"))
+        .bearer_auth("demo-api-paid")
+        .body("{}")
+        .send()
+        .await
+        .expect("request after SIGHUP");
+    assert_eq!(resp.status(), 200);
+}
+
+/// Kills a second gateway process when the test ends, however it ends.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_graceful_upgrade_under_load_loses_no_request() {
+    let ups = Upstreams::start().await;
+    let mut gw = Gateway::start(&TestConfig::shipped_with(&ups));
+    // New connection per request: the new process must accept on the same sockets.
+    let run = RequestLoop::start(gw.api_url("/v1/chat/completions"), Some("demo-api-paid"), true);
+    run.advance(30).await;
+
+    let upgrade_sock = gw.dir.path().join("upgrade.sock");
+    let new = KillOnDrop(gw.start_upgrade());
+    assert!(
+        eventually(Duration::from_secs(10), || upgrade_sock.exists()).await,
+        "the new process did not open the upgrade socket"
+    );
+    signal(gw.pid(), "QUIT");
+    assert!(gw.wait_exit(Duration::from_secs(20)), "the old process did not exit");
+    // The new process serves alone now.
+    run.advance(50).await;
+    let outcomes = run.finish().await;
+    let upgrade_log = std::fs::read_to_string(gw.dir.path().join("upgrade.log")).unwrap_or_default();
+    assert_none_failed(&outcomes);
+    assert!(outcomes.len() >= 80, "only {} requests ran", outcomes.len());
+    drop(new);
+    assert!(upgrade_log.contains("listening on"), "{upgrade_log}");
+}
