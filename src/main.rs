@@ -31,6 +31,9 @@ enum Command {
         /// upgrade: start this, then send the old process SIGQUIT).
         #[arg(long, short)]
         upgrade: bool,
+        /// Detach and run in the background (writes [process] pid_file).
+        #[arg(long, short)]
+        daemon: bool,
     },
     /// Serve the example configuration with local echo upstreams for every pool.
     Demo {
@@ -62,14 +65,25 @@ fn init_logging() {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { config, upgrade } => run(&config, LoadOptions::default(), None, upgrade),
+        Command::Run {
+            config,
+            upgrade,
+            daemon,
+        } => run(&config, LoadOptions::default(), None, Launch { upgrade, daemon }),
         Command::Demo { config } => demo(&config),
         Command::Check { config } => check(&config),
         Command::HashKey => hash_key(),
     }
 }
 
-fn run(config_path: &Path, options: LoadOptions, banner: Option<String>, upgrade: bool) -> ExitCode {
+/// How the process starts: fresh or taking sockets over, attached or detached.
+#[derive(Clone, Copy, Default)]
+struct Launch {
+    upgrade: bool,
+    daemon: bool,
+}
+
+fn run(config_path: &Path, options: LoadOptions, banner: Option<String>, launch: Launch) -> ExitCode {
     init_logging();
     let (settings, snapshot) = match config::load(config_path, &options) {
         Ok(loaded) => loaded,
@@ -81,13 +95,7 @@ fn run(config_path: &Path, options: LoadOptions, banner: Option<String>, upgrade
     tracing::info!(policy_version = %snapshot.policy_version, accounts = snapshot.accounts.len(), "configuration loaded");
     let handle = Arc::new(SnapshotHandle::new(snapshot));
     let reloader = Arc::new(Reloader::new(config_path.to_path_buf(), options, settings.clone(), handle.clone()));
-    let server = match server::build(&settings, handle, Some(reloader), upgrade) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    let server = server::build(&settings, handle, Some(reloader), launch.upgrade, launch.daemon);
     for listener in &settings.listeners {
         println!(
             "listening on {} ({} product)",
@@ -173,7 +181,7 @@ fn demo(config_path: &Path) -> ExitCode {
             ..LoadOptions::default()
         },
         Some(banner),
-        false,
+        Launch::default(),
     )
 }
 

@@ -15,23 +15,17 @@ use crate::health::HealthChecker;
 use crate::proxy::PrivacyProxy;
 use crate::reload::{ReloadService, Reloader};
 
-/// Why the server could not be assembled.
-#[derive(Debug, thiserror::Error)]
-pub enum ServerError {
-    /// Pingora refused its configuration.
-    #[error("cannot create the server: {0}")]
-    Pingora(String),
-}
-
 /// A Pingora server ready to `run`: a proxy service per listener, the
 /// health checker, and, when given, the configuration reloader.
-/// `upgrade` takes the listening sockets over from a running old process.
+/// `upgrade` takes the listening sockets over from a running old process;
+/// `daemon` detaches (no thread started before `run` survives it).
 pub fn build(
     settings: &GatewaySettings,
     snapshots: Arc<SnapshotHandle>,
     reloader: Option<Arc<Reloader>>,
     upgrade: bool,
-) -> Result<Server, ServerError> {
+    daemon: bool,
+) -> Server {
     let conf = ServerConf {
         threads: settings.threads,
         // Pingora retries a failed connect on another permitted endpoint at
@@ -45,6 +39,7 @@ pub fn build(
     };
     let opt = Opt {
         upgrade,
+        daemon,
         ..Opt::default()
     };
     let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
@@ -67,5 +62,5 @@ pub fn build(
         let service = ReloadService::new(reloader, Duration::from_millis(200));
         server.add_service(background_service("configuration reload", service));
     }
-    Ok(server)
+    server
 }
