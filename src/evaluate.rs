@@ -10,6 +10,8 @@ use http::{HeaderMap, Method};
 use crate::client_ip::{client_address, ClientIpError, ClientPrefix};
 use crate::config::Snapshot;
 use crate::geo::CountryCode;
+use crate::routing::PoolUpstream;
+use crate::stamp::{self, StampInput};
 use crate::identity::{self, Caller, Credentials, IdentityError};
 use crate::policy::{
     self, Basis, Capability, Consents, Decision, PlanClass, Product, RequestFacts,
@@ -48,6 +50,36 @@ pub struct Admission {
     pub country: Option<CountryCode>,
     /// The truncated client address; forwarded only when the decision allows.
     pub client_prefix: ClientPrefix,
+    /// What the shadow rules would have decided, when they disagree.
+    pub shadow: Option<ShadowDecision>,
+}
+
+/// The shadow rules' view of a request they disagree on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShadowDecision {
+    /// The capability under the shadow routes (`None`: no route matches).
+    pub capability: Option<Capability>,
+    /// The shadow decision, when a capability was found.
+    pub decision: Option<Decision>,
+}
+
+/// One way the shadow rules disagree with the enforced ones.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Disagreement {
+    /// What differs: `capability`, `training`, `retention`, `geo` or `route`.
+    pub field: &'static str,
+    /// The enforced basis (or value).
+    pub enforced: &'static str,
+    /// The shadow basis (or value).
+    pub shadow: &'static str,
+}
+
+fn route_outcome(d: &Decision) -> &'static str {
+    if d.route.candidates.is_empty() {
+        "no_permitted_route"
+    } else {
+        "permitted"
+    }
 }
 
 impl Admission {
@@ -56,6 +88,56 @@ impl Admission {
         self.decision
             .forward_client_prefix
             .then_some(self.client_prefix)
+    }
+
+    /// The headers stamped upstream when `pool` receives the request: the
+    /// one place that turns an admission into the header contract.
+    pub fn upstream_headers(
+        &self,
+        snapshot: &Snapshot,
+        decision_id: &str,
+        pool: &PoolUpstream,
+    ) -> Vec<(&'static str, String)> {
+        let input = StampInput {
+            decision_id,
+            policy_version: &snapshot.policy_version,
+            product: self.product,
+            plan: &self.plan,
+            account: &self.account,
+            decision: &self.decision,
+            country: self.country,
+            client_prefix: self.forwarded_prefix(),
+            pool: &pool.name,
+            subprocessor: &pool.subprocessor,
+        };
+        stamp::upstream_headers(&input, snapshot.signing_key.as_ref())
+    }
+
+    /// Where the shadow rules would have decided otherwise (empty when they agree).
+    pub fn shadow_disagreements(&self) -> Vec<Disagreement> {
+        let Some(shadow) = self.shadow else {
+            return Vec::new();
+        };
+        let d = &self.decision;
+        let Some(s) = shadow.decision else {
+            return vec![Disagreement {
+                field: "capability",
+                enforced: self.capability.as_str(),
+                shadow: shadow.capability.map_or("unknown_route", Capability::as_str),
+            }];
+        };
+        let mut out = Vec::new();
+        let mut differ = |field, enforced: &'static str, shadow: &'static str| {
+            if enforced != shadow {
+                out.push(Disagreement { field, enforced, shadow });
+            }
+        };
+        differ("capability", self.capability.as_str(), shadow.capability.map_or("unknown_route", Capability::as_str));
+        differ("training", d.training_basis.as_str(), s.training_basis.as_str());
+        differ("retention", d.retention_basis.as_str(), s.retention_basis.as_str());
+        differ("geo", d.geo.basis.as_str(), s.geo.basis.as_str());
+        differ("route", route_outcome(d), route_outcome(&s));
+        out
     }
 }
 
@@ -186,6 +268,24 @@ pub fn evaluate(snapshot: &Snapshot, head: &RequestHead<'_>) -> Result<Admission
             .is_some_and(|v| v.as_bytes().trim_ascii() == b"1"),
     };
     let decision = policy::decide(&snapshot.pools, &facts);
+    let shadow = snapshot.shadow.as_ref().and_then(|rules| {
+        let capability = match &rules.routes {
+            Some(routes) => routes.capability(head.method, head.path),
+            None => Some(capability),
+        };
+        let plan = match caller {
+            Caller::Account(a) => rules.plans.get(a.product, &a.plan),
+            Caller::Anonymous => Some(PlanClass::ChatAnonymous),
+        };
+        let shadow_decision = capability.map(|capability| {
+            policy::decide(&snapshot.pools, &RequestFacts { plan, capability, ..facts })
+        });
+        let differs = capability != Some(facts.capability) || shadow_decision != Some(decision);
+        differs.then_some(ShadowDecision {
+            capability,
+            decision: shadow_decision,
+        })
+    });
 
     let country = match &snapshot.geo {
         Some(db) if decision.geo.lookup => db.country(client),
@@ -199,6 +299,7 @@ pub fn evaluate(snapshot: &Snapshot, head: &RequestHead<'_>) -> Result<Admission
         decision,
         country,
         client_prefix: ClientPrefix::new(client, snapshot.prefix_lengths),
+        shadow,
     };
     if decision.route.candidates.is_empty() {
         return Err(Refusal::NoPermittedRoute(Box::new(admission)));

@@ -10,6 +10,7 @@
 //! - [`geo`]: country of an address from a `.mmdb` file.
 //! - [`capability`]: method + path -> capability.
 //! - [`evaluate`]: one request head -> facts -> decision (shared by the proxy and tools).
+//! - [`explain`]: the decision for a described request, as JSON.
 //! - [`routing`]: pool addresses and the choice among permitted pools.
 //! - [`health`]: active and passive health of pool addresses.
 //! - [`stamp`]: the upstream header contract and its signature.
@@ -18,14 +19,18 @@
 //! - [`server`]: assembles Pingora services from the settings.
 //! - [`echo`]: echo upstreams for `demo` and tests.
 
+pub mod admin;
+pub mod audit;
 pub mod capability;
 pub mod client_ip;
 pub mod config;
 pub mod echo;
 pub mod evaluate;
+pub mod explain;
 pub mod geo;
 pub mod health;
 pub mod identity;
+pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod reload;

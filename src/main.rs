@@ -1,7 +1,8 @@
 //! Command line: `run`, `demo`, `check`, `hash-key`.
 
 use std::collections::HashMap;
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -9,7 +10,13 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use privacy_gateway::config::{self, LoadOptions, SnapshotHandle};
 use privacy_gateway::echo::EchoUpstream;
+use privacy_gateway::audit::AuditLog;
+use privacy_gateway::explain;
+use privacy_gateway::policy::Product;
+use privacy_gateway::metrics::Metrics;
+use privacy_gateway::proxy::Observers;
 use privacy_gateway::reload::Reloader;
+use privacy_gateway::server::Launch;
 use privacy_gateway::server;
 
 /// An inline reverse proxy that enforces a privacy policy on every inference request.
@@ -47,19 +54,53 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Print the full decision for a described request as JSON, sending nothing.
+    Explain {
+        /// Path to gateway.toml.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// HTTP method.
+        #[arg(long, default_value = "POST")]
+        method: String,
+        /// Request path.
+        #[arg(long)]
+        path: String,
+        /// A request header, `Name: value`; repeatable.
+        #[arg(long = "header", short = 'H')]
+        headers: Vec<String>,
+        /// The client's address. Alone, it is the TCP peer; with --peer-ip it
+        /// arrives as X-Forwarded-For, believed only from a trusted proxy.
+        #[arg(long)]
+        client_ip: Option<IpAddr>,
+        /// The TCP peer's address (default: the client's, else 127.0.0.1).
+        #[arg(long)]
+        peer_ip: Option<IpAddr>,
+        /// Product of the listener the request arrives on (default: the first listener's).
+        #[arg(long)]
+        listener: Option<String>,
+        /// Stamp as if this permitted pool were chosen.
+        #[arg(long)]
+        pool: Option<String>,
+        /// Decision id to stamp, e.g. to reproduce a logged signature.
+        #[arg(long)]
+        decision_id: Option<String>,
+    },
     /// Print the SHA-256 of an API key read from standard input, as the accounts file stores it.
     HashKey,
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("warn,access=info,privacy_gateway=info")
-    });
-    let _ = tracing_subscriber::fmt()
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,privacy_gateway=info"));
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .try_init();
+        .with_ansi(!json && std::io::stderr().is_terminal());
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
 }
 
 fn main() -> ExitCode {
@@ -73,18 +114,47 @@ fn main() -> ExitCode {
         Command::Demo { config } => demo(&config),
         Command::Check { config } => check(&config),
         Command::HashKey => hash_key(),
+        Command::Explain {
+            config,
+            method,
+            path,
+            headers,
+            client_ip,
+            peer_ip,
+            listener,
+            pool,
+            decision_id,
+        } => {
+            let mut header_map = http::HeaderMap::new();
+            for h in &headers {
+                if let Err(e) = explain::add_header(&mut header_map, h) {
+                    eprintln!("{e}");
+                    return ExitCode::from(2);
+                }
+            }
+            let Ok(method) = http::Method::from_bytes(method.to_ascii_uppercase().as_bytes()) else {
+                eprintln!("`{method}` is not an HTTP method");
+                return ExitCode::from(2);
+            };
+            explain_command(
+                &config,
+                listener.as_deref(),
+                explain::DescribedRequest {
+                    method,
+                    path,
+                    headers: header_map,
+                    peer: peer_ip.or(client_ip).unwrap_or(IpAddr::from([127, 0, 0, 1])),
+                    client: client_ip,
+                    listener_product: Product::Api,
+                    pool,
+                    decision_id,
+                },
+            )
+        }
     }
 }
 
-/// How the process starts: fresh or taking sockets over, attached or detached.
-#[derive(Clone, Copy, Default)]
-struct Launch {
-    upgrade: bool,
-    daemon: bool,
-}
-
 fn run(config_path: &Path, options: LoadOptions, banner: Option<String>, launch: Launch) -> ExitCode {
-    init_logging();
     let (settings, snapshot) = match config::load(config_path, &options) {
         Ok(loaded) => loaded,
         Err(errors) => {
@@ -92,10 +162,30 @@ fn run(config_path: &Path, options: LoadOptions, banner: Option<String>, launch:
             return ExitCode::from(2);
         }
     };
+    init_logging(settings.log_json);
+    let metrics = Arc::new(Metrics::new());
+    metrics.set_policy_version(&snapshot.policy_version);
+    let audit = match &settings.audit {
+        None => None,
+        Some(target) => match AuditLog::open(target, settings.audit_buffer, metrics.audit_dropped.clone()) {
+            Ok(log) => Some(log),
+            Err(e) => {
+                eprintln!("cannot open the audit log {target:?}: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
     tracing::info!(policy_version = %snapshot.policy_version, accounts = snapshot.accounts.len(), "configuration loaded");
     let handle = Arc::new(SnapshotHandle::new(snapshot));
-    let reloader = Arc::new(Reloader::new(config_path.to_path_buf(), options, settings.clone(), handle.clone()));
-    let server = server::build(&settings, handle, Some(reloader), launch.upgrade, launch.daemon);
+    let reloader = Arc::new(Reloader::new(
+        config_path.to_path_buf(),
+        options,
+        settings.clone(),
+        handle.clone(),
+        metrics.clone(),
+    ));
+    let observers = Arc::new(Observers { metrics, audit });
+    let server = server::build(&settings, handle, observers, Some(reloader), launch);
     for listener in &settings.listeners {
         println!(
             "listening on {} ({} product)",
@@ -203,6 +293,35 @@ fn check(config_path: &Path) -> ExitCode {
         Err(errors) => {
             eprintln!("{errors}");
             ExitCode::from(1)
+        }
+    }
+}
+
+fn explain_command(config_path: &Path, listener: Option<&str>, mut request: explain::DescribedRequest) -> ExitCode {
+    let (settings, snapshot) = match config::load(config_path, &LoadOptions::default()) {
+        Ok(loaded) => loaded,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return ExitCode::from(1);
+        }
+    };
+    request.listener_product = match listener.map(str::parse::<Product>) {
+        Some(Ok(product)) => product,
+        Some(Err(e)) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+        None => settings.listeners.first().map_or(Product::Api, |l| l.product),
+    };
+    match explain::explain(&snapshot, &request) {
+        Ok(value) => {
+            // A closed pipe (`| head`) is not an error worth a panic.
+            let _ = writeln!(std::io::stdout(), "{}", serde_json::to_string_pretty(&value).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(2)
         }
     }
 }

@@ -13,11 +13,13 @@ use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{ErrorSource, ErrorType};
 
+use crate::audit::{self, AuditDecision, AuditLog, AuditRecord};
 use crate::config::{Snapshot, SnapshotHandle};
+use crate::metrics::Metrics;
 use crate::evaluate::{evaluate, route_constraints, Admission, Refusal, RequestHead};
 use crate::policy::Product;
 use crate::routing::Target;
-use crate::stamp::{self, StampInput};
+use crate::stamp;
 
 /// The custom error raised when every permitted endpoint has been tried.
 const NO_PERMITTED_ENDPOINT: ErrorType = ErrorType::Custom("permitted_pools_unavailable");
@@ -26,14 +28,25 @@ const NO_PERMITTED_ENDPOINT: ErrorType = ErrorType::Custom("permitted_pools_unav
 pub struct PrivacyProxy {
     snapshots: Arc<SnapshotHandle>,
     listener_product: Product,
+    observers: Arc<Observers>,
+}
+
+/// Where the proxy reports what it did: metrics and, when configured, the audit log.
+pub struct Observers {
+    /// The process's metrics.
+    pub metrics: Arc<Metrics>,
+    /// The audit log.
+    pub audit: Option<AuditLog>,
 }
 
 impl PrivacyProxy {
-    /// A proxy for a listener of `listener_product`, reading `snapshots`.
-    pub fn new(snapshots: Arc<SnapshotHandle>, listener_product: Product) -> Self {
+    /// A proxy for a listener of `listener_product`, reading `snapshots`,
+    /// reporting to `observers`.
+    pub fn new(snapshots: Arc<SnapshotHandle>, listener_product: Product, observers: Arc<Observers>) -> Self {
         PrivacyProxy {
             snapshots,
             listener_product,
+            observers,
         }
     }
 }
@@ -48,6 +61,10 @@ pub struct RequestCtx {
     /// Targets already attempted; retries never repeat one.
     tried: Vec<Target>,
     target: Option<Target>,
+    /// The `error.code` when the gateway answered itself.
+    error_code: Option<&'static str>,
+    /// When the first upstream attempt began.
+    upstream_started: Option<Instant>,
 }
 
 impl RequestCtx {
@@ -130,6 +147,8 @@ impl ProxyHttp for PrivacyProxy {
             admission: None,
             tried: Vec::new(),
             target: None,
+            error_code: None,
+            upstream_started: None,
         }
     }
 
@@ -169,7 +188,12 @@ impl ProxyHttp for PrivacyProxy {
                     _ => None,
                 };
                 let body = error_body(refusal.code(), &refusal.message(), &ctx.decision_id, extra);
-                respond_json(session, refusal.status(), &ctx.decision_id, body).await?;
+                ctx.error_code = Some(refusal.code());
+                let status = refusal.status();
+                if let Refusal::NoPermittedRoute(admission) = refusal {
+                    ctx.admission = Some(*admission);
+                }
+                respond_json(session, status, &ctx.decision_id, body).await?;
                 Ok(true)
             }
         }
@@ -181,6 +205,7 @@ impl ProxyHttp for PrivacyProxy {
         ctx: &mut Self::CTX,
     ) -> Result<Box<HttpPeer>> {
         let candidates = ctx.admitted()?.decision.route.candidates;
+        ctx.upstream_started.get_or_insert_with(Instant::now);
         let upstreams = &ctx.snapshot.upstreams;
         let target = upstreams
             .choose(candidates, &ctx.tried)
@@ -253,19 +278,7 @@ impl ProxyHttp for PrivacyProxy {
             .target
             .and_then(|t| ctx.snapshot.upstreams.pool(t.pool))
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "no target chosen"))?;
-        let input = StampInput {
-            decision_id: &ctx.decision_id,
-            policy_version: &ctx.snapshot.policy_version,
-            product: admission.product,
-            plan: &admission.plan,
-            account: &admission.account,
-            decision: &admission.decision,
-            country: admission.country,
-            client_prefix: admission.forwarded_prefix(),
-            pool: &pool.name,
-            subprocessor: &pool.subprocessor,
-        };
-        for (name, value) in stamp::upstream_headers(&input, ctx.snapshot.signing_key.as_ref()) {
+        for (name, value) in admission.upstream_headers(&ctx.snapshot, &ctx.decision_id, pool) {
             upstream_request.insert_header(name, value)?;
         }
         Ok(())
@@ -302,6 +315,9 @@ impl ProxyHttp for PrivacyProxy {
             (_, ErrorSource::Downstream) => (400, "bad_request", "the request is malformed"),
             _ => (500, "internal_error", "the gateway failed"),
         };
+        if !code.is_empty() {
+            ctx.error_code = Some(code);
+        }
         if status > 0 {
             let extra = ctx
                 .admission
@@ -320,30 +336,79 @@ impl ProxyHttp for PrivacyProxy {
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Self::CTX) {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
-        let pool = ctx
-            .target
-            .and_then(|t| ctx.snapshot.upstreams.pool(t.pool))
-            .map_or("-", |p| p.name.as_str());
+        let total = ctx.started.elapsed();
+        let upstream = ctx.upstream_started.map(|t| t.elapsed());
+        let pool = ctx.target.and_then(|t| ctx.snapshot.upstreams.pool(t.pool));
+        let shadow_name = ctx.snapshot.shadow.as_ref().map(|s| s.name.as_str());
+        let metrics = &self.observers.metrics;
+        let status_label = status.to_string();
         match &ctx.admission {
-            Some(a) => tracing::info!(
-                target: "access",
-                decision_id = %ctx.decision_id,
+            Some(a) => {
+                metrics
+                    .requests
+                    .with_label_values(&[
+                        a.product.as_str(),
+                        &a.plan,
+                        a.capability.as_str(),
+                        a.decision.training.as_str(),
+                        &status_label,
+                    ])
+                    .inc();
+                let upstreams = &ctx.snapshot.upstreams;
+                metrics.record_decision(
+                    a,
+                    |i| upstreams.pool(i).map_or_else(String::new, |p| p.name.clone()),
+                    shadow_name.unwrap_or(""),
+                );
+                tracing::info!(
+                    target: "access",
+                    decision_id = %ctx.decision_id,
+                    status,
+                    account = %a.account,
+                    capability = %a.capability,
+                    training_basis = %a.decision.training_basis,
+                    retention_basis = %a.decision.retention_basis,
+                    pool = pool.map_or("-", |p| p.name.as_str()),
+                    client_prefix = %a.client_prefix,
+                    total_us = total.as_micros() as u64,
+                );
+            }
+            None => {
+                metrics
+                    .requests
+                    .with_label_values(&[self.listener_product.as_str(), "-", "-", "-", &status_label])
+                    .inc();
+                tracing::info!(
+                    target: "access",
+                    decision_id = %ctx.decision_id,
+                    status,
+                    error = ctx.error_code.unwrap_or("-"),
+                    total_us = total.as_micros() as u64,
+                );
+            }
+        }
+        if let Some(upstream) = upstream {
+            metrics.upstream_seconds.observe(upstream.as_secs_f64());
+        }
+        metrics
+            .overhead_seconds
+            .observe(total.saturating_sub(upstream.unwrap_or_default()).as_secs_f64());
+        if let Some(audit) = &self.observers.audit {
+            let record = AuditRecord {
+                ts: audit::timestamp(),
+                decision_id: &ctx.decision_id,
+                policy_version: &ctx.snapshot.policy_version,
                 status,
-                account = %a.account,
-                capability = %a.capability,
-                training = a.decision.training.as_str(),
-                training_basis = %a.decision.training_basis,
-                retention = a.decision.retention.as_str(),
-                pool,
-                client_prefix = %a.client_prefix,
-                total_us = ctx.started.elapsed().as_micros() as u64,
-            ),
-            None => tracing::info!(
-                target: "access",
-                decision_id = %ctx.decision_id,
-                status,
-                total_us = ctx.started.elapsed().as_micros() as u64,
-            ),
+                error: ctx.error_code,
+                decision: ctx.admission.as_ref().map(|a| AuditDecision::of(a, shadow_name)),
+                pool: pool.map(|p| p.name.as_str()),
+                subprocessor: pool.map(|p| p.subprocessor.as_str()),
+                upstream_ms: upstream.map(|d| d.as_secs_f64() * 1000.0),
+                total_ms: total.as_secs_f64() * 1000.0,
+            };
+            if let Ok(line) = serde_json::to_string(&record) {
+                audit.record(line);
+            }
         }
     }
 

@@ -4,7 +4,6 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,15 +14,7 @@ use pingora::services::background::BackgroundService;
 use tokio::sync::mpsc;
 
 use crate::config::{self, ConfigErrors, GatewaySettings, LoadOptions, SnapshotHandle};
-
-/// Counts of reload outcomes, for metrics and tests.
-#[derive(Debug, Default)]
-pub struct ReloadStats {
-    /// Snapshots swapped in.
-    pub succeeded: AtomicU64,
-    /// Reloads rejected by validation.
-    pub failed: AtomicU64,
-}
+use crate::metrics::Metrics;
 
 /// Identity of one source file's current content: where its path leads and
 /// what is there. Rename-over, symlink swaps and in-place writes all change it.
@@ -62,8 +53,7 @@ pub struct Reloader {
     snapshots: Arc<SnapshotHandle>,
     /// What the current snapshot was built from, as last seen.
     seen: Mutex<BTreeSet<FileIdentity>>,
-    /// Outcome counts.
-    pub stats: ReloadStats,
+    metrics: Arc<Metrics>,
 }
 
 /// What a reload did.
@@ -77,12 +67,14 @@ pub enum ReloadOutcome {
 
 impl Reloader {
     /// Reloads `gateway_path` with `options` into `snapshots`; `settings`
-    /// are the ones the process started with (they cannot change live).
+    /// are the ones the process started with (they cannot change live);
+    /// outcomes are counted in `metrics`.
     pub fn new(
         gateway_path: PathBuf,
         options: LoadOptions,
         settings: GatewaySettings,
         snapshots: Arc<SnapshotHandle>,
+        metrics: Arc<Metrics>,
     ) -> Self {
         let seen = fingerprint(&snapshots.current().sources);
         Reloader {
@@ -91,7 +83,7 @@ impl Reloader {
             settings,
             snapshots,
             seen: Mutex::new(seen),
-            stats: ReloadStats::default(),
+            metrics,
         }
     }
 
@@ -149,12 +141,13 @@ impl Reloader {
                     load_ms = started.elapsed().as_millis() as u64,
                     "configuration reloaded"
                 );
+                self.metrics.set_policy_version(&snapshot.policy_version);
                 self.snapshots.replace(snapshot);
-                self.stats.succeeded.fetch_add(1, Ordering::Relaxed);
+                self.metrics.reloads.with_label_values(&["success"]).inc();
                 Ok(ReloadOutcome::Swapped)
             }
             Err(errors) => {
-                self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                self.metrics.reloads.with_label_values(&["failure"]).inc();
                 for e in &errors.0 {
                     tracing::error!("configuration reload rejected, keeping the running one: {e}");
                 }

@@ -9,22 +9,32 @@ use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
 
 use pingora::services::background::background_service;
+use pingora::services::listening::Service;
 
 use crate::config::{GatewaySettings, SnapshotHandle};
 use crate::health::HealthChecker;
-use crate::proxy::PrivacyProxy;
+use crate::admin::AdminApp;
+use crate::proxy::{Observers, PrivacyProxy};
 use crate::reload::{ReloadService, Reloader};
 
+/// How the process starts: fresh or taking sockets over, attached or detached.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Launch {
+    /// Take the listening sockets over from a running old process.
+    pub upgrade: bool,
+    /// Detach (no thread started before `run` survives it).
+    pub daemon: bool,
+}
+
 /// A Pingora server ready to `run`: a proxy service per listener, the
-/// health checker, and, when given, the configuration reloader.
-/// `upgrade` takes the listening sockets over from a running old process;
-/// `daemon` detaches (no thread started before `run` survives it).
+/// health checker, the admin listener when configured, and, when given,
+/// the configuration reloader.
 pub fn build(
     settings: &GatewaySettings,
     snapshots: Arc<SnapshotHandle>,
+    observers: Arc<Observers>,
     reloader: Option<Arc<Reloader>>,
-    upgrade: bool,
-    daemon: bool,
+    launch: Launch,
 ) -> Server {
     let conf = ServerConf {
         threads: settings.threads,
@@ -38,8 +48,8 @@ pub fn build(
         ..ServerConf::default()
     };
     let opt = Opt {
-        upgrade,
-        daemon,
+        upgrade: launch.upgrade,
+        daemon: launch.daemon,
         ..Opt::default()
     };
     let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
@@ -48,11 +58,23 @@ pub fn build(
         let name = format!("privacy-gateway {} {}", listener.product, listener.address);
         let mut service = http_proxy_service_with_name(
             &server.configuration,
-            PrivacyProxy::new(snapshots.clone(), listener.product),
+            PrivacyProxy::new(snapshots.clone(), listener.product, observers.clone()),
             &name,
         );
         service.add_tcp(&listener.address.to_string());
         server.add_service(service);
+    }
+    if let Some(address) = settings.admin {
+        let app = AdminApp::new(snapshots.clone(), observers.metrics.clone());
+        let mut admin = Service::new("privacy-gateway admin".to_string(), app);
+        admin.add_tcp(&address.to_string());
+        server.add_service(admin);
+    }
+    if let Some(address) = settings.admin {
+        let app = AdminApp::new(snapshots.clone(), observers.metrics.clone());
+        let mut admin = Service::new("privacy-gateway admin".to_string(), app);
+        admin.add_tcp(&address.to_string());
+        server.add_service(admin);
     }
     server.add_service(background_service(
         "health checks",

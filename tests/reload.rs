@@ -18,6 +18,8 @@ struct Outcome {
     training: Option<String>,
     policy_version: Option<String>,
     client_prefix: Option<String>,
+    /// The client's error, when no response came.
+    error: Option<String>,
 }
 
 /// A bounded request loop in the background: at most `max` requests or
@@ -63,13 +65,15 @@ impl RequestLoop {
                             training: header("x-privacy-training"),
                             policy_version: header("x-privacy-policy-version"),
                             client_prefix: header("x-privacy-client-prefix"),
+                            error: None,
                         }
                     }
-                    Err(_) => Outcome {
+                    Err(e) => Outcome {
                         status: 0,
                         training: None,
                         policy_version: None,
                         client_prefix: None,
+                        error: Some(format!("{e:?}")),
                     },
                 };
                 o.lock().expect("outcomes").push(outcome);

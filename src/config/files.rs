@@ -31,6 +31,43 @@ pub struct GatewayFile {
     /// Process lifecycle: graceful upgrade and shutdown.
     #[serde(default)]
     pub process: ProcessEntry,
+    /// The admin listener (metrics, health).
+    #[serde(default)]
+    pub admin: Option<AdminEntry>,
+    /// The audit log.
+    #[serde(default)]
+    pub audit: Option<AuditEntry>,
+    /// Diagnostic logs.
+    #[serde(default)]
+    pub log: LogEntry,
+}
+
+/// `[admin]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminEntry {
+    /// `host:port` of `/metrics`, `/healthz`, `/readyz`; keep it off the public network.
+    pub address: String,
+}
+
+/// `[audit]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditEntry {
+    /// File to append JSON lines to (relative to gateway.toml), or `-` for standard output.
+    pub path: String,
+    /// Lines that may wait for the writer before new ones are dropped (default 65536).
+    #[serde(default)]
+    pub buffer: Option<usize>,
+}
+
+/// `[log]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogEntry {
+    /// `text` (default) or `json`. The level comes from `RUST_LOG` (default: warnings, plus access lines).
+    #[serde(default)]
+    pub format: Option<String>,
 }
 
 /// `[process]`.
@@ -130,6 +167,23 @@ pub struct RulesFile {
     /// Method + path -> capability, first match wins.
     #[serde(rename = "route")]
     pub routes: Vec<Spanned<RouteEntry>>,
+    /// A candidate rule set evaluated beside the enforced one, never applied.
+    #[serde(default)]
+    pub shadow: Option<ShadowEntry>,
+}
+
+/// `[shadow]`: rules tried on live traffic before they are enforced.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShadowEntry {
+    /// Names the candidate in metrics and logs.
+    pub name: String,
+    /// Plan names whose class the candidate changes (the rest as enforced).
+    #[serde(default)]
+    pub plans: PlansEntry,
+    /// Capability routes replacing the enforced ones, when present.
+    #[serde(default, rename = "route")]
+    pub routes: Option<Vec<Spanned<RouteEntry>>>,
 }
 
 /// `[client_ip]`.
@@ -145,12 +199,14 @@ pub struct ClientIpEntry {
 }
 
 /// `[plans]`: `[plans.api]` and `[plans.chat]`, each `name = "class"`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PlansEntry {
     /// La Plateforme plans; classes `api-free`, `api-paid`.
+    #[serde(default)]
     pub api: BTreeMap<String, Spanned<String>>,
     /// Le Chat plans; classes `chat-individual`, `chat-team`.
+    #[serde(default)]
     pub chat: BTreeMap<String, Spanned<String>>,
 }
 

@@ -14,10 +14,11 @@ use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 use super::accounts::{Account, AccountStore, DuplicateAccount, KeyHash};
-use super::files::{
+use super::files::{PlansEntry, RouteEntry, 
     AccountLine, AddressEntry, GatewayFile, HealthCheckEntry, PoolsFile, RulesFile,
 };
-use super::snapshot::{GatewaySettings, Listener, Snapshot};
+use super::snapshot::{GatewaySettings, Listener, PlanNames, ShadowRules, Snapshot};
+use crate::audit::AuditTarget;
 use crate::capability::{CapabilityRoute, CapabilityRoutes};
 use crate::client_ip::{PrefixLengths, TrustedProxies};
 use crate::geo::GeoDb;
@@ -147,7 +148,7 @@ pub fn load(
     let mut errors = Vec::new();
 
     let mut g = FileErrors::new(gateway_path, &gateway_text);
-    let settings = gateway_settings(&gateway, &mut g);
+    let settings = gateway_settings(&gateway, base, &mut g);
     let mut trusted = Vec::new();
     for net in &gateway.trust.trusted_proxies {
         match net.parse::<IpNet>() {
@@ -288,6 +289,7 @@ pub fn load(
         routes: rules.routes,
         prefix_lengths: rules.prefix_lengths,
         plan_count: rules.plans.len(),
+        shadow: rules.shadow,
         accounts,
         geo,
         trusted_proxies: TrustedProxies::new(trusted),
@@ -308,7 +310,7 @@ fn revision(parts: &[&[u8]]) -> String {
     hex::encode(h.finalize())[..7].to_string()
 }
 
-fn gateway_settings(gateway: &GatewayFile, g: &mut FileErrors<'_>) -> GatewaySettings {
+fn gateway_settings(gateway: &GatewayFile, base: &Path, g: &mut FileErrors<'_>) -> GatewaySettings {
     let mut listeners = Vec::new();
     if gateway.listeners.is_empty() {
         g.at_line(None, "at least one [[listener]] is required");
@@ -341,36 +343,48 @@ fn gateway_settings(gateway: &GatewayFile, g: &mut FileErrors<'_>) -> GatewaySet
             .unwrap_or_else(|| "/tmp/privacy-gateway.pid".into()),
         grace_period_seconds: process.grace_period_seconds.unwrap_or(5),
         graceful_shutdown_timeout_seconds: process.graceful_shutdown_timeout_seconds.unwrap_or(300),
+        admin: gateway.admin.as_ref().and_then(|a| match a.address.parse::<SocketAddr>() {
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                g.at_line(None, format!("admin address `{}` is not host:port", a.address));
+                None
+            }
+        }),
+        audit: gateway.audit.as_ref().map(|a| match a.path.as_str() {
+            "-" => AuditTarget::Stdout,
+            path => AuditTarget::File(base.join(path)),
+        }),
+        audit_buffer: gateway.audit.as_ref().and_then(|a| a.buffer).unwrap_or(65_536),
+        log_json: match gateway.log.format.as_deref() {
+            None | Some("text") => false,
+            Some("json") => true,
+            Some(other) => {
+                g.at_line(None, format!("log format `{other}` must be `text` or `json`"));
+                false
+            }
+        },
     }
 }
 
 /// The rules file, compiled.
 struct Rules {
     prefix_lengths: PrefixLengths,
-    plans: HashMap<(Product, String), PlanClass>,
+    plans: PlanNames,
     routes: CapabilityRoutes,
     routed: CapabilitySet,
+    shadow: Option<ShadowRules>,
 }
 
-fn compile_rules(file: &RulesFile, r: &mut FileErrors<'_>) -> Rules {
-    let mut prefix_lengths = PrefixLengths::default();
-    if let Some(v4) = &file.client_ip.ipv4_prefix {
-        if *v4.get_ref() > 32 {
-            r.at_span(v4.span(), "ipv4_prefix must be 0 to 32");
-        }
-        prefix_lengths.ipv4 = *v4.get_ref();
-    }
-    if let Some(v6) = &file.client_ip.ipv6_prefix {
-        if *v6.get_ref() > 128 {
-            r.at_span(v6.span(), "ipv6_prefix must be 0 to 128");
-        }
-        prefix_lengths.ipv6 = *v6.get_ref();
-    }
-
-    let mut plans = HashMap::new();
+/// Plan names -> classes, on top of `base` (the enforced plans, for a shadow set).
+fn compile_plans(
+    entry: &PlansEntry,
+    base: PlanNames,
+    r: &mut FileErrors<'_>,
+) -> PlanNames {
+    let mut plans = base;
     let products: [(Product, &BTreeMap<String, toml::Spanned<String>>); 2] = [
-        (Product::Api, &file.plans.api),
-        (Product::Chat, &file.plans.chat),
+        (Product::Api, &entry.api),
+        (Product::Chat, &entry.chat),
     ];
     for (product, names) in products {
         for (name, class) in names {
@@ -383,7 +397,7 @@ fn compile_rules(file: &RulesFile, r: &mut FileErrors<'_>) -> Rules {
             }
             match class.get_ref().parse::<PlanClass>() {
                 Ok(c) if c.product() == product => {
-                    plans.insert((product, name.clone()), c);
+                    plans.insert(product, name.clone(), c);
                 }
                 Ok(_) => r.at_span(
                     class.span(),
@@ -397,9 +411,17 @@ fn compile_rules(file: &RulesFile, r: &mut FileErrors<'_>) -> Rules {
         }
     }
 
+    plans
+}
+
+/// `[[route]]` tables -> compiled routes, and the capabilities they reach.
+fn compile_routes(
+    entries: &[toml::Spanned<RouteEntry>],
+    r: &mut FileErrors<'_>,
+) -> (CapabilityRoutes, CapabilitySet) {
     let mut routes = Vec::new();
     let mut routed = CapabilitySet::default();
-    for entry in &file.routes {
+    for entry in entries {
         let span = entry.span();
         let route = entry.get_ref();
         let method = match route
@@ -435,11 +457,37 @@ fn compile_rules(file: &RulesFile, r: &mut FileErrors<'_>) -> Rules {
             Err(e) => r.at_span(span, e),
         }
     }
+    (CapabilityRoutes::new(routes), routed)
+}
+
+fn compile_rules(file: &RulesFile, r: &mut FileErrors<'_>) -> Rules {
+    let mut prefix_lengths = PrefixLengths::default();
+    if let Some(v4) = &file.client_ip.ipv4_prefix {
+        if *v4.get_ref() > 32 {
+            r.at_span(v4.span(), "ipv4_prefix must be 0 to 32");
+        }
+        prefix_lengths.ipv4 = *v4.get_ref();
+    }
+    if let Some(v6) = &file.client_ip.ipv6_prefix {
+        if *v6.get_ref() > 128 {
+            r.at_span(v6.span(), "ipv6_prefix must be 0 to 128");
+        }
+        prefix_lengths.ipv6 = *v6.get_ref();
+    }
+
+    let plans = compile_plans(&file.plans, PlanNames::default(), r);
+    let (routes, routed) = compile_routes(&file.routes, r);
+    let shadow = file.shadow.as_ref().map(|shadow| ShadowRules {
+        name: shadow.name.clone(),
+        plans: compile_plans(&shadow.plans, plans.clone(), r),
+        routes: shadow.routes.as_ref().map(|routes| compile_routes(routes, r).0),
+    });
     Rules {
         prefix_lengths,
         plans,
-        routes: CapabilityRoutes::new(routes),
+        routes,
         routed,
+        shadow,
     }
 }
 
@@ -655,7 +703,7 @@ fn parse_key_hash(hex_text: &str) -> Option<KeyHash> {
 
 fn compile_accounts(
     text: &str,
-    plans: &HashMap<(Product, String), PlanClass>,
+    plans: &PlanNames,
     pools: &Pools,
     a: &mut FileErrors<'_>,
 ) -> AccountStore {
@@ -694,7 +742,7 @@ fn compile_accounts(
 
 fn compile_account(
     record: AccountLine,
-    plans: &HashMap<(Product, String), PlanClass>,
+    plans: &PlanNames,
     pools: &Pools,
     keys: &mut Vec<KeyHash>,
 ) -> Result<Account, String> {
@@ -705,7 +753,7 @@ fn compile_account(
         ));
     }
     let product: Product = record.product.parse()?;
-    let plan_class = *plans.get(&(product, record.plan.clone())).ok_or_else(|| {
+    let plan_class = plans.get(product, &record.plan).ok_or_else(|| {
         format!(
             "plan `{}` is not defined for product `{product}` in the rules",
             record.plan

@@ -12,4 +12,4 @@ mod snapshot;
 pub use accounts::{hash_api_key, Account, AccountStore, KeyHash};
 pub use files::*;
 pub use load::{load, ConfigError, ConfigErrors, LoadOptions};
-pub use snapshot::{GatewaySettings, Listener, Snapshot, SnapshotHandle};
+pub use snapshot::{GatewaySettings, Listener, PlanNames, ShadowRules, Snapshot, SnapshotHandle};

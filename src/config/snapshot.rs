@@ -1,5 +1,6 @@
 //! The compiled, immutable configuration, and the handle that swaps it.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -7,10 +8,11 @@ use arc_swap::ArcSwap;
 use http::HeaderName;
 
 use super::accounts::AccountStore;
+use crate::audit::AuditTarget;
 use crate::capability::CapabilityRoutes;
 use crate::client_ip::{PrefixLengths, TrustedProxies};
 use crate::geo::GeoDb;
-use crate::policy::{PoolCatalog, Product};
+use crate::policy::{PlanClass, PoolCatalog, Product};
 use crate::routing::Upstreams;
 use crate::stamp::SigningKey;
 
@@ -38,6 +40,14 @@ pub struct GatewaySettings {
     pub grace_period_seconds: u64,
     /// Seconds in-flight requests may take to finish after that.
     pub graceful_shutdown_timeout_seconds: u64,
+    /// The admin listener, when configured.
+    pub admin: Option<SocketAddr>,
+    /// Where audit lines go, when configured.
+    pub audit: Option<AuditTarget>,
+    /// Pending audit lines before dropping.
+    pub audit_buffer: usize,
+    /// Logs as JSON lines.
+    pub log_json: bool,
 }
 
 /// Everything a request is decided and forwarded under. One is loaded at the
@@ -56,6 +66,8 @@ pub struct Snapshot {
     pub prefix_lengths: PrefixLengths,
     /// How many plan names the rules define.
     pub plan_count: usize,
+    /// A candidate rule set evaluated beside the enforced one.
+    pub shadow: Option<ShadowRules>,
     /// The consent snapshot.
     pub accounts: AccountStore,
     /// Country database, when configured.
@@ -68,6 +80,57 @@ pub struct Snapshot {
     pub signing_key: Option<SigningKey>,
     /// Every file the snapshot was built from (what a reload watches).
     pub sources: Vec<std::path::PathBuf>,
+}
+
+/// Plan names of each product and the class each maps to.
+#[derive(Clone, Debug, Default)]
+pub struct PlanNames {
+    api: HashMap<String, PlanClass>,
+    chat: HashMap<String, PlanClass>,
+}
+
+impl PlanNames {
+    fn of(&self, product: Product) -> &HashMap<String, PlanClass> {
+        match product {
+            Product::Api => &self.api,
+            Product::Chat => &self.chat,
+        }
+    }
+
+    /// The class of plan `name` of `product`.
+    pub fn get(&self, product: Product, name: &str) -> Option<PlanClass> {
+        self.of(product).get(name).copied()
+    }
+
+    /// Defines (or redefines) plan `name` of `product`.
+    pub fn insert(&mut self, product: Product, name: String, class: PlanClass) {
+        match product {
+            Product::Api => self.api.insert(name, class),
+            Product::Chat => self.chat.insert(name, class),
+        };
+    }
+
+    /// How many plan names there are.
+    pub fn len(&self) -> usize {
+        self.api.len() + self.chat.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A candidate rule set: decided on every request beside the enforced
+/// rules, compared, never applied.
+#[derive(Debug)]
+pub struct ShadowRules {
+    /// Its name, in metrics and logs.
+    pub name: String,
+    /// Plan name -> class under the candidate.
+    pub plans: PlanNames,
+    /// Capability routes under the candidate, when it changes them.
+    pub routes: Option<CapabilityRoutes>,
 }
 
 /// The running snapshot: read lock-free by every request, replaced whole.

@@ -1,0 +1,74 @@
+//! The admin listener: `/metrics` (Prometheus text), `/healthz` (the process
+//! is up) and `/readyz` (configuration loaded and a healthy pool for every
+//! capability a pool serves).
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use http::Response;
+use pingora::apps::http_app::ServeHttp;
+use pingora::protocols::http::ServerSession;
+
+use crate::config::SnapshotHandle;
+use crate::metrics::Metrics;
+use crate::policy::Capability;
+
+/// Serves the admin endpoints.
+pub struct AdminApp {
+    snapshots: Arc<SnapshotHandle>,
+    metrics: Arc<Metrics>,
+}
+
+impl AdminApp {
+    /// Answers for `snapshots` and `metrics`.
+    pub fn new(snapshots: Arc<SnapshotHandle>, metrics: Arc<Metrics>) -> Self {
+        AdminApp { snapshots, metrics }
+    }
+
+    /// Capabilities some pool serves but no pool can take right now.
+    fn unready_capabilities(&self) -> Vec<&'static str> {
+        let snapshot = self.snapshots.current();
+        Capability::ALL
+            .into_iter()
+            .filter(|&c| {
+                let serving = snapshot.pools.serving(c);
+                !serving.is_empty()
+                    && !serving
+                        .iter()
+                        .any(|i| snapshot.upstreams.pool(i).is_some_and(|p| p.is_available()))
+            })
+            .map(Capability::as_str)
+            .collect()
+    }
+}
+
+fn reply(status: u16, content_type: &str, body: String) -> Response<Vec<u8>> {
+    let body = body.into_bytes();
+    Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, content_type)
+        .header(http::header::CONTENT_LENGTH, body.len())
+        .body(body)
+        .unwrap_or_else(|_| Response::new(Vec::new()))
+}
+
+#[async_trait]
+impl ServeHttp for AdminApp {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        match session.req_header().uri.path() {
+            "/metrics" => reply(200, "text/plain; version=0.0.4", self.metrics.render()),
+            "/healthz" => reply(200, "text/plain", "ok\n".into()),
+            "/readyz" => {
+                let unready = self.unready_capabilities();
+                let version = self.snapshots.current().policy_version.clone();
+                let body = serde_json::json!({
+                    "ready": unready.is_empty(),
+                    "policy_version": version,
+                    "capabilities_without_healthy_pool": unready,
+                });
+                reply(if unready.is_empty() { 200 } else { 503 }, "application/json", body.to_string())
+            }
+            _ => reply(404, "text/plain", "not found\n".into()),
+        }
+    }
+}
