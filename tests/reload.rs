@@ -80,7 +80,11 @@ impl RequestLoop {
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
         });
-        RequestLoop { outcomes, stop, task }
+        RequestLoop {
+            outcomes,
+            stop,
+            task,
+        }
     }
 
     fn len(&self) -> usize {
@@ -94,7 +98,10 @@ impl RequestLoop {
     /// Waits until `n` more requests have completed (bounded).
     async fn advance(&self, n: usize) {
         let target = self.len() + n;
-        assert!(eventually(Duration::from_secs(20), || self.len() >= target).await, "the loop stalled");
+        assert!(
+            eventually(Duration::from_secs(20), || self.len() >= target).await,
+            "the loop stalled"
+        );
     }
 
     async fn finish(self) -> Vec<Outcome> {
@@ -106,14 +113,34 @@ impl RequestLoop {
 }
 
 fn assert_none_failed(outcomes: &[Outcome]) {
-    let failed: Vec<_> = outcomes.iter().enumerate().filter(|(_, o)| o.status != 200).collect();
-    assert!(failed.is_empty(), "{} of {} requests failed: {:?}", failed.len(), outcomes.len(), &failed[..failed.len().min(5)]);
+    let failed: Vec<String> = outcomes
+        .iter()
+        .enumerate()
+        .filter(|(_, o)| o.status != 200)
+        .map(|(i, o)| {
+            format!(
+                "#{i}: status {} {}",
+                o.status,
+                o.error.as_deref().unwrap_or("")
+            )
+        })
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failed.len(),
+        outcomes.len(),
+        &failed[..failed.len().min(5)]
+    );
 }
 
 /// The shipped accounts with `demo-chat-free` opted out of training.
 fn accounts_with_chat_free_opted_out() -> String {
     let accounts = shipped("accounts.jsonl");
-    let line = accounts.lines().find(|l| l.contains("\"acct-chat-free\"")).expect("demo-chat-free line");
+    let line = accounts
+        .lines()
+        .find(|l| l.contains("\"acct-chat-free\""))
+        .expect("demo-chat-free line");
     let opted_out = line.replacen('{', "{\"training_opt_out\": true, ", 1);
     accounts.replace(line, &opted_out)
 }
@@ -122,9 +149,16 @@ fn accounts_with_chat_free_opted_out() -> String {
 async fn an_opt_out_in_a_new_accounts_file_applies_without_a_restart_or_a_failed_request() {
     let ups = Upstreams::start().await;
     let gw = Gateway::start(&TestConfig::shipped_with(&ups));
-    let run = RequestLoop::start(gw.chat_url("/v1/chat/completions"), Some("demo-chat-free"), false);
+    let run = RequestLoop::start(
+        gw.chat_url("/v1/chat/completions"),
+        Some("demo-chat-free"),
+        false,
+    );
     run.advance(20).await;
-    assert_eq!(run.last().and_then(|o| o.training).as_deref(), Some("allowed"));
+    assert_eq!(
+        run.last().and_then(|o| o.training).as_deref(),
+        Some("allowed")
+    );
 
     gw.replace_file("accounts.jsonl", &accounts_with_chat_free_opted_out());
     let applied = eventually(Duration::from_secs(10), || {
@@ -136,41 +170,80 @@ async fn an_opt_out_in_a_new_accounts_file_applies_without_a_restart_or_a_failed
     assert!(applied, "the opt-out was not applied; logs:\n{}", gw.logs());
     assert_none_failed(&outcomes);
     // The swap is atomic: once denied, never allowed again.
-    let first_denied = outcomes.iter().position(|o| o.training.as_deref() == Some("denied")).expect("denied");
-    assert!(outcomes[first_denied..].iter().all(|o| o.training.as_deref() == Some("denied")));
-    assert!(outcomes[..first_denied].iter().all(|o| o.training.as_deref() == Some("allowed")));
+    let first_denied = outcomes
+        .iter()
+        .position(|o| o.training.as_deref() == Some("denied"))
+        .expect("denied");
+    assert!(outcomes[first_denied..]
+        .iter()
+        .all(|o| o.training.as_deref() == Some("denied")));
+    assert!(outcomes[..first_denied]
+        .iter()
+        .all(|o| o.training.as_deref() == Some("allowed")));
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_broken_rules_file_changes_nothing_is_reported_and_its_fix_applies() {
     let ups = Upstreams::start().await;
     let gw = Gateway::start(&TestConfig::shipped_with(&ups));
-    let run = RequestLoop::start(gw.api_url("/v1/chat/completions"), Some("demo-api-paid"), false);
+    let run = RequestLoop::start(
+        gw.api_url("/v1/chat/completions"),
+        Some("demo-api-paid"),
+        false,
+    );
     run.advance(10).await;
     let before = run.last().expect("outcome");
     assert_eq!(before.client_prefix.as_deref(), Some("127.45.67.0/24"));
 
     let rules = shipped("rules.toml");
-    let broken = rules.replace("ipv4_prefix = 24", "ipv4_prefix = 24\nipv4_prefix_typo = 16");
+    let broken = rules.replace(
+        "ipv4_prefix = 24",
+        "ipv4_prefix = 24\nipv4_prefix_typo = 16",
+    );
     gw.replace_file("rules.toml", &broken);
-    let line = broken.lines().position(|l| l.contains("ipv4_prefix_typo")).expect("typo") + 1;
-    let reported = eventually(Duration::from_secs(10), || gw.logs().contains(&format!("rules.toml:{line}: unknown field"))).await;
-    assert!(reported, "the broken file was not reported with file:line; logs:\n{}", gw.logs());
+    let line = broken
+        .lines()
+        .position(|l| l.contains("ipv4_prefix_typo"))
+        .expect("typo")
+        + 1;
+    let reported = eventually(Duration::from_secs(10), || {
+        gw.logs()
+            .contains(&format!("rules.toml:{line}: unknown field"))
+    })
+    .await;
+    assert!(
+        reported,
+        "the broken file was not reported with file:line; logs:\n{}",
+        gw.logs()
+    );
     run.advance(20).await;
     let during = run.last().expect("outcome");
-    assert_eq!(during.policy_version, before.policy_version, "a broken file replaced the rules");
+    assert_eq!(
+        during.policy_version, before.policy_version,
+        "a broken file replaced the rules"
+    );
     assert_eq!(during.client_prefix, before.client_prefix);
 
-    gw.replace_file("rules.toml", &rules.replace("ipv4_prefix = 24", "ipv4_prefix = 16"));
+    gw.replace_file(
+        "rules.toml",
+        &rules.replace("ipv4_prefix = 24", "ipv4_prefix = 16"),
+    );
     let fixed = eventually(Duration::from_secs(10), || {
         run.last().and_then(|o| o.client_prefix).as_deref() == Some("127.45.0.0/16")
     })
     .await;
     let outcomes = run.finish().await;
-    assert!(fixed, "the fixed rules were not applied; logs:\n{}", gw.logs());
+    assert!(
+        fixed,
+        "the fixed rules were not applied; logs:\n{}",
+        gw.logs()
+    );
     assert_none_failed(&outcomes);
     let after = outcomes.last().expect("outcome");
-    assert_ne!(after.policy_version, before.policy_version, "the rules revision must change with the rules");
+    assert_ne!(
+        after.policy_version, before.policy_version,
+        "the rules revision must change with the rules"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -179,9 +252,16 @@ async fn a_configmap_symlink_swap_is_picked_up() {
     let mut config = TestConfig::shipped_with(&ups);
     config.configmap_layout = true;
     let gw = Gateway::start(&config);
-    let run = RequestLoop::start(gw.chat_url("/v1/chat/completions"), Some("demo-chat-free"), false);
+    let run = RequestLoop::start(
+        gw.chat_url("/v1/chat/completions"),
+        Some("demo-chat-free"),
+        false,
+    );
     run.advance(10).await;
-    assert_eq!(run.last().and_then(|o| o.training).as_deref(), Some("allowed"));
+    assert_eq!(
+        run.last().and_then(|o| o.training).as_deref(),
+        Some("allowed")
+    );
 
     let accounts = accounts_with_chat_free_opted_out();
     gw.configmap_swap(
@@ -197,7 +277,11 @@ async fn a_configmap_symlink_swap_is_picked_up() {
     })
     .await;
     let outcomes = run.finish().await;
-    assert!(applied, "the symlink swap was not picked up; logs:\n{}", gw.logs());
+    assert!(
+        applied,
+        "the symlink swap was not picked up; logs:\n{}",
+        gw.logs()
+    );
     assert_none_failed(&outcomes);
 }
 
@@ -209,7 +293,12 @@ async fn sighup_reloads_even_when_no_file_changed() {
     assert_eq!(reloads(&gw.logs()), 0);
     // Give the reload service a moment to install its handler: SIGHUP's
     // default action would end the process.
-    assert!(eventually(Duration::from_secs(5), || gw.logs().contains("Starting service: BG configuration reload")).await);
+    assert!(
+        eventually(Duration::from_secs(5), || gw
+            .logs()
+            .contains("Starting service: BG configuration reload"))
+        .await
+    );
     tokio::time::sleep(Duration::from_millis(200)).await;
     signal(gw.pid(), "HUP");
     assert!(
@@ -242,7 +331,11 @@ async fn a_graceful_upgrade_under_load_loses_no_request() {
     let ups = Upstreams::start().await;
     let mut gw = Gateway::start(&TestConfig::shipped_with(&ups));
     // New connection per request: the new process must accept on the same sockets.
-    let run = RequestLoop::start(gw.api_url("/v1/chat/completions"), Some("demo-api-paid"), true);
+    let run = RequestLoop::start(
+        gw.api_url("/v1/chat/completions"),
+        Some("demo-api-paid"),
+        true,
+    );
     run.advance(30).await;
 
     let upgrade_sock = gw.dir.path().join("upgrade.sock");
@@ -252,11 +345,15 @@ async fn a_graceful_upgrade_under_load_loses_no_request() {
         "the new process did not open the upgrade socket"
     );
     signal(gw.pid(), "QUIT");
-    assert!(gw.wait_exit(Duration::from_secs(20)), "the old process did not exit");
+    assert!(
+        gw.wait_exit(Duration::from_secs(20)),
+        "the old process did not exit"
+    );
     // The new process serves alone now.
     run.advance(50).await;
     let outcomes = run.finish().await;
-    let upgrade_log = std::fs::read_to_string(gw.dir.path().join("upgrade.log")).unwrap_or_default();
+    let upgrade_log =
+        std::fs::read_to_string(gw.dir.path().join("upgrade.log")).unwrap_or_default();
     assert_none_failed(&outcomes);
     assert!(outcomes.len() >= 80, "only {} requests ran", outcomes.len());
     drop(new);

@@ -171,12 +171,35 @@ pub struct Gateway {
     pub api: SocketAddr,
     /// The `chat` listener.
     pub chat: SocketAddr,
+    /// The admin listener (metrics, health).
+    pub admin: SocketAddr,
 }
+
+/// Full client addresses the tests send from or claim; none may ever appear
+/// in a log or audit line of the gateway.
+pub const FULL_ADDRESSES: [&str; 6] = [
+    CLIENT_V4,
+    "198.51.100.23",
+    "198.51.100.200",
+    "203.0.113.77",
+    "2001:db8:1234:5678::abcd",
+    "127.45.1.1",
+];
 
 impl Drop for Gateway {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // Every test that starts a gateway is also a log-capture test.
+        if !std::thread::panicking() {
+            let logs = format!("{}\n{}", self.logs(), self.audit_lines().join("\n"));
+            for address in FULL_ADDRESSES {
+                assert!(
+                    !logs.contains(address),
+                    "a log or audit line holds the full address {address}:\n{logs}"
+                );
+            }
+        }
     }
 }
 
@@ -192,11 +215,13 @@ impl Gateway {
         let host: IpAddr = config.listen_host.parse().expect("listen host");
         let api = SocketAddr::new(host, free_port());
         let chat = SocketAddr::new(host, free_port());
+        let admin = SocketAddr::new("127.0.0.1".parse().expect("loopback"), free_port());
         let gateway = format!(
             "threads = 1\n\n[[listener]]\naddress = \"{api}\"\nproduct = \"api\"\n\n[[listener]]\naddress = \"{chat}\"\nproduct = \"chat\"\n\n\
              [files]\nrules = \"rules.toml\"\npools = \"pools.toml\"\naccounts = \"accounts.jsonl\"\n{}\n\n[trust]\n{}\n\n\
              [upstream]\nconnect_timeout_ms = 500\nread_timeout_ms = 10000\nejection_ms = {}\n\n\
-             [process]\nupgrade_sock = \"{}\"\npid_file = \"{}\"\ngrace_period_seconds = 1\ngraceful_shutdown_timeout_seconds = 5\n\n{}\n",
+             [process]\nupgrade_sock = \"{}\"\npid_file = \"{}\"\ngrace_period_seconds = 1\ngraceful_shutdown_timeout_seconds = 5\n\n\
+             [admin]\naddress = \"{admin}\"\n\n[audit]\npath = \"audit.jsonl\"\n\n{}\n",
             config.extra_files,
             config.trust,
             config.ejection_ms,
@@ -204,7 +229,9 @@ impl Gateway {
             dir.path().join("gateway.pid").display(),
             config.extra_tables
         );
-        let write = |name: &str, bytes: &[u8]| std::fs::write(dir.path().join(name), bytes).expect("write config");
+        let write = |name: &str, bytes: &[u8]| {
+            std::fs::write(dir.path().join(name), bytes).expect("write config")
+        };
         write("gateway.toml", gateway.as_bytes());
         let files: Vec<(&str, &[u8])> = vec![
             ("rules.toml", config.rules.as_bytes()),
@@ -214,7 +241,8 @@ impl Gateway {
         if config.configmap_layout {
             configmap_publish(dir.path(), "..v1", &files);
             for (name, _) in &files {
-                std::os::unix::fs::symlink(format!("..data/{name}"), dir.path().join(name)).expect("symlink");
+                std::os::unix::fs::symlink(format!("..data/{name}"), dir.path().join(name))
+                    .expect("symlink");
             }
         } else {
             for (name, bytes) in &files {
@@ -224,22 +252,13 @@ impl Gateway {
         for (name, bytes) in &config.attachments {
             write(name, bytes);
         }
-        let log = std::fs::File::create(dir.path().join("gateway.log")).expect("log file");
-        let child = Command::new(binary())
-            .arg("run")
-            .arg("--config")
-            .arg(dir.path().join("gateway.toml"))
-            .env("RUST_LOG", "info")
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn gateway");
+        let child = spawn(dir.path(), "gateway.log", false);
         let mut gateway = Gateway {
             child,
             dir,
             api,
             chat,
+            admin,
         };
         gateway.wait_ready();
         gateway
@@ -247,7 +266,7 @@ impl Gateway {
 
     fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(15);
-        for addr in [self.api, self.chat] {
+        for addr in [self.api, self.chat, self.admin] {
             while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
                 if let Ok(Some(status)) = self.child.try_wait() {
                     panic!("gateway exited with {status}:\n{}", self.logs());
@@ -300,6 +319,24 @@ impl Gateway {
         configmap_publish(self.dir.path(), version, files);
     }
 
+    /// Every audit line written so far.
+    pub fn audit_lines(&self) -> Vec<String> {
+        std::fs::read_to_string(self.dir.path().join("audit.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// `GET path` on the admin listener: status and body.
+    pub async fn admin_get(&self, path: &str) -> (u16, String) {
+        let resp = reqwest::get(format!("http://{}{path}", self.admin))
+            .await
+            .expect("admin request");
+        let status = resp.status().as_u16();
+        (status, resp.text().await.unwrap_or_default())
+    }
+
     /// Everything the gateway printed so far.
     pub fn logs(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("gateway.log")).unwrap_or_default()
@@ -320,7 +357,10 @@ impl Gateway {
 fn spawn(dir: &Path, log: &str, upgrade: bool) -> Child {
     let log = std::fs::File::create(dir.join(log)).expect("log file");
     let mut command = Command::new(binary());
-    command.arg("run").arg("--config").arg(dir.join("gateway.toml"));
+    command
+        .arg("run")
+        .arg("--config")
+        .arg(dir.join("gateway.toml"));
     if upgrade {
         command.arg("--upgrade");
     }

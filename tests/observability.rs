@@ -1,0 +1,468 @@
+//! Explaining decisions: `explain` agrees byte for byte with what upstreams
+//! receive; the audit log, shadow rules, Prometheus metrics and health
+//! endpoints report what happened. (Every gateway these tests start also
+//! fails its test if a log or audit line holds a full client address.)
+
+mod support;
+
+use std::process::Command;
+
+use privacy_gateway::echo::Recorded;
+use reqwest::StatusCode;
+use support::{client, shipped, Gateway, TestConfig, Upstreams, CLIENT_V4};
+
+const ROUTES: [&str; 8] = [
+    "/v1/chat/completions",
+    "/v1/embeddings",
+    "/v1/fine_tuning/jobs",
+    "/v1/feedback",
+    "/v1/images/generations",
+    "/v1/tools/web_search",
+    "/v1/tools/code_interpreter",
+    "/v1/connectors/drive/content",
+];
+
+/// Every demo API key of the shipped accounts file.
+fn demo_keys() -> Vec<String> {
+    shipped("accounts.jsonl")
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("account line");
+            format!("demo-{}", &v["id"].as_str().expect("id")["acct-".len()..])
+        })
+        .collect()
+}
+
+/// The headers of the contract, as an upstream received them.
+fn stamped(r: &Recorded) -> Vec<(String, String)> {
+    r.headers
+        .iter()
+        .filter(|(n, _)| {
+            n.starts_with("x-privacy-") || n == "x-zero-data-retention" || n == "x-forwarded-for"
+        })
+        .cloned()
+        .collect()
+}
+
+fn explain(gw: &Gateway, args: &[&str]) -> serde_json::Value {
+    let out = Command::new(support::binary())
+        .arg("explain")
+        .arg("--config")
+        .arg(gw.dir.path().join("gateway.toml"))
+        .args(args)
+        .output()
+        .expect("run explain");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("explain prints JSON")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn explain_agrees_with_the_proxy_for_every_demo_account_and_route() {
+    let ups = Upstreams::start().await;
+    let mut config = TestConfig::shipped_with(&ups);
+    config.extra_tables = "[signing]\nkey_file = \"signing.key\"\n".into();
+    config.attachments.push((
+        "signing.key".into(),
+        b"explain-test-signing-key-0123456789".to_vec(),
+    ));
+    let gw = Gateway::start(&config);
+    let c = client();
+    let mut compared = 0;
+    let mut callers: Vec<Option<String>> = demo_keys().into_iter().map(Some).collect();
+    callers.push(None);
+    for caller in &callers {
+        for route in ROUTES {
+            let listener = if caller.as_deref().is_some_and(|k| k.starts_with("demo-api")) {
+                "api"
+            } else {
+                "chat"
+            };
+            let url = if listener == "api" {
+                gw.api_url(route)
+            } else {
+                gw.chat_url(route)
+            };
+            let mut req = c.post(url).body("{}");
+            let mut args = vec![
+                "--path",
+                route,
+                "--client-ip",
+                CLIENT_V4,
+                "--listener",
+                listener,
+            ];
+            let auth;
+            if let Some(key) = caller {
+                req = req.bearer_auth(key);
+                auth = format!("Authorization: Bearer {key}");
+                args.extend(["--header", auth.as_str()]);
+            }
+            let before = ups.all_requests().len();
+            let resp = req.send().await.expect("request");
+            let status = resp.status().as_u16();
+            let id = resp.headers()["x-privacy-decision-id"]
+                .to_str()
+                .expect("id")
+                .to_string();
+            args.extend(["--decision-id", id.as_str()]);
+            let all = ups.all_requests();
+            let what = format!("{caller:?} {route}");
+            if status == 200 {
+                assert_eq!(all.len(), before + 1, "{what}");
+                let (pool, received) = all
+                    .iter()
+                    .find(|(_, r)| r.header("x-privacy-decision-id") == Some(id.as_str()))
+                    .expect("the forwarded request");
+                args.extend(["--pool", pool.as_str()]);
+                let explained = explain(&gw, &args);
+                assert_eq!(explained["status"], 200, "{what}");
+                let headers: Vec<(String, String)> = explained["headers"]
+                    .as_object()
+                    .expect("headers")
+                    .iter()
+                    .map(|(n, v)| (n.clone(), v.as_str().expect("string").to_string()))
+                    .collect();
+                // Same names, values and order, signature included.
+                assert_eq!(headers, stamped(received), "{what}");
+            } else {
+                assert_eq!(all.len(), before, "{what}: refused requests go nowhere");
+                let explained = explain(&gw, &args);
+                assert_eq!(explained["status"], status, "{what}");
+            }
+            compared += 1;
+        }
+    }
+    assert_eq!(compared, callers.len() * ROUTES.len());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn explain_names_removed_pools_with_their_basis() {
+    let ups = Upstreams::start().await;
+    let gw = Gateway::start(&TestConfig::shipped_with(&ups));
+    let v = explain(
+        &gw,
+        &[
+            "--path",
+            "/v1/chat/completions",
+            "--header",
+            "Authorization: Bearer demo-api-no-cerebras",
+        ],
+    );
+    assert_eq!(
+        v["candidate_pools"],
+        serde_json::json!(["azure-sweden", "gcp-ireland", "gcp-us"])
+    );
+    assert_eq!(
+        v["removed_pools"],
+        serde_json::json!([{ "pool": "cerebras", "basis": "6/opt-out" }])
+    );
+    assert_eq!(v["training_basis"], "3.4.2/paid");
+    assert_eq!(v["retention_basis"], "5/api-30d");
+    let v = explain(
+        &gw,
+        &[
+            "--path",
+            "/v1/images/generations",
+            "--header",
+            "Authorization: Bearer demo-api-eu-only",
+        ],
+    );
+    assert_eq!(v["status"], 451);
+    assert_eq!(
+        v["removed_pools"],
+        serde_json::json!([{ "pool": "black-forest-labs", "basis": "7/residency" }])
+    );
+    assert!(ups.all_requests().is_empty(), "explain sends nothing");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_request_writes_one_audit_line_without_address_key_or_body() {
+    let ups = Upstreams::start().await;
+    let gw = Gateway::start(&TestConfig::shipped_with(&ups));
+    let c = client();
+    let secret_body = r#"{"messages":[{"role":"user","content":"BODY-SECRET-7f3a"}]}"#;
+    let ok = c
+        .post(gw.api_url("/v1/chat/completions"))
+        .bearer_auth("demo-api-paid")
+        .body(secret_body)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(ok.status(), StatusCode::OK);
+    let denied = c
+        .post(gw.api_url("/v1/chat/completions"))
+        .bearer_auth("sk-live-audit-key")
+        .body("{}")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(denied.status(), StatusCode::UNAUTHORIZED);
+    let lines = {
+        let mut lines = Vec::new();
+        let found = support::eventually(std::time::Duration::from_secs(5), || {
+            lines = gw.audit_lines();
+            lines.len() >= 2
+        })
+        .await;
+        assert!(found, "audit lines: {lines:?}");
+        lines
+    };
+    assert_eq!(lines.len(), 2);
+    let first: serde_json::Value = serde_json::from_str(&lines[0]).expect("JSON line");
+    for field in [
+        "ts",
+        "decision_id",
+        "policy_version",
+        "account",
+        "product",
+        "plan",
+        "capability",
+        "training",
+        "training_basis",
+        "retention",
+        "retention_basis",
+        "pool",
+        "subprocessor",
+        "status",
+        "upstream_ms",
+        "total_ms",
+        "client_prefix",
+    ] {
+        assert!(
+            first.get(field).is_some(),
+            "audit line lacks {field}: {first}"
+        );
+    }
+    assert_eq!(first["account"], "acct-api-paid");
+    assert_eq!(first["training_basis"], "3.4.2/paid");
+    assert_eq!(first["client_prefix"], "127.45.67.0/24");
+    assert_eq!(first["status"], 200);
+    let second: serde_json::Value = serde_json::from_str(&lines[1]).expect("JSON line");
+    assert_eq!(second["status"], 401);
+    assert_eq!(second["error"], "unknown_api_key");
+    let all = lines.join("\n");
+    for secret in [
+        "BODY-SECRET-7f3a",
+        "sk-live-audit-key",
+        "demo-api-paid",
+        CLIENT_V4,
+    ] {
+        assert!(!all.contains(secret), "an audit line holds {secret}: {all}");
+    }
+}
+
+/// Checks Prometheus text exposition line by line; returns the samples.
+fn parse_prometheus(text: &str) -> Vec<(String, f64)> {
+    let mut samples = Vec::new();
+    for line in text.lines().filter(|l| !l.is_empty()) {
+        if let Some(comment) = line.strip_prefix("# ") {
+            assert!(
+                comment.starts_with("HELP ") || comment.starts_with("TYPE "),
+                "bad comment: {line}"
+            );
+            continue;
+        }
+        let (series, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("no value: {line}"));
+        let name_end = series.find('{').unwrap_or(series.len());
+        let name = &series[..name_end];
+        assert!(
+            !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "bad metric name: {line}"
+        );
+        if name_end < series.len() {
+            assert!(series.ends_with('}'), "unclosed labels: {line}");
+        }
+        let value: f64 = match value {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            v => v.parse().unwrap_or_else(|_| panic!("bad value: {line}")),
+        };
+        samples.push((series.to_string(), value));
+    }
+    samples
+}
+
+fn sample(samples: &[(String, f64)], series: &str) -> f64 {
+    samples
+        .iter()
+        .find(|(s, _)| s == series)
+        .map_or(0.0, |(_, v)| *v)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_parse_and_move_as_requests_pass() {
+    let ups = Upstreams::start().await;
+    let gw = Gateway::start(&TestConfig::shipped_with(&ups));
+    let (status, before) = gw.admin_get("/metrics").await;
+    assert_eq!(status, 200);
+    let before = parse_prometheus(&before);
+    let c = client();
+    for _ in 0..5 {
+        c.post(gw.api_url("/v1/chat/completions"))
+            .bearer_auth("demo-api-no-cerebras")
+            .body("{}")
+            .send()
+            .await
+            .expect("request");
+    }
+    c.post(gw.api_url("/v1/images/generations"))
+        .bearer_auth("demo-api-eu-only")
+        .body("{}")
+        .send()
+        .await
+        .expect("request");
+    let (_, after) = gw.admin_get("/metrics").await;
+    let after = parse_prometheus(&after);
+    let requests = r#"privacy_gateway_requests_total{capability="chat",plan="paid",product="api",status="200",training="denied"}"#;
+    assert_eq!(
+        sample(&after, requests) - sample(&before, requests),
+        5.0,
+        "{after:?}"
+    );
+    let basis = r#"privacy_gateway_decisions_total{basis="3.4.2/paid",part="training"}"#;
+    assert_eq!(sample(&after, basis), 6.0);
+    let removed = r#"privacy_gateway_routes_removed_total{pool="cerebras",reason="6/opt-out"}"#;
+    assert_eq!(sample(&after, removed), 5.0);
+    let residency =
+        r#"privacy_gateway_routes_removed_total{pool="black-forest-labs",reason="7/residency"}"#;
+    assert_eq!(sample(&after, residency), 1.0);
+    assert_eq!(
+        sample(&after, "privacy_gateway_upstream_seconds_count"),
+        5.0
+    );
+    assert_eq!(
+        sample(&after, "privacy_gateway_overhead_seconds_count"),
+        6.0
+    );
+    assert!(after.iter().any(|(s, v)| s
+        .starts_with("privacy_gateway_policy_version_info{version=\"2025-02-06+r")
+        && *v == 1.0));
+    assert_eq!(
+        sample(&after, "privacy_gateway_audit_lines_dropped_total"),
+        0.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_shadow_rule_counts_disagreements_and_changes_nothing_upstream() {
+    let ups = Upstreams::start().await;
+    let mut config = TestConfig::shipped_with(&ups);
+    config.rules.push_str("\n[shadow]\nname = \"team-trains-by-default\"\n\n[shadow.plans.chat]\nteam = \"chat-individual\"\n");
+    let gw = Gateway::start(&config);
+    let c = client();
+    for _ in 0..3 {
+        let resp = c
+            .post(gw.chat_url("/v1/chat/completions"))
+            .bearer_auth("demo-chat-team")
+            .body("{}")
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(resp.status(), StatusCode::OK);
+    }
+    c.post(gw.chat_url("/v1/chat/completions"))
+        .bearer_auth("demo-chat-pro")
+        .body("{}")
+        .send()
+        .await
+        .expect("request");
+    for (_, r) in ups.all_requests() {
+        if r.header("x-privacy-account") == Some("acct-chat-team") {
+            assert_eq!(
+                r.header("x-privacy-training"),
+                Some("denied"),
+                "the shadow rule changed the request"
+            );
+            assert_eq!(r.header("x-privacy-training-basis"), Some("3.4.3/team"));
+        }
+    }
+    let (_, metrics) = gw.admin_get("/metrics").await;
+    let samples = parse_prometheus(&metrics);
+    let series = r#"privacy_gateway_shadow_disagreements_total{candidate="3.4.3/default",enforced="3.4.3/team",field="training",shadow="team-trains-by-default"}"#;
+    assert_eq!(sample(&samples, series), 3.0, "{metrics}");
+    assert_eq!(
+        samples
+            .iter()
+            .filter(|(s, _)| s.starts_with("privacy_gateway_shadow_disagreements_total"))
+            .map(|(_, v)| v)
+            .sum::<f64>(),
+        3.0,
+        "only the team requests disagree: {metrics}"
+    );
+    let mut lines = Vec::new();
+    assert!(
+        support::eventually(std::time::Duration::from_secs(5), || {
+            lines = gw.audit_lines();
+            lines.len() >= 4
+        })
+        .await
+    );
+    let team: serde_json::Value = serde_json::from_str(&lines[0]).expect("JSON");
+    assert_eq!(
+        team["shadow"],
+        serde_json::json!([{ "rules": "team-trains-by-default", "field": "training", "enforced": "3.4.3/team", "shadow": "3.4.3/default" }])
+    );
+    let pro: serde_json::Value = serde_json::from_str(&lines[3]).expect("JSON");
+    assert!(pro.get("shadow").is_none(), "{pro}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_endpoints_report_process_and_pools() {
+    let mut ups = Upstreams::start().await;
+    let mut config = TestConfig::shipped_with(&ups);
+    config.pools = support::with_health_checks(&config.pools, 100);
+    let gw = Gateway::start(&config);
+    assert_eq!(gw.admin_get("/healthz").await.0, 200);
+    let (status, body) = gw.admin_get("/readyz").await;
+    assert_eq!(status, 200, "{body}");
+    // The only image pool goes down: not ready, and it says for what.
+    ups.echoes.remove("black-forest-labs");
+    let mut last = (0, String::new());
+    let unready = support::eventually(std::time::Duration::from_secs(10), || {
+        last = readyz_blocking(&gw);
+        last.0 == 503
+    })
+    .await;
+    assert!(unready, "readyz stayed {last:?}");
+    let body: serde_json::Value = serde_json::from_str(&last.1).expect("JSON");
+    assert_eq!(
+        body["capabilities_without_healthy_pool"],
+        serde_json::json!(["image_generation"])
+    );
+    assert_eq!(
+        gw.admin_get("/healthz").await.0,
+        200,
+        "the process is still up"
+    );
+    assert_eq!(gw.admin_get("/nope").await.0, 404);
+}
+
+/// `GET /readyz` from inside a synchronous poll (a fresh blocking client).
+fn readyz_blocking(gw: &Gateway) -> (u16, String) {
+    let url = format!("http://{}/readyz", gw.admin);
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let resp = reqwest::get(url).await.expect("readyz");
+            (
+                resp.status().as_u16(),
+                resp.text().await.unwrap_or_default(),
+            )
+        })
+    })
+    .join()
+    .expect("readyz thread")
+}
