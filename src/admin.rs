@@ -66,7 +66,11 @@ impl ServeHttp for AdminApp {
                     "policy_version": version,
                     "capabilities_without_healthy_pool": unready,
                 });
-                reply(if unready.is_empty() { 200 } else { 503 }, "application/json", body.to_string())
+                reply(
+                    if unready.is_empty() { 200 } else { 503 },
+                    "application/json",
+                    body.to_string(),
+                )
             }
             _ => reply(404, "text/plain", "not found\n".into()),
         }

@@ -28,7 +28,12 @@ impl AuditLog {
     pub fn open(target: &AuditTarget, capacity: usize, dropped: IntCounter) -> io::Result<Self> {
         let out: Box<dyn Write + Send> = match target {
             AuditTarget::Stdout => Box::new(io::stdout()),
-            AuditTarget::File(path) => Box::new(std::fs::OpenOptions::new().create(true).append(true).open(path)?),
+            AuditTarget::File(path) => Box::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)?,
+            ),
         };
         let (lines, rx) = mpsc::sync_channel::<String>(capacity.max(1));
         std::thread::Builder::new()
@@ -51,7 +56,11 @@ fn write_lines(rx: mpsc::Receiver<String>, mut out: BufWriter<Box<dyn Write + Se
         let mut batch = Some(line);
         // Write what is queued, then flush once.
         while let Some(line) = batch.take() {
-            if out.write_all(line.as_bytes()).and_then(|_| out.write_all(b"\n")).is_err() {
+            if out
+                .write_all(line.as_bytes())
+                .and_then(|_| out.write_all(b"\n"))
+                .is_err()
+            {
                 tracing::error!("cannot write the audit log");
             }
             batch = rx.try_recv().ok();

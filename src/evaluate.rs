@@ -10,12 +10,12 @@ use http::{HeaderMap, Method};
 use crate::client_ip::{client_address, ClientIpError, ClientPrefix};
 use crate::config::Snapshot;
 use crate::geo::CountryCode;
-use crate::routing::PoolUpstream;
-use crate::stamp::{self, StampInput};
 use crate::identity::{self, Caller, Credentials, IdentityError};
 use crate::policy::{
     self, Basis, Capability, Consents, Decision, PlanClass, Product, RequestFacts,
 };
+use crate::routing::PoolUpstream;
+use crate::stamp::{self, StampInput};
 
 /// The parts of a request the gateway decides on.
 #[derive(Clone, Copy, Debug)]
@@ -123,18 +123,38 @@ impl Admission {
             return vec![Disagreement {
                 field: "capability",
                 enforced: self.capability.as_str(),
-                shadow: shadow.capability.map_or("unknown_route", Capability::as_str),
+                shadow: shadow
+                    .capability
+                    .map_or("unknown_route", Capability::as_str),
             }];
         };
         let mut out = Vec::new();
         let mut differ = |field, enforced: &'static str, shadow: &'static str| {
             if enforced != shadow {
-                out.push(Disagreement { field, enforced, shadow });
+                out.push(Disagreement {
+                    field,
+                    enforced,
+                    shadow,
+                });
             }
         };
-        differ("capability", self.capability.as_str(), shadow.capability.map_or("unknown_route", Capability::as_str));
-        differ("training", d.training_basis.as_str(), s.training_basis.as_str());
-        differ("retention", d.retention_basis.as_str(), s.retention_basis.as_str());
+        differ(
+            "capability",
+            self.capability.as_str(),
+            shadow
+                .capability
+                .map_or("unknown_route", Capability::as_str),
+        );
+        differ(
+            "training",
+            d.training_basis.as_str(),
+            s.training_basis.as_str(),
+        );
+        differ(
+            "retention",
+            d.retention_basis.as_str(),
+            s.retention_basis.as_str(),
+        );
         differ("geo", d.geo.basis.as_str(), s.geo.basis.as_str());
         differ("route", route_outcome(d), route_outcome(&s));
         out
@@ -278,7 +298,14 @@ pub fn evaluate(snapshot: &Snapshot, head: &RequestHead<'_>) -> Result<Admission
             Caller::Anonymous => Some(PlanClass::ChatAnonymous),
         };
         let shadow_decision = capability.map(|capability| {
-            policy::decide(&snapshot.pools, &RequestFacts { plan, capability, ..facts })
+            policy::decide(
+                &snapshot.pools,
+                &RequestFacts {
+                    plan,
+                    capability,
+                    ..facts
+                },
+            )
         });
         let differs = capability != Some(facts.capability) || shadow_decision != Some(decision);
         differs.then_some(ShadowDecision {

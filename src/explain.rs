@@ -50,8 +50,10 @@ pub fn add_header(headers: &mut HeaderMap, text: &str) -> Result<(), ExplainErro
     let (name, value) = text
         .split_once(':')
         .ok_or_else(|| ExplainError::Header(text.to_string()))?;
-    let name = HeaderName::try_from(name.trim()).map_err(|_| ExplainError::Header(text.to_string()))?;
-    let value = HeaderValue::try_from(value.trim()).map_err(|_| ExplainError::Header(text.to_string()))?;
+    let name =
+        HeaderName::try_from(name.trim()).map_err(|_| ExplainError::Header(text.to_string()))?;
+    let value =
+        HeaderValue::try_from(value.trim()).map_err(|_| ExplainError::Header(text.to_string()))?;
     headers.append(name, value);
     Ok(())
 }
@@ -111,7 +113,10 @@ pub fn explain(snapshot: &Snapshot, request: &DescribedRequest) -> Result<Value,
             );
             if let Refusal::NoPermittedRoute(admission) = &refusal {
                 describe(snapshot, admission, &mut out);
-                let constraints: Vec<_> = route_constraints(&admission.decision).iter().map(|b| b.as_str()).collect();
+                let constraints: Vec<_> = route_constraints(&admission.decision)
+                    .iter()
+                    .map(|b| b.as_str())
+                    .collect();
                 out.insert("constraints".into(), json!(constraints));
             }
             out.insert("headers".into(), json!({}));

@@ -8,16 +8,16 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
+use privacy_gateway::audit::AuditLog;
 use privacy_gateway::config::{self, LoadOptions, SnapshotHandle};
 use privacy_gateway::echo::EchoUpstream;
-use privacy_gateway::audit::AuditLog;
 use privacy_gateway::explain;
-use privacy_gateway::policy::Product;
 use privacy_gateway::metrics::Metrics;
+use privacy_gateway::policy::Product;
 use privacy_gateway::proxy::Observers;
 use privacy_gateway::reload::Reloader;
-use privacy_gateway::server::Launch;
 use privacy_gateway::server;
+use privacy_gateway::server::Launch;
 
 /// An inline reverse proxy that enforces a privacy policy on every inference request.
 #[derive(Parser)]
@@ -110,7 +110,12 @@ fn main() -> ExitCode {
             config,
             upgrade,
             daemon,
-        } => run(&config, LoadOptions::default(), None, Launch { upgrade, daemon }),
+        } => run(
+            &config,
+            LoadOptions::default(),
+            None,
+            Launch { upgrade, daemon },
+        ),
         Command::Demo { config } => demo(&config),
         Command::Check { config } => check(&config),
         Command::HashKey => hash_key(),
@@ -132,7 +137,8 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             }
-            let Ok(method) = http::Method::from_bytes(method.to_ascii_uppercase().as_bytes()) else {
+            let Ok(method) = http::Method::from_bytes(method.to_ascii_uppercase().as_bytes())
+            else {
                 eprintln!("`{method}` is not an HTTP method");
                 return ExitCode::from(2);
             };
@@ -143,7 +149,9 @@ fn main() -> ExitCode {
                     method,
                     path,
                     headers: header_map,
-                    peer: peer_ip.or(client_ip).unwrap_or(IpAddr::from([127, 0, 0, 1])),
+                    peer: peer_ip
+                        .or(client_ip)
+                        .unwrap_or(IpAddr::from([127, 0, 0, 1])),
                     client: client_ip,
                     listener_product: Product::Api,
                     pool,
@@ -154,7 +162,12 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(config_path: &Path, options: LoadOptions, banner: Option<String>, launch: Launch) -> ExitCode {
+fn run(
+    config_path: &Path,
+    options: LoadOptions,
+    banner: Option<String>,
+    launch: Launch,
+) -> ExitCode {
     let (settings, snapshot) = match config::load(config_path, &options) {
         Ok(loaded) => loaded,
         Err(errors) => {
@@ -167,13 +180,15 @@ fn run(config_path: &Path, options: LoadOptions, banner: Option<String>, launch:
     metrics.set_policy_version(&snapshot.policy_version);
     let audit = match &settings.audit {
         None => None,
-        Some(target) => match AuditLog::open(target, settings.audit_buffer, metrics.audit_dropped.clone()) {
-            Ok(log) => Some(log),
-            Err(e) => {
-                eprintln!("cannot open the audit log {target:?}: {e}");
-                return ExitCode::FAILURE;
+        Some(target) => {
+            match AuditLog::open(target, settings.audit_buffer, metrics.audit_dropped.clone()) {
+                Ok(log) => Some(log),
+                Err(e) => {
+                    eprintln!("cannot open the audit log {target:?}: {e}");
+                    return ExitCode::FAILURE;
+                }
             }
-        },
+        }
     };
     tracing::info!(policy_version = %snapshot.policy_version, accounts = snapshot.accounts.len(), "configuration loaded");
     let handle = Arc::new(SnapshotHandle::new(snapshot));
@@ -297,7 +312,11 @@ fn check(config_path: &Path) -> ExitCode {
     }
 }
 
-fn explain_command(config_path: &Path, listener: Option<&str>, mut request: explain::DescribedRequest) -> ExitCode {
+fn explain_command(
+    config_path: &Path,
+    listener: Option<&str>,
+    mut request: explain::DescribedRequest,
+) -> ExitCode {
     let (settings, snapshot) = match config::load(config_path, &LoadOptions::default()) {
         Ok(loaded) => loaded,
         Err(errors) => {
@@ -311,12 +330,19 @@ fn explain_command(config_path: &Path, listener: Option<&str>, mut request: expl
             eprintln!("{e}");
             return ExitCode::from(2);
         }
-        None => settings.listeners.first().map_or(Product::Api, |l| l.product),
+        None => settings
+            .listeners
+            .first()
+            .map_or(Product::Api, |l| l.product),
     };
     match explain::explain(&snapshot, &request) {
         Ok(value) => {
             // A closed pipe (`| head`) is not an error worth a panic.
-            let _ = writeln!(std::io::stdout(), "{}", serde_json::to_string_pretty(&value).unwrap_or_default());
+            let _ = writeln!(
+                std::io::stdout(),
+                "{}",
+                serde_json::to_string_pretty(&value).unwrap_or_default()
+            );
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -99,7 +99,10 @@ impl Metrics {
             &["result"],
         );
         let policy_version = IntGaugeVec::new(
-            Opts::new("privacy_gateway_policy_version_info", "The policy version serving now."),
+            Opts::new(
+                "privacy_gateway_policy_version_info",
+                "The policy version serving now.",
+            ),
             &["version"],
         )
         .unwrap_or_else(|e| panic!("metric is malformed: {e}"));
@@ -131,7 +134,12 @@ impl Metrics {
     }
 
     /// Counts what the decision of one admitted request said.
-    pub fn record_decision(&self, admission: &Admission, pool_names: impl Fn(usize) -> String, shadow: &str) {
+    pub fn record_decision(
+        &self,
+        admission: &Admission,
+        pool_names: impl Fn(usize) -> String,
+        shadow: &str,
+    ) {
         let d = &admission.decision;
         for (part, basis) in [
             ("training", d.training_basis.as_str()),
@@ -141,7 +149,10 @@ impl Metrics {
             self.decisions.with_label_values(&[part, basis]).inc();
         }
         for (reason, set) in [
-            (crate::policy::Basis::SubprocessorOptOut, d.route.removed_opt_out),
+            (
+                crate::policy::Basis::SubprocessorOptOut,
+                d.route.removed_opt_out,
+            ),
             (crate::policy::Basis::Residency, d.route.removed_residency),
         ] {
             for pool in set.iter() {
@@ -152,7 +163,12 @@ impl Metrics {
         }
         for disagreement in admission.shadow_disagreements() {
             self.shadow_disagreements
-                .with_label_values(&[shadow, disagreement.field, disagreement.enforced, disagreement.shadow])
+                .with_label_values(&[
+                    shadow,
+                    disagreement.field,
+                    disagreement.enforced,
+                    disagreement.shadow,
+                ])
                 .inc();
         }
     }

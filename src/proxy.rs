@@ -15,8 +15,8 @@ use pingora::{ErrorSource, ErrorType};
 
 use crate::audit::{self, AuditDecision, AuditLog, AuditRecord};
 use crate::config::{Snapshot, SnapshotHandle};
-use crate::metrics::Metrics;
 use crate::evaluate::{evaluate, route_constraints, Admission, Refusal, RequestHead};
+use crate::metrics::Metrics;
 use crate::policy::Product;
 use crate::routing::Target;
 use crate::stamp;
@@ -42,7 +42,11 @@ pub struct Observers {
 impl PrivacyProxy {
     /// A proxy for a listener of `listener_product`, reading `snapshots`,
     /// reporting to `observers`.
-    pub fn new(snapshots: Arc<SnapshotHandle>, listener_product: Product, observers: Arc<Observers>) -> Self {
+    pub fn new(
+        snapshots: Arc<SnapshotHandle>,
+        listener_product: Product,
+        observers: Arc<Observers>,
+    ) -> Self {
         PrivacyProxy {
             snapshots,
             listener_product,
@@ -357,7 +361,11 @@ impl ProxyHttp for PrivacyProxy {
                 let upstreams = &ctx.snapshot.upstreams;
                 metrics.record_decision(
                     a,
-                    |i| upstreams.pool(i).map_or_else(String::new, |p| p.name.clone()),
+                    |i| {
+                        upstreams
+                            .pool(i)
+                            .map_or_else(String::new, |p| p.name.clone())
+                    },
                     shadow_name.unwrap_or(""),
                 );
                 tracing::info!(
@@ -376,7 +384,13 @@ impl ProxyHttp for PrivacyProxy {
             None => {
                 metrics
                     .requests
-                    .with_label_values(&[self.listener_product.as_str(), "-", "-", "-", &status_label])
+                    .with_label_values(&[
+                        self.listener_product.as_str(),
+                        "-",
+                        "-",
+                        "-",
+                        &status_label,
+                    ])
                     .inc();
                 tracing::info!(
                     target: "access",
@@ -390,9 +404,11 @@ impl ProxyHttp for PrivacyProxy {
         if let Some(upstream) = upstream {
             metrics.upstream_seconds.observe(upstream.as_secs_f64());
         }
-        metrics
-            .overhead_seconds
-            .observe(total.saturating_sub(upstream.unwrap_or_default()).as_secs_f64());
+        metrics.overhead_seconds.observe(
+            total
+                .saturating_sub(upstream.unwrap_or_default())
+                .as_secs_f64(),
+        );
         if let Some(audit) = &self.observers.audit {
             let record = AuditRecord {
                 ts: audit::timestamp(),
@@ -400,7 +416,10 @@ impl ProxyHttp for PrivacyProxy {
                 policy_version: &ctx.snapshot.policy_version,
                 status,
                 error: ctx.error_code,
-                decision: ctx.admission.as_ref().map(|a| AuditDecision::of(a, shadow_name)),
+                decision: ctx
+                    .admission
+                    .as_ref()
+                    .map(|a| AuditDecision::of(a, shadow_name)),
                 pool: pool.map(|p| p.name.as_str()),
                 subprocessor: pool.map(|p| p.subprocessor.as_str()),
                 upstream_ms: upstream.map(|d| d.as_secs_f64() * 1000.0),

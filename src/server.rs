@@ -11,9 +11,9 @@ use pingora::server::Server;
 use pingora::services::background::background_service;
 use pingora::services::listening::Service;
 
+use crate::admin::AdminApp;
 use crate::config::{GatewaySettings, SnapshotHandle};
 use crate::health::HealthChecker;
-use crate::admin::AdminApp;
 use crate::proxy::{Observers, PrivacyProxy};
 use crate::reload::{ReloadService, Reloader};
 

@@ -14,8 +14,9 @@ use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 use super::accounts::{Account, AccountStore, DuplicateAccount, KeyHash};
-use super::files::{PlansEntry, RouteEntry, 
-    AccountLine, AddressEntry, GatewayFile, HealthCheckEntry, PoolsFile, RulesFile,
+use super::files::{
+    AccountLine, AddressEntry, GatewayFile, HealthCheckEntry, PlansEntry, PoolsFile, RouteEntry,
+    RulesFile,
 };
 use super::snapshot::{GatewaySettings, Listener, PlanNames, ShadowRules, Snapshot};
 use crate::audit::AuditTarget;
@@ -343,23 +344,36 @@ fn gateway_settings(gateway: &GatewayFile, base: &Path, g: &mut FileErrors<'_>) 
             .unwrap_or_else(|| "/tmp/privacy-gateway.pid".into()),
         grace_period_seconds: process.grace_period_seconds.unwrap_or(5),
         graceful_shutdown_timeout_seconds: process.graceful_shutdown_timeout_seconds.unwrap_or(300),
-        admin: gateway.admin.as_ref().and_then(|a| match a.address.parse::<SocketAddr>() {
-            Ok(addr) => Some(addr),
-            Err(_) => {
-                g.at_line(None, format!("admin address `{}` is not host:port", a.address));
-                None
-            }
-        }),
+        admin: gateway
+            .admin
+            .as_ref()
+            .and_then(|a| match a.address.parse::<SocketAddr>() {
+                Ok(addr) => Some(addr),
+                Err(_) => {
+                    g.at_line(
+                        None,
+                        format!("admin address `{}` is not host:port", a.address),
+                    );
+                    None
+                }
+            }),
         audit: gateway.audit.as_ref().map(|a| match a.path.as_str() {
             "-" => AuditTarget::Stdout,
             path => AuditTarget::File(base.join(path)),
         }),
-        audit_buffer: gateway.audit.as_ref().and_then(|a| a.buffer).unwrap_or(65_536),
+        audit_buffer: gateway
+            .audit
+            .as_ref()
+            .and_then(|a| a.buffer)
+            .unwrap_or(65_536),
         log_json: match gateway.log.format.as_deref() {
             None | Some("text") => false,
             Some("json") => true,
             Some(other) => {
-                g.at_line(None, format!("log format `{other}` must be `text` or `json`"));
+                g.at_line(
+                    None,
+                    format!("log format `{other}` must be `text` or `json`"),
+                );
                 false
             }
         },
@@ -376,16 +390,10 @@ struct Rules {
 }
 
 /// Plan names -> classes, on top of `base` (the enforced plans, for a shadow set).
-fn compile_plans(
-    entry: &PlansEntry,
-    base: PlanNames,
-    r: &mut FileErrors<'_>,
-) -> PlanNames {
+fn compile_plans(entry: &PlansEntry, base: PlanNames, r: &mut FileErrors<'_>) -> PlanNames {
     let mut plans = base;
-    let products: [(Product, &BTreeMap<String, toml::Spanned<String>>); 2] = [
-        (Product::Api, &entry.api),
-        (Product::Chat, &entry.chat),
-    ];
+    let products: [(Product, &BTreeMap<String, toml::Spanned<String>>); 2] =
+        [(Product::Api, &entry.api), (Product::Chat, &entry.chat)];
     for (product, names) in products {
         for (name, class) in names {
             if name == "anonymous" {
@@ -480,7 +488,10 @@ fn compile_rules(file: &RulesFile, r: &mut FileErrors<'_>) -> Rules {
     let shadow = file.shadow.as_ref().map(|shadow| ShadowRules {
         name: shadow.name.clone(),
         plans: compile_plans(&shadow.plans, plans.clone(), r),
-        routes: shadow.routes.as_ref().map(|routes| compile_routes(routes, r).0),
+        routes: shadow
+            .routes
+            .as_ref()
+            .map(|routes| compile_routes(routes, r).0),
     });
     Rules {
         prefix_lengths,
