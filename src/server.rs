@@ -70,12 +70,6 @@ pub fn build(
         admin.add_tcp(&address.to_string());
         server.add_service(admin);
     }
-    if let Some(address) = settings.admin {
-        let app = AdminApp::new(snapshots.clone(), observers.metrics.clone());
-        let mut admin = Service::new("privacy-gateway admin".to_string(), app);
-        admin.add_tcp(&address.to_string());
-        server.add_service(admin);
-    }
     server.add_service(background_service(
         "health checks",
         HealthChecker::new(snapshots),
