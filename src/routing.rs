@@ -237,12 +237,16 @@ impl Upstreams {
         };
         let open_weight = |pool: usize| -> usize {
             self.pools.get(pool).map_or(0, |p| {
-                p.endpoints
+                let open = p
+                    .endpoints
                     .iter()
                     .enumerate()
-                    .any(|(i, e)| usable(pool, i, e))
-                    .then_some(p.weight as usize)
-                    .unwrap_or(0)
+                    .any(|(i, e)| usable(pool, i, e));
+                if open {
+                    p.weight as usize
+                } else {
+                    0
+                }
             })
         };
         let total: usize = candidates.iter().map(open_weight).sum();
