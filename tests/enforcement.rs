@@ -60,20 +60,17 @@ impl Setup {
         }
         let resp = req.send().await.expect("request");
         let status = resp.status();
-        let decision_id = resp
-            .headers()
-            .get("x-privacy-decision-id")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
+        let decision_id = support::decision_id(&resp);
         let body = resp.text().await.unwrap_or_default();
         assert_eq!(status, StatusCode::OK, "body: {body}");
-        let all = self.ups.all_requests();
-        assert_eq!(all.len(), before + 1, "exactly one upstream request");
-        let (pool, recorded) = all
-            .into_iter()
-            .find(|(_, r)| r.header("x-privacy-decision-id") == decision_id.as_deref())
-            .expect("upstream request carrying the client's decision id");
-        (pool, recorded)
+        assert_eq!(
+            self.ups.all_requests().len(),
+            before + 1,
+            "exactly one upstream request"
+        );
+        decision_id
+            .and_then(|id| self.ups.by_decision(&id))
+            .expect("upstream request carrying the client's decision id")
     }
 }
 
@@ -674,11 +671,7 @@ async fn prefix_lengths_come_from_the_rules() {
 
 async fn refusal(resp: reqwest::Response, status: StatusCode, code: &str) -> serde_json::Value {
     assert_eq!(resp.status(), status);
-    let id = resp
-        .headers()
-        .get("x-privacy-decision-id")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
+    let id = support::decision_id(&resp);
     let text = resp.text().await.expect("body");
     assert!(
         !text.contains(CLIENT_V4),

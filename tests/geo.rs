@@ -124,11 +124,7 @@ impl Setup {
         }
         let resp = req.send().await.expect("request");
         let status = resp.status();
-        let decision_id = resp
-            .headers()
-            .get("x-privacy-decision-id")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
+        let decision_id = support::decision_id(&resp);
         let body = resp.text().await.unwrap_or_default();
         assert_eq!(
             status,
@@ -136,11 +132,14 @@ impl Setup {
             "{key:?} from {client_ip} is forwarded; body: {body}\nlogs:\n{}",
             self.gw.logs()
         );
-        let all = self.ups.all_requests();
-        assert_eq!(all.len(), before + 1, "exactly one upstream request");
-        all.into_iter()
+        assert_eq!(
+            self.ups.all_requests().len(),
+            before + 1,
+            "exactly one upstream request"
+        );
+        decision_id
+            .and_then(|id| self.ups.by_decision(&id))
             .map(|(_, r)| r)
-            .find(|r| r.header("x-privacy-decision-id") == decision_id.as_deref())
             .expect("upstream request carrying the client's decision id")
     }
 

@@ -114,12 +114,10 @@ async fn explain_agrees_with_the_proxy_for_every_demo_account_and_route() {
             let what = format!("{caller:?} {route}");
             if status == 200 {
                 assert_eq!(all.len(), before + 1, "{what}");
-                let (pool, received) = all
-                    .iter()
-                    .find(|(_, r)| r.header("x-privacy-decision-id") == Some(id.as_str()))
-                    .expect("the forwarded request");
+                let (pool, received) = ups.by_decision(&id).expect("the forwarded request");
                 args.extend(["--pool", pool.as_str()]);
                 let explained = explain(&gw, &args);
+                let received = &received;
                 assert_eq!(explained["status"], 200, "{what}");
                 let headers: Vec<(String, String)> = explained["headers"]
                     .as_object()

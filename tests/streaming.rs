@@ -93,12 +93,8 @@ async fn server_sent_events_reach_the_client_one_by_one() {
         content_type.starts_with("text/event-stream"),
         "content-type: {content_type:?}"
     );
-    let decision_id = resp
-        .headers()
-        .get("x-privacy-decision-id")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-        .expect("x-privacy-decision-id on the streamed response");
+    let decision_id =
+        support::decision_id(&resp).expect("x-privacy-decision-id on the streamed response");
 
     // Exactly one upstream got the request, stamped with the same decision.
     let forwarded = ups.all_requests();

@@ -158,11 +158,7 @@ async fn chat(gw: &Gateway) -> (StatusCode, Option<String>, String) {
         .await
         .expect("request");
     let status = resp.status();
-    let decision_id = resp
-        .headers()
-        .get("x-privacy-decision-id")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
+    let decision_id = support::decision_id(&resp);
     let body = resp.text().await.expect("body");
     (status, decision_id, body)
 }

@@ -72,6 +72,13 @@ impl Upstreams {
         out
     }
 
+    /// The request carrying decision id `id`, with the pool that received it.
+    pub fn by_decision(&self, id: &str) -> Option<(String, Recorded)> {
+        self.all_requests()
+            .into_iter()
+            .find(|(_, r)| r.header("x-privacy-decision-id") == Some(id))
+    }
+
     /// Every byte any pool received.
     pub fn all_bytes(&self) -> Vec<u8> {
         self.echoes
@@ -404,6 +411,14 @@ pub async fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     f()
+}
+
+/// The decision id the gateway returned to the client.
+pub fn decision_id(resp: &reqwest::Response) -> Option<String> {
+    resp.headers()
+        .get("x-privacy-decision-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
 }
 
 /// An HTTP client connecting from [`CLIENT_V4`].
