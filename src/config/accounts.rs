@@ -1,7 +1,14 @@
 //! The consent snapshot: one record per account, found by API-key hash or id.
+//!
+//! Laid out for a million accounts: the records sit in one vector, and the
+//! two indexes hold only 4-byte positions into it, so nothing (id, key hash,
+//! plan name) is stored twice. During a reload two snapshots live side by
+//! side, so every byte per account counts twice.
 
-use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::Arc;
 
+use hashbrown::hash_table::{Entry, HashTable};
 use sha2::{Digest, Sha256};
 
 use crate::policy::{Consents, PlanClass, Product};
@@ -21,8 +28,8 @@ pub struct Account {
     pub id: Box<str>,
     /// The product the account belongs to.
     pub product: Product,
-    /// The plan's name, as stamped in `x-privacy-plan`.
-    pub plan: Box<str>,
+    /// The plan's name, as stamped in `x-privacy-plan` (shared between accounts).
+    pub plan: Arc<str>,
     /// The plan's class, as the policy reasons on it.
     pub plan_class: PlanClass,
     /// Consents and rights exercised.
@@ -33,8 +40,13 @@ pub struct Account {
 #[derive(Debug, Default)]
 pub struct AccountStore {
     accounts: Vec<Account>,
-    by_key: HashMap<KeyHash, u32>,
-    by_id: HashMap<Box<str>, u32>,
+    /// Every API key hash with the position of its account.
+    keys: Vec<(KeyHash, u32)>,
+    /// Positions in `keys`, hashed by key hash.
+    by_key: HashTable<u32>,
+    /// Positions in `accounts`, hashed by id.
+    by_id: HashTable<u32>,
+    id_hasher: RandomState,
 }
 
 /// Why an account could not be added.
@@ -46,29 +58,68 @@ pub enum DuplicateAccount {
     Key,
 }
 
+/// Key hashes are SHA-256 outputs, already uniform: their first bytes are
+/// a good table hash, and the file that fills the table is trusted.
+fn key_slot(key: &KeyHash) -> u64 {
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&key[..8]);
+    u64::from_le_bytes(first)
+}
+
 impl AccountStore {
-    /// An empty store with room for `n` accounts.
-    pub fn with_capacity(n: usize) -> Self {
+    /// An empty store with room for `accounts` accounts and `keys` keys.
+    pub fn with_capacity(accounts: usize, keys: usize) -> Self {
         AccountStore {
-            accounts: Vec::with_capacity(n),
-            by_key: HashMap::with_capacity(n),
-            by_id: HashMap::with_capacity(n),
+            accounts: Vec::with_capacity(accounts),
+            keys: Vec::with_capacity(keys),
+            by_key: HashTable::with_capacity(keys),
+            by_id: HashTable::with_capacity(accounts),
+            id_hasher: RandomState::new(),
         }
     }
 
     /// Adds an account reachable by its id and by each of `keys`.
     pub fn insert(&mut self, account: Account, keys: &[KeyHash]) -> Result<(), DuplicateAccount> {
-        if self.by_id.contains_key(&account.id) {
+        let index = self.accounts.len() as u32;
+        let id_hash = self.id_hasher.hash_one(&*account.id);
+        let accounts = &self.accounts;
+        if self
+            .by_id
+            .find(id_hash, |&i| accounts[i as usize].id == account.id)
+            .is_some()
+        {
             return Err(DuplicateAccount::Id);
         }
-        if keys.iter().any(|k| self.by_key.contains_key(k)) {
+        let known = &self.keys;
+        let taken = |k: &KeyHash| {
+            self.by_key
+                .find(key_slot(k), |&i| known[i as usize].0 == *k)
+                .is_some()
+        };
+        if keys
+            .iter()
+            .enumerate()
+            .any(|(n, k)| taken(k) || keys[..n].contains(k))
+        {
             return Err(DuplicateAccount::Key);
         }
-        let index = self.accounts.len() as u32;
         for key in keys {
-            self.by_key.insert(*key, index);
+            let position = self.keys.len() as u32;
+            self.keys.push((*key, index));
+            let known = &self.keys;
+            if let Entry::Vacant(slot) = self.by_key.entry(
+                key_slot(key),
+                |&i| known[i as usize].0 == *key,
+                |&i| key_slot(&known[i as usize].0),
+            ) {
+                slot.insert(position);
+            }
         }
-        self.by_id.insert(account.id.clone(), index);
+        let hasher = &self.id_hasher;
+        let accounts = &self.accounts;
+        self.by_id.insert_unique(id_hash, index, |&i| {
+            hasher.hash_one(&*accounts[i as usize].id)
+        });
         self.accounts.push(account);
         Ok(())
     }
@@ -77,14 +128,16 @@ impl AccountStore {
     pub fn by_api_key(&self, key: &[u8]) -> Option<&Account> {
         let hash = hash_api_key(key);
         self.by_key
-            .get(&hash)
-            .and_then(|&i| self.accounts.get(i as usize))
+            .find(key_slot(&hash), |&i| self.keys[i as usize].0 == hash)
+            .and_then(|&i| self.accounts.get(self.keys[i as usize].1 as usize))
     }
 
     /// The account with id `id`, as named by a trusted front service.
     pub fn by_id(&self, id: &str) -> Option<&Account> {
         self.by_id
-            .get(id)
+            .find(self.id_hasher.hash_one(id), |&i| {
+                &*self.accounts[i as usize].id == id
+            })
             .and_then(|&i| self.accounts.get(i as usize))
     }
 
@@ -96,5 +149,55 @@ impl AccountStore {
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
         self.accounts.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn account(id: &str) -> Account {
+        Account {
+            id: id.into(),
+            product: Product::Api,
+            plan: Arc::from("paid"),
+            plan_class: PlanClass::ApiPaid,
+            consents: Consents::default(),
+        }
+    }
+
+    #[test]
+    fn accounts_are_found_by_every_key_and_by_id() {
+        let mut store = AccountStore::with_capacity(2, 3);
+        let (a, b, c) = (hash_api_key(b"a"), hash_api_key(b"b"), hash_api_key(b"c"));
+        store.insert(account("one"), &[a, b]).unwrap();
+        store.insert(account("two"), &[c]).unwrap();
+        assert_eq!(store.by_api_key(b"a").map(|x| &*x.id), Some("one"));
+        assert_eq!(store.by_api_key(b"b").map(|x| &*x.id), Some("one"));
+        assert_eq!(store.by_api_key(b"c").map(|x| &*x.id), Some("two"));
+        assert!(store.by_api_key(b"d").is_none());
+        assert_eq!(store.by_id("two").map(|x| &*x.id), Some("two"));
+        assert!(store.by_id("three").is_none());
+        assert_eq!(store.len(), 2);
+    }
+
+    #[test]
+    fn duplicates_are_refused_and_change_nothing() {
+        let mut store = AccountStore::with_capacity(2, 2);
+        let a = hash_api_key(b"a");
+        store.insert(account("one"), &[a]).unwrap();
+        assert_eq!(store.insert(account("one"), &[]), Err(DuplicateAccount::Id));
+        assert_eq!(
+            store.insert(account("two"), &[a]),
+            Err(DuplicateAccount::Key)
+        );
+        let b = hash_api_key(b"b");
+        assert_eq!(
+            store.insert(account("two"), &[b, b]),
+            Err(DuplicateAccount::Key)
+        );
+        assert!(store.by_id("two").is_none());
+        assert!(store.by_api_key(b"b").is_none());
+        assert_eq!(store.len(), 1);
     }
 }

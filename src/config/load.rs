@@ -250,9 +250,8 @@ pub fn load(
         }
     }
 
-    let accounts_text = read(&accounts_path)?;
-    let mut a = FileErrors::new(&accounts_path, &accounts_text);
-    let accounts = compile_accounts(&accounts_text, &rules.plans, &pools, &mut a);
+    let mut a = FileErrors::new(&accounts_path, "");
+    let accounts = compile_accounts(&accounts_path, &rules.plans, &pools, &mut a)?;
     errors.append(&mut a.errors);
 
     let geo = match &gateway.files.geo {
@@ -712,29 +711,41 @@ fn parse_key_hash(hex_text: &str) -> Option<KeyHash> {
     Some(out)
 }
 
+/// Reads the consent snapshot line by line: a million accounts are never
+/// held as text beside the store being built.
 fn compile_accounts(
-    text: &str,
+    path: &Path,
     plans: &PlanNames,
     pools: &Pools,
     a: &mut FileErrors<'_>,
-) -> AccountStore {
-    let lines = text.lines().filter(|l| !l.trim().is_empty()).count();
-    let mut store = AccountStore::with_capacity(lines);
+) -> Result<AccountStore, ConfigErrors> {
+    let io_error = |e: std::io::Error| one_error(path, None, format!("cannot read: {e}"));
+    let lines = count_lines(path).map_err(io_error)?;
+    let mut store = AccountStore::with_capacity(lines, lines);
+    let mut reader = std::io::BufReader::new(std::fs::File::open(path).map_err(io_error)?);
+    let mut raw = String::new();
     let mut keys = Vec::with_capacity(2);
-    for (n, raw) in text.lines().enumerate() {
-        let line = Some(n + 1);
-        let raw = raw.trim();
-        if raw.is_empty() || raw.starts_with('#') {
+    let mut plan_names: HashMap<String, Arc<str>> = HashMap::new();
+    let mut n = 0;
+    loop {
+        raw.clear();
+        if std::io::BufRead::read_line(&mut reader, &mut raw).map_err(io_error)? == 0 {
+            break;
+        }
+        n += 1;
+        let line = Some(n);
+        let text = raw.trim();
+        if text.is_empty() || text.starts_with('#') {
             continue;
         }
-        let record: AccountLine = match serde_json::from_str(raw) {
+        let record: AccountLine = match serde_json::from_str(text) {
             Ok(r) => r,
             Err(e) => {
                 a.at_line(line, e.to_string());
                 continue;
             }
         };
-        match compile_account(record, plans, pools, &mut keys) {
+        match compile_account(record, plans, pools, &mut keys, &mut plan_names) {
             Ok(account) => match store.insert(account, &keys) {
                 Ok(()) => {}
                 Err(DuplicateAccount::Id) => {
@@ -742,13 +753,28 @@ fn compile_accounts(
                 }
                 Err(DuplicateAccount::Key) => a.at_line(
                     line,
-                    "an API key hash of this account belongs to another account",
+                    "an API key hash of this account belongs to another account or is listed twice",
                 ),
             },
             Err(message) => a.at_line(line, message),
         }
     }
-    store
+    Ok(store)
+}
+
+/// Lines in a file, to size the store before it is filled.
+fn count_lines(path: &Path) -> std::io::Result<usize> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut buf = vec![0u8; 1 << 16];
+    let mut lines = 0;
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            return Ok(lines + 1);
+        }
+        lines += buf[..n].iter().filter(|&&b| b == b'\n').count();
+    }
 }
 
 fn compile_account(
@@ -756,6 +782,7 @@ fn compile_account(
     plans: &PlanNames,
     pools: &Pools,
     keys: &mut Vec<KeyHash>,
+    plan_names: &mut HashMap<String, Arc<str>>,
 ) -> Result<Account, String> {
     if !is_token(&record.id) || record.id == "anonymous" {
         return Err(format!(
@@ -800,7 +827,10 @@ fn compile_account(
     Ok(Account {
         id: record.id.into(),
         product,
-        plan: record.plan.into(),
+        plan: plan_names
+            .entry(record.plan)
+            .or_insert_with_key(|name| Arc::from(name.as_str()))
+            .clone(),
         plan_class,
         consents: Consents {
             training_opt_out: record.training_opt_out,
