@@ -237,15 +237,10 @@ pub fn evaluate(snapshot: &Snapshot, head: &RequestHead<'_>) -> Result<Admission
     let forwarded_for = head
         .headers
         .get_all("x-forwarded-for")
-        .iter()
-        .map(|v| v.as_bytes())
-        .collect::<Vec<_>>();
-    let client = client_address(
-        head.peer,
-        forwarded_for.into_iter(),
-        &snapshot.trusted_proxies,
-    )
-    .map_err(Refusal::ClientIp)?;
+        .into_iter()
+        .map(|v| v.as_bytes());
+    let client = client_address(head.peer, forwarded_for, &snapshot.trusted_proxies)
+        .map_err(Refusal::ClientIp)?;
 
     let credentials = Credentials {
         authorization: head

@@ -236,8 +236,7 @@ impl ProxyHttp for PrivacyProxy {
         let more = ctx.admission.as_ref().is_some_and(|a| {
             ctx.snapshot
                 .upstreams
-                .choose(a.decision.route.candidates, &ctx.tried)
-                .is_some()
+                .has_choice(a.decision.route.candidates, &ctx.tried)
         });
         if more {
             e.set_retry(true);

@@ -84,6 +84,11 @@ impl Endpoint {
     }
 }
 
+/// Whether an address may take this attempt: healthy and not yet tried.
+fn usable(endpoint: &Endpoint, target: Target, tried: &[Target]) -> bool {
+    endpoint.health.is_usable() && !tried.contains(&target)
+}
+
 /// The item whose cumulative weight range holds `ticket` (< total weight).
 fn pick_weighted(items: impl Iterator<Item = (usize, usize)>, mut ticket: usize) -> Option<usize> {
     for (item, weight) in items {
@@ -227,28 +232,34 @@ impl Upstreams {
         &self.pools
     }
 
+    /// The weight of pool `pool` among the candidates now: its configured
+    /// weight while it has a healthy address not in `tried`, else 0.
+    fn open_weight(&self, pool: usize, tried: &[Target]) -> usize {
+        self.pools.get(pool).map_or(0, |p| {
+            let open = p
+                .endpoints
+                .iter()
+                .enumerate()
+                .any(|(endpoint, e)| usable(e, Target { pool, endpoint }, tried));
+            if open {
+                p.weight as usize
+            } else {
+                0
+            }
+        })
+    }
+
+    /// Whether [`Self::choose`] would find a target (without taking a turn).
+    pub fn has_choice(&self, candidates: PoolSet, tried: &[Target]) -> bool {
+        candidates.iter().any(|i| self.open_weight(i, tried) > 0)
+    }
+
     /// Chooses a target among `candidates`: weighted across pools, then
     /// weighted round robin across a pool's addresses, skipping addresses
     /// that are unhealthy or already in `tried`. `None` when no permitted
     /// address is left: the caller answers 503 and never looks further.
     pub fn choose(&self, candidates: PoolSet, tried: &[Target]) -> Option<Target> {
-        let usable = |pool: usize, endpoint: usize, e: &Endpoint| {
-            e.health.is_usable() && !tried.contains(&Target { pool, endpoint })
-        };
-        let open_weight = |pool: usize| -> usize {
-            self.pools.get(pool).map_or(0, |p| {
-                let open = p
-                    .endpoints
-                    .iter()
-                    .enumerate()
-                    .any(|(i, e)| usable(pool, i, e));
-                if open {
-                    p.weight as usize
-                } else {
-                    0
-                }
-            })
-        };
+        let open_weight = |pool: usize| self.open_weight(pool, tried);
         let total: usize = candidates.iter().map(open_weight).sum();
         if total == 0 {
             return None;
@@ -257,7 +268,11 @@ impl Upstreams {
         let pool_index = pick_weighted(candidates.iter().map(|i| (i, open_weight(i))), ticket)?;
         let pool = &self.pools[pool_index];
         let weights = pool.endpoints.iter().enumerate().map(|(i, e)| {
-            let w = if usable(pool_index, i, e) {
+            let target = Target {
+                pool: pool_index,
+                endpoint: i,
+            };
+            let w = if usable(e, target, tried) {
                 e.weight as usize
             } else {
                 0
