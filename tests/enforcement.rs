@@ -753,9 +753,14 @@ async fn no_log_line_holds_the_full_client_address() {
         .await
         .expect("request");
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    // Access lines are written after the answer: wait (bounded) for both.
+    let written = support::eventually(std::time::Duration::from_secs(5), || {
+        s.gw.logs().matches("decision_id=").count() >= 2
+    })
+    .await;
     let logs = s.gw.logs();
     assert!(
-        logs.contains("127.45.67.0/24"),
+        written && logs.contains("127.45.67.0/24"),
         "the access log names the prefix: {logs}"
     );
     assert!(

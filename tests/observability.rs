@@ -319,15 +319,23 @@ async fn metrics_parse_and_move_as_requests_pass() {
         .send()
         .await
         .expect("request");
-    let (_, after) = gw.admin_get("/metrics").await;
-    let after = parse_prometheus(&after);
+    // Metrics are counted when a request's last phase ends, just after the
+    // client has its answer: wait (bounded) for the last one.
+    let basis = r#"privacy_gateway_decisions_total{basis="3.4.2/paid",part="training"}"#;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let after = loop {
+        let after = parse_prometheus(&gw.admin_get("/metrics").await.1);
+        if sample(&after, basis) >= 6.0 || std::time::Instant::now() > deadline {
+            break after;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
     let requests = r#"privacy_gateway_requests_total{capability="chat",plan="paid",product="api",status="200",training="denied"}"#;
     assert_eq!(
         sample(&after, requests) - sample(&before, requests),
         5.0,
         "{after:?}"
     );
-    let basis = r#"privacy_gateway_decisions_total{basis="3.4.2/paid",part="training"}"#;
     assert_eq!(sample(&after, basis), 6.0);
     let removed = r#"privacy_gateway_routes_removed_total{pool="cerebras",reason="6/opt-out"}"#;
     assert_eq!(sample(&after, removed), 5.0);
@@ -384,6 +392,16 @@ async fn a_shadow_rule_counts_disagreements_and_changes_nothing_upstream() {
             assert_eq!(r.header("x-privacy-training-basis"), Some("3.4.3/team"));
         }
     }
+    // Audit lines are written after metrics are counted: once all four are
+    // there, so are the counts.
+    let mut lines = Vec::new();
+    assert!(
+        support::eventually(std::time::Duration::from_secs(5), || {
+            lines = gw.audit_lines();
+            lines.len() >= 4
+        })
+        .await
+    );
     let (_, metrics) = gw.admin_get("/metrics").await;
     let samples = parse_prometheus(&metrics);
     let series = r#"privacy_gateway_shadow_disagreements_total{candidate="3.4.3/default",enforced="3.4.3/team",field="training",shadow="team-trains-by-default"}"#;
@@ -396,14 +414,6 @@ async fn a_shadow_rule_counts_disagreements_and_changes_nothing_upstream() {
             .sum::<f64>(),
         3.0,
         "only the team requests disagree: {metrics}"
-    );
-    let mut lines = Vec::new();
-    assert!(
-        support::eventually(std::time::Duration::from_secs(5), || {
-            lines = gw.audit_lines();
-            lines.len() >= 4
-        })
-        .await
     );
     let team: serde_json::Value = serde_json::from_str(&lines[0]).expect("JSON");
     assert_eq!(
