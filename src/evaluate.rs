@@ -221,16 +221,6 @@ pub fn route_constraints(decision: &Decision) -> Vec<Basis> {
     out
 }
 
-const NO_CONSENTS: Consents = Consents {
-    training_opt_out: false,
-    training_opt_in: false,
-    zdr: false,
-    ip_personalization_opt_out: false,
-    subprocessor_opt_outs: policy::SubprocessorSet::EMPTY,
-    residency: None,
-    restricted: false,
-};
-
 /// Decides one request under `snapshot`.
 pub fn evaluate(snapshot: &Snapshot, head: &RequestHead<'_>) -> Result<Admission, Refusal> {
     let trusted_peer = snapshot.trusted_proxies.contains(head.peer);
@@ -269,7 +259,7 @@ pub fn evaluate(snapshot: &Snapshot, head: &RequestHead<'_>) -> Result<Admission
             "anonymous",
             head.listener_product,
             PlanClass::ChatAnonymous,
-            &NO_CONSENTS,
+            &Consents::NONE,
         ),
     };
     let facts = RequestFacts {

@@ -326,6 +326,19 @@ pub struct Consents {
     pub restricted: bool,
 }
 
+impl Consents {
+    /// No consent given and no right exercised: anonymous traffic.
+    pub const NONE: Consents = Consents {
+        training_opt_out: false,
+        training_opt_in: false,
+        zdr: false,
+        ip_personalization_opt_out: false,
+        subprocessor_opt_outs: SubprocessorSet::EMPTY,
+        residency: None,
+        restricted: false,
+    };
+}
+
 /// Everything the decision looks at for one request.
 #[derive(Clone, Copy, Debug)]
 pub struct RequestFacts<'a> {
