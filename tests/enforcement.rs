@@ -50,27 +50,7 @@ impl Setup {
         path: &str,
         headers: &[(&str, &str)],
     ) -> (String, Recorded) {
-        let before = self.ups.all_requests().len();
-        let mut req = client().post(self.url(on, path)).body("{}");
-        if let Some(key) = key {
-            req = req.bearer_auth(key);
-        }
-        for (name, value) in headers {
-            req = req.header(*name, *value);
-        }
-        let resp = req.send().await.expect("request");
-        let status = resp.status();
-        let decision_id = support::decision_id(&resp);
-        let body = resp.text().await.unwrap_or_default();
-        assert_eq!(status, StatusCode::OK, "body: {body}");
-        assert_eq!(
-            self.ups.all_requests().len(),
-            before + 1,
-            "exactly one upstream request"
-        );
-        decision_id
-            .and_then(|id| self.ups.by_decision(&id))
-            .expect("upstream request carrying the client's decision id")
+        support::forward(&self.ups, &self.url(on, path), key, headers).await
     }
 }
 

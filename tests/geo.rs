@@ -12,9 +12,8 @@ use mmdb_writer::ipnet::IpNet;
 use mmdb_writer::{Ipv4Aliasing, Writer};
 use privacy_gateway::echo::Recorded;
 use privacy_gateway::policy::Product;
-use reqwest::StatusCode;
 use serde_json::{json, Value};
-use support::{client, Gateway, TestConfig, Upstreams, CLIENT_V4};
+use support::{Gateway, TestConfig, Upstreams, CLIENT_V4};
 
 const CHAT: &str = "/v1/chat/completions";
 const GEO_FILE: &str = "geo.mmdb";
@@ -111,36 +110,11 @@ impl Setup {
         client_ip: &str,
         extra: &[(&str, &str)],
     ) -> Recorded {
-        let before = self.ups.all_requests().len();
-        let mut req = client()
-            .post(self.gw.chat_url(CHAT))
-            .header("x-forwarded-for", client_ip)
-            .body("{}");
-        if let Some(key) = key {
-            req = req.bearer_auth(key);
-        }
-        for (name, value) in extra {
-            req = req.header(*name, *value);
-        }
-        let resp = req.send().await.expect("request");
-        let status = resp.status();
-        let decision_id = support::decision_id(&resp);
-        let body = resp.text().await.unwrap_or_default();
-        assert_eq!(
-            status,
-            StatusCode::OK,
-            "{key:?} from {client_ip} is forwarded; body: {body}\nlogs:\n{}",
-            self.gw.logs()
-        );
-        assert_eq!(
-            self.ups.all_requests().len(),
-            before + 1,
-            "exactly one upstream request"
-        );
-        decision_id
-            .and_then(|id| self.ups.by_decision(&id))
-            .map(|(_, r)| r)
-            .expect("upstream request carrying the client's decision id")
+        let mut headers = vec![("x-forwarded-for", client_ip)];
+        headers.extend_from_slice(extra);
+        support::forward(&self.ups, &self.gw.chat_url(CHAT), key, &headers)
+            .await
+            .1
     }
 
     /// Every byte the upstreams received, as text.

@@ -421,6 +421,40 @@ pub fn decision_id(resp: &reqwest::Response) -> Option<String> {
         .map(str::to_string)
 }
 
+/// Sends `POST url` with body `{}`, an optional API key and extra headers;
+/// expects it forwarded to exactly one upstream and returns that upstream's
+/// pool and what it received.
+pub async fn forward(
+    ups: &Upstreams,
+    url: &str,
+    key: Option<&str>,
+    headers: &[(&str, &str)],
+) -> (String, Recorded) {
+    let before = ups.all_requests().len();
+    let mut req = client().post(url).body("{}");
+    if let Some(key) = key {
+        req = req.bearer_auth(key);
+    }
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    let resp = req.send().await.expect("request");
+    let status = resp.status().as_u16();
+    let id = decision_id(&resp);
+    let body = resp.text().await.unwrap_or_default();
+    assert_eq!(
+        status, 200,
+        "{key:?} {headers:?} is forwarded; body: {body}"
+    );
+    assert_eq!(
+        ups.all_requests().len(),
+        before + 1,
+        "exactly one upstream request"
+    );
+    id.and_then(|id| ups.by_decision(&id))
+        .expect("upstream request carrying the client's decision id")
+}
+
 /// An HTTP client connecting from [`CLIENT_V4`].
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
