@@ -244,6 +244,21 @@ async fn a_broken_rules_file_changes_nothing_is_reported_and_its_fix_applies() {
         after.policy_version, before.policy_version,
         "the rules revision must change with the rules"
     );
+    // Both outcomes are counted, and the served version is the new one.
+    let (_, metrics) = gw.admin_get("/metrics").await;
+    for line in [
+        "privacy_gateway_config_reloads_total{result=\"failure\"} 1",
+        "privacy_gateway_config_reloads_total{result=\"success\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} missing:\n{metrics}");
+    }
+    let version = after.policy_version.as_deref().expect("version");
+    assert!(
+        metrics.contains(&format!(
+            "privacy_gateway_policy_version_info{{version=\"{version}\"}} 1"
+        )),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
