@@ -461,3 +461,51 @@ fn a_geo_file_that_is_not_a_maxmind_database_fails_check_naming_the_file() {
         "the error names the geo file: {stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replaced_geo_database_applies_without_a_restart_and_a_broken_one_is_refused() {
+    let s = setup(Some(mmdb(&[("198.51.100.0/24", geoip2("FR"))]))).await;
+    let country =
+        |r: &privacy_gateway::echo::Recorded| r.header("x-privacy-country").map(str::to_string);
+    assert_eq!(
+        country(&s.forwarded(Some("demo-chat-pro"), FR_CLIENT, &[]).await).as_deref(),
+        Some("FR")
+    );
+
+    // A broken database changes nothing.
+    let path = s.gw.dir.path().join(GEO_FILE);
+    let tmp = s.gw.dir.path().join("geo.tmp");
+    std::fs::write(&tmp, noise(4096)).expect("write");
+    std::fs::rename(&tmp, &path).expect("rename over");
+    let reported = support::eventually(std::time::Duration::from_secs(10), || {
+        s.gw.logs().contains("reload rejected")
+    })
+    .await;
+    assert!(
+        reported,
+        "the broken database was not reported:\n{}",
+        s.gw.logs()
+    );
+    assert_eq!(
+        country(&s.forwarded(Some("demo-chat-pro"), FR_CLIENT, &[]).await).as_deref(),
+        Some("FR")
+    );
+
+    // A good one replaces it on the next request after the reload.
+    std::fs::write(&tmp, mmdb(&[("198.51.100.0/24", geoip2("BE"))])).expect("write");
+    std::fs::rename(&tmp, &path).expect("rename over");
+    let mut last = None;
+    for _ in 0..200 {
+        last = country(&s.forwarded(Some("demo-chat-pro"), FR_CLIENT, &[]).await);
+        if last.as_deref() == Some("BE") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        last.as_deref(),
+        Some("BE"),
+        "the new database was not applied:\n{}",
+        s.gw.logs()
+    );
+}

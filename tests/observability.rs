@@ -474,3 +474,40 @@ fn readyz_blocking(gw: &Gateway) -> (u16, String) {
     .join()
     .expect("readyz thread")
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn logs_are_json_lines_when_configured() {
+    let ups = Upstreams::start().await;
+    let mut config = TestConfig::shipped_with(&ups);
+    config.extra_tables = "[log]\nformat = \"json\"\n".into();
+    let gw = Gateway::start(&config);
+    let resp = client()
+        .post(gw.api_url("/v1/chat/completions"))
+        .bearer_auth("demo-api-paid")
+        .body("{}")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut logs = String::new();
+    let logged = support::eventually(std::time::Duration::from_secs(5), || {
+        logs = gw.logs();
+        logs.contains("\"decision_id\"")
+    })
+    .await;
+    assert!(logged, "no JSON access line:\n{logs}");
+    // Every diagnostic line is one JSON object (stdout's start-up banner aside).
+    let lines: Vec<&str> = logs
+        .lines()
+        .filter(|l| !l.starts_with("listening on"))
+        .collect();
+    assert!(!lines.is_empty());
+    for line in lines {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(
+            v.get("level").is_some() && v.get("fields").is_some(),
+            "{line}"
+        );
+    }
+}
