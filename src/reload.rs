@@ -3,6 +3,7 @@
 //! and swapped in whole; a rejected one leaves the running snapshot serving.
 
 use std::collections::BTreeSet;
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -87,31 +88,9 @@ impl Reloader {
         }
     }
 
-    /// The folders holding the current snapshot's files (what to watch).
-    pub fn watched_dirs(&self) -> BTreeSet<PathBuf> {
-        self.snapshots
-            .current()
-            .sources
-            .iter()
-            .filter_map(|p| p.parent().map(Path::to_path_buf))
-            .map(|d| {
-                if d.as_os_str().is_empty() {
-                    PathBuf::from(".")
-                } else {
-                    d
-                }
-            })
-            .collect()
-    }
-
-    /// The file names of the current snapshot's sources (what events matter).
-    pub fn watched_names(&self) -> BTreeSet<std::ffi::OsString> {
-        self.snapshots
-            .current()
-            .sources
-            .iter()
-            .filter_map(|p| p.file_name().map(|n| n.to_os_string()))
-            .collect()
+    /// The files the current snapshot was built from (what to watch).
+    pub fn sources(&self) -> Vec<PathBuf> {
+        self.snapshots.current().sources.clone()
     }
 
     /// Loads and swaps in a new snapshot. Unless `force`, does nothing when
@@ -178,12 +157,28 @@ impl ReloadService {
         ReloadService { reloader, debounce }
     }
 
+    /// Watches the folders of `sources` for changes to their files.
     fn watch(
         &self,
+        sources: &[PathBuf],
         tx: &mpsc::UnboundedSender<Trigger>,
-    ) -> Option<(notify::RecommendedWatcher, BTreeSet<PathBuf>)> {
+    ) -> Option<notify::RecommendedWatcher> {
         let events = tx.clone();
-        let names = self.reloader.watched_names();
+        let names: BTreeSet<OsString> = sources
+            .iter()
+            .filter_map(|p| p.file_name().map(OsString::from))
+            .collect();
+        let dirs: BTreeSet<&Path> = sources
+            .iter()
+            .filter_map(|p| p.parent())
+            .map(|d| {
+                if d.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    d
+                }
+            })
+            .collect();
         let mut watcher =
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
                 if event.is_ok_and(|e| is_relevant(&e, &names)) {
@@ -192,21 +187,20 @@ impl ReloadService {
             })
             .map_err(|e| tracing::error!("cannot watch configuration files: {e}"))
             .ok()?;
-        let dirs = self.reloader.watched_dirs();
-        for dir in &dirs {
+        for dir in dirs {
             // Folders, not files: editors and deploy tools replace files by
             // rename, and Kubernetes swaps a symlinked folder.
             if let Err(e) = watcher.watch(dir, RecursiveMode::NonRecursive) {
                 tracing::error!(dir = %dir.display(), "cannot watch configuration folder: {e}");
             }
         }
-        Some((watcher, dirs))
+        Some(watcher)
     }
 }
 
 /// Whether a file event may have changed a source file: a change (not a
 /// read) to one of their names, or to a Kubernetes `..data`-style entry.
-fn is_relevant(event: &notify::Event, names: &BTreeSet<std::ffi::OsString>) -> bool {
+fn is_relevant(event: &notify::Event, names: &BTreeSet<OsString>) -> bool {
     if matches!(event.kind, notify::EventKind::Access(_)) {
         return false;
     }
@@ -228,7 +222,8 @@ impl BackgroundService for ReloadService {
                 None
             }
         };
-        let mut watching = self.watch(&tx);
+        let mut sources = self.reloader.sources();
+        let mut _watcher = self.watch(&sources, &tx);
         loop {
             let first = tokio::select! {
                 _ = shutdown.changed() => return,
@@ -248,14 +243,12 @@ impl BackgroundService for ReloadService {
             }
             let reloader = self.reloader.clone();
             let outcome = tokio::task::spawn_blocking(move || reloader.reload(force)).await;
-            if matches!(outcome, Ok(Ok(ReloadOutcome::Swapped))) {
-                let dirs = self.reloader.watched_dirs();
-                if watching
-                    .as_ref()
-                    .is_none_or(|(_, watched)| *watched != dirs)
-                {
-                    watching = self.watch(&tx);
-                }
+            // A new snapshot may name other files: watch those.
+            if matches!(outcome, Ok(Ok(ReloadOutcome::Swapped)))
+                && self.reloader.sources() != sources
+            {
+                sources = self.reloader.sources();
+                _watcher = self.watch(&sources, &tx);
             }
         }
     }
