@@ -494,18 +494,55 @@ async fn a_replaced_geo_database_applies_without_a_restart_and_a_broken_one_is_r
     // A good one replaces it on the next request after the reload.
     std::fs::write(&tmp, mmdb(&[("198.51.100.0/24", geoip2("BE"))])).expect("write");
     std::fs::rename(&tmp, &path).expect("rename over");
+    assert_eq!(
+        country_becomes(&s, "BE").await.as_deref(),
+        Some("BE"),
+        "the new database was not applied:\n{}",
+        s.gw.logs()
+    );
+}
+
+/// The country stamped for [`FR_CLIENT`] once it is `want` (bounded wait), or the last one seen.
+async fn country_becomes(s: &Setup, want: &str) -> Option<String> {
     let mut last = None;
     for _ in 0..200 {
-        last = country(&s.forwarded(Some("demo-chat-pro"), FR_CLIENT, &[]).await);
-        if last.as_deref() == Some("BE") {
+        let r = s.forwarded(Some("demo-chat-pro"), FR_CLIENT, &[]).await;
+        last = r.header("x-privacy-country").map(str::to_string);
+        if last.as_deref() == Some(want) {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+    last
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_geo_database_named_by_a_reload_is_watched_too() {
+    let s = setup(Some(mmdb(&[("198.51.100.0/24", geoip2("FR"))]))).await;
+    let dir = s.gw.dir.path();
+    // gateway.toml now names another database in the same folder.
+    std::fs::write(
+        dir.join("other.mmdb"),
+        mmdb(&[("198.51.100.0/24", geoip2("NL"))]),
+    )
+    .expect("write");
+    let gateway = std::fs::read_to_string(dir.join("gateway.toml")).expect("read");
+    s.gw.replace_file(
+        "gateway.toml",
+        &gateway.replace("geo = \"geo.mmdb\"", "geo = \"other.mmdb\""),
+    );
     assert_eq!(
-        last.as_deref(),
-        Some("BE"),
-        "the new database was not applied:\n{}",
+        country_becomes(&s, "NL").await.as_deref(),
+        Some("NL"),
+        "{}",
+        s.gw.logs()
+    );
+    // And a change to that new file is picked up as well.
+    s.gw.replace_file_bytes("other.mmdb", &mmdb(&[("198.51.100.0/24", geoip2("LU"))]));
+    assert_eq!(
+        country_becomes(&s, "LU").await.as_deref(),
+        Some("LU"),
+        "{}",
         s.gw.logs()
     );
 }

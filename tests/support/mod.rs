@@ -315,6 +315,11 @@ impl Gateway {
     /// Replaces configuration file `name` the way deploy tools do: a new
     /// file renamed over the old one.
     pub fn replace_file(&self, name: &str, contents: &str) {
+        self.replace_file_bytes(name, contents.as_bytes());
+    }
+
+    /// [`Self::replace_file`] for binary contents.
+    pub fn replace_file_bytes(&self, name: &str, contents: &[u8]) {
         let tmp = self.dir.path().join(format!(".{name}.tmp"));
         std::fs::write(&tmp, contents).expect("write");
         std::fs::rename(&tmp, self.dir.path().join(name)).expect("rename over");
