@@ -16,8 +16,11 @@
 //! - [`stamp`]: the upstream header contract and its signature.
 //! - [`proxy`]: the Pingora `ProxyHttp` adapter.
 //! - [`reload`]: file watching and `SIGHUP` -> validated snapshot swap.
+//! - [`metrics`], [`audit`], [`admin`]: what happened, for operators and the privacy team.
 //! - [`server`]: assembles Pingora services from the settings.
 //! - [`echo`]: echo upstreams for `demo` and tests.
+
+#![warn(missing_docs)]
 
 pub mod admin;
 pub mod audit;
