@@ -7,6 +7,7 @@ use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -67,6 +68,8 @@ pub const STREAM_EVENTS: usize = 3;
 struct EchoState {
     pool: String,
     pace: StreamPace,
+    /// Whether requests and bytes are kept (tests) or not (a long demo).
+    recording: AtomicBool,
     requests: Mutex<Vec<Recorded>>,
     received: Mutex<Vec<u8>>,
 }
@@ -97,6 +100,12 @@ impl EchoUpstream {
         )
     }
 
+    /// Stops keeping what it receives, so a long-running demo does not grow;
+    /// it still echoes every request.
+    pub fn stop_recording(&self) {
+        self.state.recording.store(false, Ordering::Relaxed);
+    }
+
     /// Starts an echo upstream on an already bound listener.
     pub fn start_with(pool: &str, listener: TcpListener, pace: StreamPace) -> io::Result<Self> {
         Self::start_accepting(pool, listener, pace, |tcp| async move { Ok(tcp) })
@@ -119,6 +128,7 @@ impl EchoUpstream {
         let state = Arc::new(EchoState {
             pool: pool.to_string(),
             pace,
+            recording: AtomicBool::new(true),
             requests: Mutex::new(Vec::new()),
             received: Mutex::new(Vec::new()),
         });
@@ -220,8 +230,10 @@ async fn answer(
         .await
         .map(|b| b.to_bytes())
         .unwrap_or_default();
-    if let Ok(mut requests) = state.requests.lock() {
-        requests.push(recorded.clone());
+    if state.recording.load(Ordering::Relaxed) {
+        if let Ok(mut requests) = state.requests.lock() {
+            requests.push(recorded.clone());
+        }
     }
     let wants_stream = recorded
         .header("accept")
@@ -301,7 +313,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Recording<S> {
         let this = self.get_mut();
         let before = buf.filled().len();
         let poll = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = poll {
+        if poll.is_ready() && this.state.recording.load(Ordering::Relaxed) {
             if let Ok(mut received) = this.state.received.lock() {
                 received.extend_from_slice(&buf.filled()[before..]);
             }

@@ -245,7 +245,10 @@ fn demo(config_path: &Path) -> ExitCode {
             let mut echoes = Vec::new();
             for name in &pool_names {
                 match EchoUpstream::start(name).await {
-                    Ok(echo) => echoes.push(echo),
+                    Ok(echo) => {
+                        echo.stop_recording();
+                        echoes.push(echo)
+                    }
                     Err(e) => {
                         let _ = tx.send(Err(e));
                         return;
