@@ -111,6 +111,19 @@ async fn respond_json(
     session.write_response_body(Some(body), true).await
 }
 
+/// What a 451 or 503 names: the capability and the account's constraints
+/// that narrowed its pools (never another customer's data).
+fn route_refusal_detail(admission: &Admission) -> serde_json::Value {
+    let constraints: Vec<&str> = route_constraints(&admission.decision)
+        .iter()
+        .map(|b| b.as_str())
+        .collect();
+    serde_json::json!({
+        "capability": admission.capability.as_str(),
+        "constraints": constraints,
+    })
+}
+
 fn peer_ip(session: &Session) -> Option<IpAddr> {
     session
         .client_addr()
@@ -182,13 +195,7 @@ impl ProxyHttp for PrivacyProxy {
             }
             Err(refusal) => {
                 let extra = match &refusal {
-                    Refusal::NoPermittedRoute(a) => Some(serde_json::json!({
-                        "capability": a.capability.as_str(),
-                        "constraints": route_constraints(&a.decision)
-                            .iter()
-                            .map(|b| b.as_str())
-                            .collect::<Vec<_>>(),
-                    })),
+                    Refusal::NoPermittedRoute(a) => Some(route_refusal_detail(a)),
                     _ => None,
                 };
                 let body = error_body(refusal.code(), &refusal.message(), &ctx.decision_id, extra);
@@ -326,7 +333,7 @@ impl ProxyHttp for PrivacyProxy {
                 .admission
                 .as_ref()
                 .filter(|_| status == 503)
-                .map(|a| serde_json::json!({ "capability": a.capability.as_str() }));
+                .map(route_refusal_detail);
             let body = error_body(code, message, &ctx.decision_id, extra);
             // The client may be gone; there is nobody left to tell.
             let _ = respond_json(session, status, &ctx.decision_id, body).await;

@@ -139,6 +139,10 @@ async fn when_every_permitted_pool_is_down_it_is_a_503_and_never_a_forbidden_poo
     let body: serde_json::Value = resp.json().await.expect("json");
     assert_eq!(body["error"]["code"], "permitted_pools_unavailable");
     assert_eq!(body["error"]["capability"], "chat");
+    assert_eq!(
+        body["error"]["constraints"],
+        serde_json::json!(["7/residency"])
+    );
 
     // Other accounts fail over to the pools that are up, without a visible error.
     let statuses = send_chat(&gw, "demo-api-paid", 20).await;
