@@ -437,7 +437,7 @@ async fn health_endpoints_report_process_and_pools() {
     ups.echoes.remove("black-forest-labs");
     let mut last = (0, String::new());
     let unready = support::eventually(std::time::Duration::from_secs(10), || {
-        last = readyz_blocking(&gw);
+        last = admin_blocking(&gw, "/readyz");
         last.0 == 503
     })
     .await;
@@ -455,16 +455,17 @@ async fn health_endpoints_report_process_and_pools() {
     assert_eq!(gw.admin_get("/nope").await.0, 404);
 }
 
-/// `GET /readyz` from inside a synchronous poll (a fresh blocking client).
-fn readyz_blocking(gw: &Gateway) -> (u16, String) {
-    let url = format!("http://{}/readyz", gw.admin);
+/// `GET path` on the admin listener from inside a synchronous poll (a fresh
+/// blocking client on its own thread).
+fn admin_blocking(gw: &Gateway, path: &str) -> (u16, String) {
+    let url = format!("http://{}{path}", gw.admin);
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("runtime");
         rt.block_on(async {
-            let resp = reqwest::get(url).await.expect("readyz");
+            let resp = reqwest::get(url).await.expect("admin request");
             (
                 resp.status().as_u16(),
                 resp.text().await.unwrap_or_default(),
@@ -472,7 +473,7 @@ fn readyz_blocking(gw: &Gateway) -> (u16, String) {
         })
     })
     .join()
-    .expect("readyz thread")
+    .expect("admin thread")
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -510,4 +511,53 @@ async fn logs_are_json_lines_when_configured() {
             "{line}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stuck_audit_writer_drops_and_counts_lines_and_never_blocks_requests() {
+    use std::os::unix::fs::OpenOptionsExt;
+    let ups = Upstreams::start().await;
+    let mut config = TestConfig::shipped_with(&ups);
+    // The audit log is a pipe that nobody reads: once the kernel's pipe
+    // buffer is full, the writer thread blocks for good.
+    let fifo_dir = tempfile::tempdir().expect("tempdir");
+    let fifo = fifo_dir.path().join("audit.fifo");
+    let made = Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
+    assert!(made.success());
+    const O_NONBLOCK: i32 = 0o4000;
+    let _reader = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(O_NONBLOCK)
+        .open(&fifo)
+        .expect("open the pipe's reading end");
+    config.audit = format!("path = \"{}\"\nbuffer = 4\n", fifo.display());
+    let gw = Gateway::start(&config);
+    let c = client();
+    // Each request must still be answered (the client gives up after 20 s).
+    for _ in 0..600 {
+        let resp = c
+            .post(gw.api_url("/v1/chat/completions"))
+            .bearer_auth("demo-api-paid")
+            .body("{}")
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(resp.status(), StatusCode::OK);
+    }
+    let mut dropped = 0.0;
+    let counted = support::eventually(std::time::Duration::from_secs(5), || {
+        dropped = dropped_audit_lines(&gw);
+        dropped > 0.0
+    })
+    .await;
+    assert!(counted, "no audit line was counted as dropped");
+}
+
+/// `privacy_gateway_audit_lines_dropped_total`, read from a synchronous poll.
+fn dropped_audit_lines(gw: &Gateway) -> f64 {
+    let text = admin_blocking(gw, "/metrics").1;
+    sample(
+        &parse_prometheus(&text),
+        "privacy_gateway_audit_lines_dropped_total",
+    )
 }

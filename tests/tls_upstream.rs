@@ -145,6 +145,7 @@ fn gateway(upstream: &TlsUpstream, trusted_ca: &CertifiedIssuer<'static, KeyPair
         listen_host: "127.0.0.1".into(),
         ejection_ms: 5000,
         configmap_layout: false,
+        audit: "path = \"audit.jsonl\"\n".into(),
     })
 }
 

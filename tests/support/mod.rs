@@ -147,6 +147,8 @@ pub struct TestConfig {
     pub listen_host: String,
     /// `[upstream] ejection_ms`: how long a refusing address is left out.
     pub ejection_ms: u64,
+    /// The body of the `[audit]` table.
+    pub audit: String,
     /// Lay the files out as a Kubernetes ConfigMap volume does: each a
     /// symlink through `..data` to a timestamped folder.
     pub configmap_layout: bool,
@@ -166,6 +168,7 @@ impl TestConfig {
             listen_host: "127.0.0.1".into(),
             ejection_ms: 5000,
             configmap_layout: false,
+            audit: "path = \"audit.jsonl\"\n".into(),
         }
     }
 }
@@ -228,12 +231,13 @@ impl Gateway {
              [files]\nrules = \"rules.toml\"\npools = \"pools.toml\"\naccounts = \"accounts.jsonl\"\n{}\n\n[trust]\n{}\n\n\
              [upstream]\nconnect_timeout_ms = 500\nread_timeout_ms = 10000\nejection_ms = {}\n\n\
              [process]\nupgrade_sock = \"{}\"\npid_file = \"{}\"\ngrace_period_seconds = 1\ngraceful_shutdown_timeout_seconds = 5\n\n\
-             [admin]\naddress = \"{admin}\"\n\n[audit]\npath = \"audit.jsonl\"\n\n{}\n",
+             [admin]\naddress = \"{admin}\"\n\n[audit]\n{}\n\n{}\n",
             config.extra_files,
             config.trust,
             config.ejection_ms,
             dir.path().join("upgrade.sock").display(),
             dir.path().join("gateway.pid").display(),
+            config.audit,
             config.extra_tables
         );
         let write = |name: &str, bytes: &[u8]| {
