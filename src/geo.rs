@@ -83,13 +83,6 @@ impl GeoDb {
         Ok(GeoDb { reader })
     }
 
-    /// Reads a database already in memory.
-    pub fn from_bytes(bytes: Vec<u8>) -> Result<Self, GeoError> {
-        Ok(GeoDb {
-            reader: maxminddb::Reader::from_source(bytes)?,
-        })
-    }
-
     /// The country of `ip`, if the database knows it. Lookup errors count as
     /// "unknown": a country is a convenience, never a reason to fail a request.
     pub fn country(&self, ip: IpAddr) -> Option<CountryCode> {

@@ -213,12 +213,6 @@ impl PoolSet {
         debug_assert!(i < MAX_POOLS);
         self.0 |= 1 << i;
     }
-    /// Removes the pool with index `i`.
-    pub fn remove(&mut self, i: usize) {
-        if i < MAX_POOLS {
-            self.0 &= !(1 << i);
-        }
-    }
     /// Whether the pool with index `i` is in the set.
     pub const fn contains(self, i: usize) -> bool {
         i < MAX_POOLS && self.0 & (1 << i) != 0
