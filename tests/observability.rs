@@ -192,14 +192,10 @@ async fn every_request_writes_one_audit_line_without_address_key_or_body() {
         .await
         .expect("request");
     assert_eq!(ok.status(), StatusCode::OK);
-    let denied = c
-        .post(gw.api_url("/v1/chat/completions"))
-        .bearer_auth("sk-live-audit-key")
-        .body("{}")
-        .send()
-        .await
-        .expect("request");
-    assert_eq!(denied.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        support::post_as(&c, &gw.api_url("/v1/chat/completions"), "sk-live-audit-key").await,
+        StatusCode::UNAUTHORIZED
+    );
     let lines = {
         let mut lines = Vec::new();
         let found = support::eventually(std::time::Duration::from_secs(5), || {
@@ -306,19 +302,19 @@ async fn metrics_parse_and_move_as_requests_pass() {
     let before = parse_prometheus(&before);
     let c = client();
     for _ in 0..5 {
-        c.post(gw.api_url("/v1/chat/completions"))
-            .bearer_auth("demo-api-no-cerebras")
-            .body("{}")
-            .send()
-            .await
-            .expect("request");
+        support::post_as(
+            &c,
+            &gw.api_url("/v1/chat/completions"),
+            "demo-api-no-cerebras",
+        )
+        .await;
     }
-    c.post(gw.api_url("/v1/images/generations"))
-        .bearer_auth("demo-api-eu-only")
-        .body("{}")
-        .send()
-        .await
-        .expect("request");
+    support::post_as(
+        &c,
+        &gw.api_url("/v1/images/generations"),
+        "demo-api-eu-only",
+    )
+    .await;
     // Metrics are counted when a request's last phase ends, just after the
     // client has its answer: wait (bounded) for the last one.
     let basis = r#"privacy_gateway_decisions_total{basis="3.4.2/paid",part="training"}"#;
@@ -367,21 +363,12 @@ async fn a_shadow_rule_counts_disagreements_and_changes_nothing_upstream() {
     let gw = Gateway::start(&config);
     let c = client();
     for _ in 0..3 {
-        let resp = c
-            .post(gw.chat_url("/v1/chat/completions"))
-            .bearer_auth("demo-chat-team")
-            .body("{}")
-            .send()
-            .await
-            .expect("request");
-        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(
+            support::post_as(&c, &gw.chat_url("/v1/chat/completions"), "demo-chat-team").await,
+            StatusCode::OK
+        );
     }
-    c.post(gw.chat_url("/v1/chat/completions"))
-        .bearer_auth("demo-chat-pro")
-        .body("{}")
-        .send()
-        .await
-        .expect("request");
+    support::post_as(&c, &gw.chat_url("/v1/chat/completions"), "demo-chat-pro").await;
     for (_, r) in ups.all_requests() {
         if r.header("x-privacy-account") == Some("acct-chat-team") {
             assert_eq!(
@@ -482,14 +469,15 @@ async fn logs_are_json_lines_when_configured() {
     let mut config = TestConfig::shipped_with(&ups);
     config.extra_tables = "[log]\nformat = \"json\"\n".into();
     let gw = Gateway::start(&config);
-    let resp = client()
-        .post(gw.api_url("/v1/chat/completions"))
-        .bearer_auth("demo-api-paid")
-        .body("{}")
-        .send()
-        .await
-        .expect("request");
-    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(
+        support::post_as(
+            &client(),
+            &gw.api_url("/v1/chat/completions"),
+            "demo-api-paid"
+        )
+        .await,
+        StatusCode::OK
+    );
     let mut logs = String::new();
     let logged = support::eventually(std::time::Duration::from_secs(5), || {
         logs = gw.logs();
@@ -535,14 +523,10 @@ async fn a_stuck_audit_writer_drops_and_counts_lines_and_never_blocks_requests()
     let c = client();
     // Each request must still be answered (the client gives up after 20 s).
     for _ in 0..600 {
-        let resp = c
-            .post(gw.api_url("/v1/chat/completions"))
-            .bearer_auth("demo-api-paid")
-            .body("{}")
-            .send()
-            .await
-            .expect("request");
-        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(
+            support::post_as(&c, &gw.api_url("/v1/chat/completions"), "demo-api-paid").await,
+            StatusCode::OK
+        );
     }
     let mut dropped = 0.0;
     let counted = support::eventually(std::time::Duration::from_secs(5), || {

@@ -19,14 +19,7 @@ async fn send_chat(gw: &Gateway, key: &str, n: usize) -> Vec<StatusCode> {
     let c = client();
     let mut statuses = Vec::with_capacity(n);
     for _ in 0..n {
-        let resp = c
-            .post(gw.api_url(CHAT))
-            .bearer_auth(key)
-            .body("{}")
-            .send()
-            .await
-            .expect("request");
-        statuses.push(resp.status());
+        statuses.push(support::post_as(&c, &gw.api_url(CHAT), key).await);
     }
     statuses
 }
@@ -235,17 +228,6 @@ async fn pools_and_the_addresses_inside_a_pool_share_traffic_by_weight() {
     );
 }
 
-/// Sends one chat request as `key`; returns its status.
-async fn one(c: &reqwest::Client, gw: &Gateway, key: &str) -> StatusCode {
-    c.post(gw.api_url(CHAT))
-        .bearer_auth(key)
-        .body("{}")
-        .send()
-        .await
-        .expect("request")
-        .status()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn killed_pools_fail_closed_for_eu_only_and_over_for_others_and_return_after_health_checks() {
     let mut ups = Upstreams::start().await;
@@ -258,7 +240,10 @@ async fn killed_pools_fail_closed_for_eu_only_and_over_for_others_and_return_aft
     let c = client();
 
     for key in ["demo-api-eu-only", "demo-api-paid"] {
-        assert_eq!(one(&c, &gw, key).await, StatusCode::OK);
+        assert_eq!(
+            support::post_as(&c, &gw.api_url(CHAT), key).await,
+            StatusCode::OK
+        );
     }
 
     // Kill both eu pools' servers mid-run.
@@ -269,11 +254,11 @@ async fn killed_pools_fail_closed_for_eu_only_and_over_for_others_and_return_aft
     }
     for _ in 0..30 {
         assert_eq!(
-            one(&c, &gw, "demo-api-eu-only").await,
+            support::post_as(&c, &gw.api_url(CHAT), "demo-api-eu-only").await,
             StatusCode::SERVICE_UNAVAILABLE
         );
         assert_eq!(
-            one(&c, &gw, "demo-api-paid").await,
+            support::post_as(&c, &gw.api_url(CHAT), "demo-api-paid").await,
             StatusCode::OK,
             "failover must be invisible"
         );
@@ -293,7 +278,7 @@ async fn killed_pools_fail_closed_for_eu_only_and_over_for_others_and_return_aft
         ups.echoes.insert(pool.to_string(), echo);
     }
     let deadline = Instant::now() + Duration::from_secs(10);
-    while one(&c, &gw, "demo-api-eu-only").await != StatusCode::OK {
+    while support::post_as(&c, &gw.api_url(CHAT), "demo-api-eu-only").await != StatusCode::OK {
         assert!(
             Instant::now() < deadline,
             "eu pools did not come back after health checks"

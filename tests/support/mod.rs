@@ -430,6 +430,17 @@ pub fn decision_id(resp: &reqwest::Response) -> Option<String> {
         .map(str::to_string)
 }
 
+/// Sends `POST url` with body `{}` as the holder of API key `key`; the status.
+pub async fn post_as(c: &reqwest::Client, url: &str, key: &str) -> reqwest::StatusCode {
+    c.post(url)
+        .bearer_auth(key)
+        .body("{}")
+        .send()
+        .await
+        .expect("request")
+        .status()
+}
+
 /// Sends `POST url` with body `{}`, an optional API key and extra headers;
 /// expects it forwarded to exactly one upstream and returns that upstream's
 /// pool and what it received.
