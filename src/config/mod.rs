@@ -4,12 +4,17 @@
 //! complete snapshot or every error found, each with its file and line. A
 //! snapshot is immutable; the running one sits behind [`SnapshotHandle`].
 
+mod account_lines;
 mod accounts;
+mod diagnostics;
 mod files;
+mod gateway;
 mod load;
+mod pools;
+mod rules;
 mod snapshot;
 
 pub use accounts::{hash_api_key, Account, AccountStore, KeyHash};
-pub use files::*;
-pub use load::{load, ConfigError, ConfigErrors, LoadOptions};
+pub use diagnostics::{ConfigError, ConfigErrors};
+pub use load::{load, LoadOptions};
 pub use snapshot::{GatewaySettings, Listener, PlanNames, ShadowRules, Snapshot, SnapshotHandle};

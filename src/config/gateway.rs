@@ -1,0 +1,174 @@
+//! `gateway.toml` -> process settings, and the trust and signing parts of the snapshot.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use http::HeaderName;
+use ipnet::IpNet;
+
+use super::diagnostics::FileErrors;
+use super::files::GatewayFile;
+use super::snapshot::{GatewaySettings, Listener};
+use crate::audit::AuditTarget;
+use crate::client_ip::TrustedProxies;
+use crate::policy::Product;
+use crate::routing::UpstreamTimeouts;
+use crate::stamp::SigningKey;
+
+/// `gateway.toml`, compiled: the process settings and what the snapshot
+/// takes from it.
+pub(super) struct Gateway {
+    pub settings: GatewaySettings,
+    pub trusted_proxies: TrustedProxies,
+    pub identity_header: Option<HeaderName>,
+    pub signing_key: Option<SigningKey>,
+    pub timeouts: UpstreamTimeouts,
+    /// Files named here that the snapshot depends on (the signing key).
+    pub sources: Vec<PathBuf>,
+}
+
+/// Compiles `gateway` (whose folder is `base`), reporting problems to `g`.
+pub(super) fn compile_gateway(
+    gateway: &GatewayFile,
+    base: &Path,
+    g: &mut FileErrors<'_>,
+) -> Gateway {
+    let settings = gateway_settings(gateway, base, g);
+    let mut trusted = Vec::new();
+    for net in &gateway.trust.trusted_proxies {
+        match net.parse::<IpNet>() {
+            Ok(n) => trusted.push(n),
+            Err(_) => g.at_line(None, format!("trusted proxy `{net}` is not a CIDR network")),
+        }
+    }
+    let identity_header = match gateway.trust.identity_header.as_deref() {
+        None => None,
+        Some(name) => match HeaderName::try_from(name) {
+            Ok(h) if crate::stamp::is_reserved(h.as_str()) => {
+                g.at_line(None, format!("identity header `{name}` is a reserved name"));
+                None
+            }
+            Ok(h) => Some(h),
+            Err(_) => {
+                g.at_line(
+                    None,
+                    format!("identity header `{name}` is not a header name"),
+                );
+                None
+            }
+        },
+    };
+    let mut sources = Vec::new();
+    let signing_key = match &gateway.signing.key_file {
+        None => None,
+        Some(file) => {
+            let path = base.join(file);
+            sources.push(path.clone());
+            match std::fs::read(&path) {
+                Ok(bytes) if bytes.trim_ascii().len() >= 16 => {
+                    Some(SigningKey::new(bytes.trim_ascii().to_vec()))
+                }
+                Ok(_) => {
+                    g.at_line(
+                        None,
+                        format!("signing key {} is shorter than 16 bytes", path.display()),
+                    );
+                    None
+                }
+                Err(e) => {
+                    g.at_line(
+                        None,
+                        format!("cannot read signing key {}: {e}", path.display()),
+                    );
+                    None
+                }
+            }
+        }
+    };
+    let timeouts = {
+        let d = UpstreamTimeouts::default();
+        let ms = std::time::Duration::from_millis;
+        UpstreamTimeouts {
+            connect: gateway.upstream.connect_timeout_ms.map_or(d.connect, ms),
+            read: gateway.upstream.read_timeout_ms.map_or(d.read, ms),
+            ejection: gateway.upstream.ejection_ms.map_or(d.ejection, ms),
+        }
+    };
+    Gateway {
+        settings,
+        trusted_proxies: TrustedProxies::new(trusted),
+        identity_header,
+        signing_key,
+        timeouts,
+        sources,
+    }
+}
+
+fn gateway_settings(gateway: &GatewayFile, base: &Path, g: &mut FileErrors<'_>) -> GatewaySettings {
+    let mut listeners = Vec::new();
+    if gateway.listeners.is_empty() {
+        g.at_line(None, "at least one [[listener]] is required");
+    }
+    for entry in &gateway.listeners {
+        let span = entry.span();
+        let l = entry.get_ref();
+        let address = l.address.parse::<SocketAddr>();
+        let product = l.product.parse::<Product>();
+        match (address, product) {
+            (Ok(address), Ok(product)) => listeners.push(Listener { address, product }),
+            (Err(_), _) => g.at_span(
+                span,
+                format!("listener address `{}` is not host:port", l.address),
+            ),
+            (_, Err(e)) => g.at_span(span, e),
+        }
+    }
+    let process = &gateway.process;
+    GatewaySettings {
+        listeners,
+        threads: gateway.threads.unwrap_or(2).max(1),
+        upgrade_sock: process
+            .upgrade_sock
+            .clone()
+            .unwrap_or_else(|| "/tmp/privacy-gateway-upgrade.sock".into()),
+        pid_file: process
+            .pid_file
+            .clone()
+            .unwrap_or_else(|| "/tmp/privacy-gateway.pid".into()),
+        grace_period_seconds: process.grace_period_seconds.unwrap_or(5),
+        graceful_shutdown_timeout_seconds: process.graceful_shutdown_timeout_seconds.unwrap_or(300),
+        admin: gateway
+            .admin
+            .as_ref()
+            .and_then(|a| match a.address.parse::<SocketAddr>() {
+                Ok(addr) => Some(addr),
+                Err(_) => {
+                    g.at_line(
+                        None,
+                        format!("admin address `{}` is not host:port", a.address),
+                    );
+                    None
+                }
+            }),
+        audit: gateway.audit.as_ref().map(|a| match a.path.as_str() {
+            "-" => AuditTarget::Stdout,
+            path => AuditTarget::File(base.join(path)),
+        }),
+        audit_buffer: gateway
+            .audit
+            .as_ref()
+            .and_then(|a| a.buffer)
+            .unwrap_or(65_536),
+        log_json: match gateway.log.format.as_deref() {
+            None | Some("text") => false,
+            Some("json") => true,
+            Some(other) => {
+                g.at_line(
+                    None,
+                    format!("log format `{other}` must be `text` or `json`"),
+                );
+                false
+            }
+        },
+    }
+}

@@ -1,0 +1,211 @@
+//! `pools.toml` -> the pool catalogue the policy sees and the upstreams the proxy uses.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use pingora::tls::x509::X509;
+
+use super::diagnostics::{is_token, FileErrors};
+use super::files::{AddressEntry, HealthCheckEntry, PoolsFile};
+use super::load::LoadOptions;
+use crate::health::{CheckSpec, Probe, Thresholds};
+use crate::policy::{
+    Capability, CapabilitySet, PoolCatalog, PoolProfile, RegionId, MAX_POOLS, MAX_SUBPROCESSORS,
+};
+use crate::routing::{Endpoint, PoolUpstream, UpstreamTimeouts, Upstreams};
+
+/// The pools file, compiled.
+pub(super) struct Pools {
+    pub(super) catalog: PoolCatalog,
+    pub(super) upstreams: Upstreams,
+    pub(super) subprocessors: Vec<String>,
+    pub(super) regions: Vec<String>,
+}
+
+fn index_of(names: &mut Vec<String>, name: &str) -> usize {
+    match names.iter().position(|n| n == name) {
+        Some(i) => i,
+        None => {
+            names.push(name.to_string());
+            names.len() - 1
+        }
+    }
+}
+
+pub(super) fn compile_pools(
+    file: &PoolsFile,
+    base: &Path,
+    options: &LoadOptions,
+    timeouts: UpstreamTimeouts,
+    p: &mut FileErrors<'_>,
+) -> Pools {
+    let mut subprocessors = Vec::new();
+    let mut regions = Vec::new();
+    let mut profiles = Vec::new();
+    let mut upstreams = Vec::new();
+    if file.pools.len() > MAX_POOLS {
+        p.at_line(None, format!("at most {MAX_POOLS} pools are supported"));
+    }
+    for entry in file.pools.iter().take(MAX_POOLS) {
+        let span = entry.span();
+        let pool = entry.get_ref();
+        if profiles.len() != upstreams.len() {
+            break;
+        }
+        if upstreams.iter().any(|u: &PoolUpstream| u.name == pool.name) {
+            p.at_span(
+                span.clone(),
+                format!("pool `{}` is defined twice", pool.name),
+            );
+            continue;
+        }
+        if !is_token(&pool.name) || !is_token(&pool.subprocessor) || !is_token(&pool.region) {
+            p.at_span(
+                span.clone(),
+                "pool name, subprocessor and region must be non-empty and printable without spaces",
+            );
+            continue;
+        }
+        let mut capabilities = CapabilitySet::default();
+        for c in &pool.capabilities {
+            match c.parse::<Capability>() {
+                Ok(c) => capabilities.insert(c),
+                Err(e) => p.at_span(span.clone(), format!("pool `{}`: {e}", pool.name)),
+            }
+        }
+        let overridden: Option<Vec<AddressEntry>> = options
+            .pool_addresses
+            .get(&pool.name)
+            .map(|urls| urls.iter().cloned().map(AddressEntry::Url).collect());
+        let addresses = overridden.as_ref().unwrap_or(&pool.addresses);
+        if addresses.is_empty() {
+            p.at_span(
+                span.clone(),
+                format!("pool `{}` has no addresses", pool.name),
+            );
+        }
+        let mut endpoints = Vec::new();
+        for address in addresses {
+            if address.weight() == 0 {
+                p.at_span(
+                    span.clone(),
+                    format!("pool `{}`: address weight must be at least 1", pool.name),
+                );
+            }
+            match Endpoint::parse(
+                address.url(),
+                pool.tls_server_name.as_deref(),
+                address.weight(),
+                &options.health,
+            ) {
+                Ok(e) => endpoints.push(e),
+                Err(e) => p.at_span(span.clone(), format!("pool `{}`: {e}", pool.name)),
+            }
+        }
+        let health_check = pool
+            .health_check
+            .as_ref()
+            .and_then(|h| match check_spec(h) {
+                Ok(spec) => Some(spec),
+                Err(e) => {
+                    p.at_span(span.clone(), format!("pool `{}`: {e}", pool.name));
+                    None
+                }
+            });
+        let ca = match &pool.tls_ca_file {
+            None => None,
+            Some(file) => {
+                let path = base.join(file);
+                let certs = std::fs::read(&path)
+                    .map_err(|e| e.to_string())
+                    .and_then(|pem| X509::stack_from_pem(&pem).map_err(|e| e.to_string()));
+                match certs {
+                    Ok(certs) if !certs.is_empty() => Some(Arc::new(certs.into_boxed_slice())),
+                    Ok(_) => {
+                        p.at_span(
+                            span.clone(),
+                            format!("{} holds no certificate", path.display()),
+                        );
+                        None
+                    }
+                    Err(e) => {
+                        p.at_span(
+                            span.clone(),
+                            format!("cannot read CA file {}: {e}", path.display()),
+                        );
+                        None
+                    }
+                }
+            }
+        };
+        let weight = pool.weight.unwrap_or(1);
+        if weight == 0 {
+            p.at_span(
+                span.clone(),
+                format!("pool `{}`: weight must be at least 1", pool.name),
+            );
+        }
+        let subprocessor = index_of(&mut subprocessors, &pool.subprocessor);
+        let region = index_of(&mut regions, &pool.region);
+        if subprocessor >= MAX_SUBPROCESSORS || region > u8::MAX as usize {
+            p.at_span(span.clone(), "too many distinct subprocessors or regions");
+            continue;
+        }
+        profiles.push(PoolProfile {
+            subprocessor,
+            region: RegionId(region as u8),
+            capabilities,
+        });
+        upstreams.push(PoolUpstream::new(
+            pool.name.clone(),
+            pool.subprocessor.clone(),
+            pool.region.clone(),
+            weight.max(1),
+            endpoints,
+            ca,
+            health_check,
+        ));
+    }
+    Pools {
+        catalog: PoolCatalog::new(profiles),
+        upstreams: Upstreams::new(upstreams, timeouts),
+        subprocessors,
+        regions,
+    }
+}
+
+fn check_spec(entry: &HealthCheckEntry) -> Result<CheckSpec, String> {
+    let probe = match entry.kind.as_str() {
+        "tcp" => Probe::Tcp,
+        "http" => {
+            let path = entry.path.clone().unwrap_or_else(|| "/".into());
+            if !path.starts_with('/') || http::Uri::try_from(path.as_str()).is_err() {
+                return Err(format!(
+                    "health check path `{path}` must be an absolute path"
+                ));
+            }
+            Probe::Http { path }
+        }
+        other => {
+            return Err(format!(
+                "health check kind `{other}` must be `http` or `tcp`"
+            ))
+        }
+    };
+    let ms = std::time::Duration::from_millis;
+    let interval = ms(entry.interval_ms.unwrap_or(1000));
+    let timeout = ms(entry.timeout_ms.unwrap_or(1000));
+    if interval.is_zero() || timeout.is_zero() {
+        return Err("health check interval_ms and timeout_ms must be at least 1".into());
+    }
+    let thresholds = Thresholds {
+        healthy: entry.healthy_threshold.unwrap_or(1).max(1),
+        unhealthy: entry.unhealthy_threshold.unwrap_or(2).max(1),
+    };
+    Ok(CheckSpec {
+        probe,
+        interval,
+        timeout,
+        thresholds,
+    })
+}
