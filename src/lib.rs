@@ -16,6 +16,7 @@
 //! - [`stamp`]: the upstream header contract and its signature.
 //! - [`proxy`]: the Pingora `ProxyHttp` adapter.
 //! - [`reload`]: file watching and `SIGHUP` -> validated snapshot swap.
+//! - [`observe`]: a finished request -> metrics, access line, audit record.
 //! - [`metrics`], [`audit`], [`admin`]: what happened, for operators and the privacy team.
 //! - [`server`]: assembles Pingora services from the settings.
 //! - [`echo`]: echo upstreams for `demo` and tests.
@@ -34,6 +35,7 @@ pub mod geo;
 pub mod health;
 pub mod identity;
 pub mod metrics;
+pub mod observe;
 pub mod policy;
 pub mod proxy;
 pub mod reload;

@@ -13,10 +13,9 @@ use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{ErrorSource, ErrorType};
 
-use crate::audit::{self, AuditDecision, AuditLog, AuditRecord};
 use crate::config::{Snapshot, SnapshotHandle};
 use crate::evaluate::{evaluate, route_constraints, Admission, Refusal, RequestHead};
-use crate::metrics::Metrics;
+use crate::observe::{Completed, Observers};
 use crate::policy::Product;
 use crate::routing::Target;
 use crate::stamp;
@@ -29,14 +28,6 @@ pub struct PrivacyProxy {
     snapshots: Arc<SnapshotHandle>,
     listener_product: Product,
     observers: Arc<Observers>,
-}
-
-/// Where the proxy reports what it did: metrics and, when configured, the audit log.
-pub struct Observers {
-    /// The process's metrics.
-    pub metrics: Arc<Metrics>,
-    /// The audit log.
-    pub audit: Option<AuditLog>,
 }
 
 impl PrivacyProxy {
@@ -345,96 +336,20 @@ impl ProxyHttp for PrivacyProxy {
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Self::CTX) {
-        let status = session.response_written().map_or(0, |r| r.status.as_u16());
-        let total = ctx.started.elapsed();
-        let upstream = ctx.upstream_started.map(|t| t.elapsed());
-        let pool = ctx.target.and_then(|t| ctx.snapshot.upstreams.pool(t.pool));
-        let shadow_name = ctx.snapshot.shadow.as_ref().map(|s| s.name.as_str());
-        let metrics = &self.observers.metrics;
-        let status_label = status.to_string();
-        match &ctx.admission {
-            Some(a) => {
-                metrics
-                    .requests
-                    .with_label_values(&[
-                        a.product.as_str(),
-                        &a.plan,
-                        a.capability.as_str(),
-                        a.decision.training.as_str(),
-                        &status_label,
-                    ])
-                    .inc();
-                let upstreams = &ctx.snapshot.upstreams;
-                metrics.record_decision(
-                    a,
-                    |i| {
-                        upstreams
-                            .pool(i)
-                            .map_or_else(String::new, |p| p.name.clone())
-                    },
-                    shadow_name.unwrap_or(""),
-                );
-                tracing::info!(
-                    target: "access",
-                    decision_id = %ctx.decision_id,
-                    status,
-                    account = %a.account,
-                    capability = %a.capability,
-                    training_basis = %a.decision.training_basis,
-                    retention_basis = %a.decision.retention_basis,
-                    pool = pool.map_or("-", |p| p.name.as_str()),
-                    client_prefix = %a.client_prefix,
-                    total_us = total.as_micros() as u64,
-                );
-            }
-            None => {
-                metrics
-                    .requests
-                    .with_label_values(&[
-                        self.listener_product.as_str(),
-                        "-",
-                        "-",
-                        "-",
-                        &status_label,
-                    ])
-                    .inc();
-                tracing::info!(
-                    target: "access",
-                    decision_id = %ctx.decision_id,
-                    status,
-                    error = ctx.error_code.unwrap_or("-"),
-                    total_us = total.as_micros() as u64,
-                );
-            }
-        }
-        if let Some(upstream) = upstream {
-            metrics.upstream_seconds.observe(upstream.as_secs_f64());
-        }
-        metrics.overhead_seconds.observe(
-            total
-                .saturating_sub(upstream.unwrap_or_default())
-                .as_secs_f64(),
-        );
-        if let Some(audit) = &self.observers.audit {
-            let record = AuditRecord {
-                ts: audit::timestamp(),
-                decision_id: &ctx.decision_id,
-                policy_version: &ctx.snapshot.policy_version,
-                status,
-                error: ctx.error_code,
-                decision: ctx
-                    .admission
-                    .as_ref()
-                    .map(|a| AuditDecision::of(a, shadow_name)),
-                pool: pool.map(|p| p.name.as_str()),
-                subprocessor: pool.map(|p| p.subprocessor.as_str()),
-                upstream_ms: upstream.map(|d| d.as_secs_f64() * 1000.0),
-                total_ms: total.as_secs_f64() * 1000.0,
-            };
-            if let Ok(line) = serde_json::to_string(&record) {
-                audit.record(line);
-            }
-        }
+        let now = Instant::now();
+        self.observers.request_done(&Completed {
+            decision_id: &ctx.decision_id,
+            snapshot: &ctx.snapshot,
+            listener_product: self.listener_product,
+            admission: ctx.admission.as_ref(),
+            status: session.response_written().map_or(0, |r| r.status.as_u16()),
+            error_code: ctx.error_code,
+            pool: ctx.target.and_then(|t| ctx.snapshot.upstreams.pool(t.pool)),
+            total: now.saturating_duration_since(ctx.started),
+            upstream: ctx
+                .upstream_started
+                .map(|t| now.saturating_duration_since(t)),
+        });
     }
 
     fn request_summary(&self, session: &Session, ctx: &Self::CTX) -> String {

@@ -14,7 +14,8 @@ use pingora::services::listening::Service;
 use crate::admin::AdminApp;
 use crate::config::{GatewaySettings, SnapshotHandle};
 use crate::health::HealthChecker;
-use crate::proxy::{Observers, PrivacyProxy};
+use crate::observe::Observers;
+use crate::proxy::PrivacyProxy;
 use crate::reload::{ReloadService, Reloader};
 
 /// How the process starts: fresh or taking sockets over, attached or detached.
