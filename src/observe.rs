@@ -43,6 +43,15 @@ pub struct Completed<'a> {
 }
 
 impl Observers {
+    /// Writes out what is still queued (before the process exits).
+    pub fn flush(&self) {
+        if let Some(audit) = &self.audit {
+            if !audit.flush(std::time::Duration::from_secs(2)) {
+                tracing::warn!("the audit writer did not catch up before exit");
+            }
+        }
+    }
+
     /// Counts, logs and audits one finished request.
     pub fn request_done(&self, done: &Completed<'_>) {
         let Completed {

@@ -15,6 +15,7 @@ use pingora::{ErrorSource, ErrorType};
 
 use crate::config::{Snapshot, SnapshotHandle};
 use crate::evaluate::{evaluate, route_constraints, Admission, Refusal, RequestHead};
+use crate::lifecycle::{InFlight, Lifecycle};
 use crate::observe::{Completed, Observers};
 use crate::policy::Product;
 use crate::routing::Target;
@@ -28,20 +29,32 @@ pub struct PrivacyProxy {
     snapshots: Arc<SnapshotHandle>,
     listener_product: Product,
     observers: Arc<Observers>,
+    lifecycle: &'static Lifecycle,
 }
 
 impl PrivacyProxy {
     /// A proxy for a listener of `listener_product`, reading `snapshots`,
-    /// reporting to `observers`.
+    /// reporting to `observers`, counting its requests in `lifecycle`.
     pub fn new(
         snapshots: Arc<SnapshotHandle>,
         listener_product: Product,
         observers: Arc<Observers>,
+        lifecycle: &'static Lifecycle,
     ) -> Self {
         PrivacyProxy {
             snapshots,
             listener_product,
             observers,
+            lifecycle,
+        }
+    }
+
+    /// During an upgrade or a stop every answer closes its connection, so
+    /// that the client's next request opens a new one (which the process
+    /// that stays accepts) instead of racing the close of an idle one.
+    fn close_when_draining(&self, session: &mut Session) {
+        if self.lifecycle.is_draining() {
+            session.set_keepalive(None);
         }
     }
 }
@@ -60,6 +73,8 @@ pub struct RequestCtx {
     error_code: Option<&'static str>,
     /// When the first upstream attempt began.
     upstream_started: Option<Instant>,
+    /// Counts the request in flight until it is over.
+    _in_flight: InFlight,
 }
 
 impl RequestCtx {
@@ -157,10 +172,12 @@ impl ProxyHttp for PrivacyProxy {
             target: None,
             error_code: None,
             upstream_started: None,
+            _in_flight: self.lifecycle.begin_request(),
         }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
+        self.close_when_draining(session);
         let Some(peer) = peer_ip(session) else {
             let body = error_body(
                 "no_peer_address",
@@ -287,10 +304,11 @@ impl ProxyHttp for PrivacyProxy {
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_response: &mut ResponseHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
+        self.close_when_draining(session);
         upstream_response.insert_header(stamp::DECISION_ID, &ctx.decision_id)?;
         Ok(())
     }
@@ -320,6 +338,9 @@ impl ProxyHttp for PrivacyProxy {
             ctx.error_code = Some(code);
         }
         if status > 0 {
+            // The connection is not reused after a failure (see below): say
+            // so, or a keep-alive client would write its next request into it.
+            session.set_keepalive(None);
             let extra = ctx
                 .admission
                 .as_ref()
@@ -333,6 +354,19 @@ impl ProxyHttp for PrivacyProxy {
             error_code: status,
             can_reuse_downstream: false,
         }
+    }
+
+    /// Pingora logs every failed request at ERROR. A 503 because every
+    /// permitted pool is down is an answer the policy chose (pool health is
+    /// logged when it changes, and counted), and a client hanging up is the
+    /// client's business: neither is an error of the gateway.
+    fn suppress_error_log(&self, _session: &Session, _ctx: &Self::CTX, e: &Error) -> bool {
+        *e.etype() == NO_PERMITTED_ENDPOINT
+            || (*e.esource() == ErrorSource::Downstream
+                && matches!(
+                    e.etype(),
+                    ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError
+                ))
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Self::CTX) {

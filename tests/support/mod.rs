@@ -202,7 +202,12 @@ impl Drop for Gateway {
         let _ = self.child.wait();
         // Every test that starts a gateway is also a log-capture test.
         if !std::thread::panicking() {
-            let logs = format!("{}\n{}", self.logs(), self.audit_lines().join("\n"));
+            let logs = format!(
+                "{}\n{}\n{}",
+                self.logs(),
+                self.stdout(),
+                self.audit_lines().join("\n")
+            );
             for address in FULL_ADDRESSES {
                 assert!(
                     !logs.contains(address),
@@ -235,7 +240,7 @@ impl Gateway {
             config.extra_files,
             config.trust,
             config.ejection_ms,
-            dir.path().join("upgrade.sock").display(),
+            dir.path().join("run").join("upgrade.sock").display(),
             dir.path().join("gateway.pid").display(),
             config.audit,
             config.extra_tables
@@ -299,6 +304,12 @@ impl Gateway {
         spawn(self.dir.path(), "upgrade.log", true)
     }
 
+    /// Where the new process of an upgrade waits for the listening sockets
+    /// (in a folder the gateway creates owner-only).
+    pub fn upgrade_sock(&self) -> PathBuf {
+        self.dir.path().join("run").join("upgrade.sock")
+    }
+
     /// The gateway process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
@@ -353,9 +364,14 @@ impl Gateway {
         (status, resp.text().await.unwrap_or_default())
     }
 
-    /// Everything the gateway printed so far.
+    /// Everything the gateway logged so far (standard error).
     pub fn logs(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("gateway.log")).unwrap_or_default()
+    }
+
+    /// Everything the gateway wrote to standard output so far.
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("gateway.log.stdout")).unwrap_or_default()
     }
 
     /// `http://` URL of `path` on the api listener.
@@ -369,8 +385,10 @@ impl Gateway {
     }
 }
 
-/// Starts the gateway binary on `dir/gateway.toml`, logging to `dir/log`.
+/// Starts the gateway binary on `dir/gateway.toml`, logging to `dir/log`
+/// (standard output, where `[audit] path = "-"` writes, to `dir/log.stdout`).
 fn spawn(dir: &Path, log: &str, upgrade: bool) -> Child {
+    let stdout = std::fs::File::create(dir.join(format!("{log}.stdout"))).expect("stdout file");
     let log = std::fs::File::create(dir.join(log)).expect("log file");
     let mut command = Command::new(binary());
     command
@@ -382,7 +400,7 @@ fn spawn(dir: &Path, log: &str, upgrade: bool) -> Child {
     }
     command
         .env("RUST_LOG", "info")
-        .stdout(log.try_clone().expect("log"))
+        .stdout(stdout)
         .stderr(log)
         .stdin(Stdio::null())
         .spawn()

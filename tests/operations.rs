@@ -1,0 +1,583 @@
+//! Operating the real binary: keep-alive clients across a graceful upgrade
+//! and a graceful stop, a busy port, the upgrade socket's folder, log
+//! reopening, log levels and what goes to standard output.
+
+mod support;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use privacy_gateway::echo::{EchoUpstream, StreamPace};
+use support::{eventually, signal, Gateway, TestConfig, Upstreams};
+
+/// A response as a raw HTTP/1.1 client read it.
+#[derive(Debug)]
+struct RawResponse {
+    status: u16,
+    /// The server said `Connection: close`.
+    close: bool,
+    body: Vec<u8>,
+}
+
+/// What one request of a keep-alive client came to.
+#[derive(Debug)]
+enum Outcome {
+    /// A complete response.
+    Answered(RawResponse),
+    /// No connection could be opened: nobody listens any more.
+    Refused,
+    /// The request was written and no complete response came back: lost.
+    Lost(String),
+}
+
+/// An HTTP/1.1 client that keeps its connection for the next request, as a
+/// load balancer does, and counts the connections it opens. Like every
+/// well-behaved client it notices a connection the server closed while it
+/// was idle before writing on it, and then opens a new one.
+struct KeepAliveClient {
+    addr: SocketAddr,
+    conn: Option<BufReader<TcpStream>>,
+    opened: usize,
+}
+
+impl KeepAliveClient {
+    fn new(addr: SocketAddr) -> Self {
+        KeepAliveClient {
+            addr,
+            conn: None,
+            opened: 0,
+        }
+    }
+
+    fn send(&mut self, request: &[u8]) -> Outcome {
+        if self
+            .conn
+            .as_ref()
+            .is_some_and(|c| closed_by_peer(c.get_ref()))
+        {
+            self.conn = None;
+        }
+        if self.conn.is_none() {
+            match TcpStream::connect_timeout(&self.addr, Duration::from_secs(2)) {
+                Ok(stream) => {
+                    stream
+                        .set_read_timeout(Some(Duration::from_secs(10)))
+                        .expect("read timeout");
+                    self.opened += 1;
+                    self.conn = Some(BufReader::new(stream));
+                }
+                Err(_) => return Outcome::Refused,
+            }
+        }
+        let conn = self.conn.as_mut().expect("a connection");
+        let result = conn
+            .get_mut()
+            .write_all(request)
+            .and_then(|()| read_response(conn));
+        match result {
+            Ok(response) => {
+                if response.close {
+                    self.conn = None;
+                }
+                Outcome::Answered(response)
+            }
+            Err(e) => {
+                self.conn = None;
+                Outcome::Lost(e.to_string())
+            }
+        }
+    }
+}
+
+/// Whether the server has closed an idle connection (end of stream or reset).
+fn closed_by_peer(stream: &TcpStream) -> bool {
+    let mut byte = [0u8; 1];
+    if stream.set_nonblocking(true).is_err() {
+        return true;
+    }
+    let closed = match stream.peek(&mut byte) {
+        Ok(_) => true, // end of stream, or bytes nobody asked for
+        Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+    };
+    closed || stream.set_nonblocking(false).is_err()
+}
+
+fn read_response(conn: &mut BufReader<TcpStream>) -> std::io::Result<RawResponse> {
+    let broken = |what: &str| std::io::Error::new(std::io::ErrorKind::UnexpectedEof, what);
+    let mut line = String::new();
+    if conn.read_line(&mut line)? == 0 {
+        return Err(broken("closed before a response"));
+    }
+    let status = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| broken("no status line"))?;
+    let (mut length, mut chunked, mut close) = (None, false, false);
+    loop {
+        line.clear();
+        if conn.read_line(&mut line)? == 0 {
+            return Err(broken("closed inside the head"));
+        }
+        let header = line.trim_end();
+        if header.is_empty() {
+            break;
+        }
+        if let Some((name, value)) = header.split_once(':') {
+            let value = value.trim().to_ascii_lowercase();
+            match name.to_ascii_lowercase().as_str() {
+                "content-length" => length = value.parse::<usize>().ok(),
+                "transfer-encoding" => chunked = value.contains("chunked"),
+                "connection" => close = value.contains("close"),
+                _ => {}
+            }
+        }
+    }
+    let mut body = Vec::new();
+    if chunked {
+        loop {
+            line.clear();
+            if conn.read_line(&mut line)? == 0 {
+                return Err(broken("closed inside a chunked body"));
+            }
+            let size = usize::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16)
+                .map_err(|_| broken("bad chunk size"))?;
+            if size == 0 {
+                // Trailers, then the empty line.
+                loop {
+                    line.clear();
+                    if conn.read_line(&mut line)? == 0 || line.trim().is_empty() {
+                        break;
+                    }
+                }
+                break;
+            }
+            let mut chunk = vec![0; size + 2];
+            conn.read_exact(&mut chunk)?;
+            body.extend_from_slice(&chunk[..size]);
+        }
+    } else if let Some(length) = length {
+        body.resize(length, 0);
+        conn.read_exact(&mut body)?;
+    } else {
+        conn.read_to_end(&mut body)?;
+        close = true;
+    }
+    Ok(RawResponse {
+        status,
+        close,
+        body,
+    })
+}
+
+/// `POST path` with a JSON body as the holder of `key`.
+fn post(path: &str, key: &str, body: &str) -> Vec<u8> {
+    format!(
+        "POST {path} HTTP/1.1\r\nHost: gateway\r\nAuthorization: Bearer {key}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// What one keep-alive client of a [`ClientLoop`] saw.
+#[derive(Debug, Default)]
+struct Tally {
+    answered: usize,
+    not_ok: Vec<u16>,
+    closes: usize,
+    refused: usize,
+    lost: Vec<String>,
+    opened: usize,
+}
+
+/// Keep-alive clients each sending requests back to back on their own
+/// connection, bounded in count and time, until stopped (or, with
+/// `stop_when_refused`, until nobody listens).
+struct ClientLoop {
+    done: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<Tally>>,
+}
+
+impl ClientLoop {
+    fn start(addr: SocketAddr, clients: usize, stop_when_refused: bool) -> Self {
+        let done = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = (0..clients)
+            .map(|_| {
+                let (done, stop) = (done.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let request = post("/v1/chat/completions", "demo-api-paid", "{}");
+                    let mut client = KeepAliveClient::new(addr);
+                    let mut tally = Tally::default();
+                    let deadline = Instant::now() + Duration::from_secs(60);
+                    for _ in 0..20_000 {
+                        if stop.load(Ordering::Relaxed) || Instant::now() > deadline {
+                            break;
+                        }
+                        match client.send(&request) {
+                            Outcome::Answered(r) => {
+                                tally.answered += 1;
+                                tally.closes += usize::from(r.close);
+                                if r.status != 200 {
+                                    tally.not_ok.push(r.status);
+                                }
+                            }
+                            Outcome::Refused => {
+                                tally.refused += 1;
+                                if stop_when_refused {
+                                    break;
+                                }
+                                std::thread::sleep(Duration::from_millis(5));
+                            }
+                            Outcome::Lost(e) => tally.lost.push(e),
+                        }
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                    tally.opened = client.opened;
+                    tally
+                })
+            })
+            .collect();
+        ClientLoop {
+            done,
+            stop,
+            threads,
+        }
+    }
+
+    /// Waits (bounded) until `n` more requests have completed.
+    fn advance(&self, n: usize) {
+        let target = self.done.load(Ordering::Relaxed) + n;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.done.load(Ordering::Relaxed) < target {
+            assert!(Instant::now() < deadline, "the client loop stalled");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn finish(self) -> Vec<Tally> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.threads
+            .into_iter()
+            .map(|t| t.join().expect("client thread"))
+            .collect()
+    }
+}
+
+/// Kills a second gateway process when the test ends, however it ends.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keep_alive_clients_lose_no_request_across_a_graceful_upgrade() {
+    let ups = Upstreams::start().await;
+    let mut gw = Gateway::start(&TestConfig::shipped_with(&ups));
+    const CLIENTS: usize = 4;
+    let run = ClientLoop::start(gw.api, CLIENTS, false);
+    run.advance(200);
+
+    let upgrade_sock = gw.upgrade_sock();
+    let new = KillOnDrop(gw.start_upgrade());
+    assert!(
+        eventually(Duration::from_secs(10), || upgrade_sock.exists()).await,
+        "the new process did not open the upgrade socket"
+    );
+    // Only its owner can reach it: the gateway made its folder owner-only.
+    let folder = std::fs::metadata(upgrade_sock.parent().expect("folder")).expect("stat");
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&folder.permissions()) & 0o777,
+        0o700
+    );
+    signal(gw.pid(), "QUIT");
+    assert!(
+        gw.wait_exit(Duration::from_secs(30)),
+        "the old process did not exit"
+    );
+    // The new process serves every client alone now.
+    run.advance(200);
+    let tallies = run.finish();
+    let logs = gw.logs();
+    drop(new);
+
+    let answered: usize = tallies.iter().map(|t| t.answered).sum();
+    let opened: usize = tallies.iter().map(|t| t.opened).sum();
+    let lost: Vec<&String> = tallies.iter().flat_map(|t| &t.lost).collect();
+    assert!(lost.is_empty(), "{} requests lost: {lost:?}", lost.len());
+    assert!(
+        tallies
+            .iter()
+            .all(|t| t.not_ok.is_empty() && t.refused == 0),
+        "{tallies:?}"
+    );
+    // The clients really kept their connections: far fewer than one per request...
+    assert!(answered >= 400, "{tallies:?}");
+    assert!(
+        opened * 5 < answered,
+        "connections were not reused: {tallies:?}"
+    );
+    // ...and each moved to a new one when the old process told it to close.
+    for t in &tallies {
+        assert!(t.opened >= 2 && t.closes >= 1, "{tallies:?}");
+    }
+    // The old process said what it did, and nothing it did was an error.
+    for step in [
+        "graceful upgrade",
+        "listeners closed",
+        "every request answered; exiting",
+    ] {
+        assert!(logs.contains(step), "{step}: {logs}");
+    }
+    assert!(logs.lines().all(|l| !l.contains("ERROR")), "{logs}");
+    // The new process waited for the sockets: a normal step, at INFO.
+    let waited = std::fs::read_to_string(gw.dir.path().join("upgrade.log")).expect("upgrade log");
+    assert!(waited.contains("No incoming socket transfer"), "{waited}");
+    assert!(waited.lines().all(|l| !l.contains("ERROR")), "{waited}");
+    assert!(
+        waited.contains("taken over from the running process"),
+        "{waited}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_graceful_stop_answers_every_request_it_accepted() {
+    // Streams slow enough to be in flight when the listeners close (the
+    // test configuration serves 1 s after SIGTERM).
+    let mut echoes = std::collections::HashMap::new();
+    for name in support::shipped_pool_names() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let pace = StreamPace::Every(Duration::from_millis(800));
+        let echo = EchoUpstream::start_with(&name, listener, pace).expect("echo");
+        echoes.insert(name, echo);
+    }
+    let ups = Upstreams { echoes };
+    let mut gw = Gateway::start(&TestConfig::shipped_with(&ups));
+    const CLIENTS: usize = 4;
+    let run = ClientLoop::start(gw.api, CLIENTS, true);
+    run.advance(200);
+    // A stream in flight when the signal comes: it must finish whole.
+    let api = gw.api;
+    let stream = std::thread::spawn(move || {
+        let started = Instant::now();
+        let mut client = KeepAliveClient::new(api);
+        let outcome = client.send(&post(
+            "/v1/chat/completions",
+            "demo-api-paid",
+            r#"{"stream":true}"#,
+        ));
+        (outcome, started.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    signal(gw.pid(), "TERM");
+    assert!(
+        gw.wait_exit(Duration::from_secs(30)),
+        "the process did not exit"
+    );
+    let tallies = run.finish();
+    let lost: Vec<&String> = tallies.iter().flat_map(|t| &t.lost).collect();
+    assert!(lost.is_empty(), "{} requests lost: {lost:?}", lost.len());
+    assert!(tallies.iter().all(|t| t.not_ok.is_empty()), "{tallies:?}");
+    let answered: usize = tallies.iter().map(|t| t.answered).sum();
+    let opened: usize = tallies.iter().map(|t| t.opened).sum();
+    assert!(
+        opened * 5 < answered,
+        "connections were not reused: {tallies:?}"
+    );
+    // Once it stopped listening, each client was refused a new connection,
+    // after its last connection had been closed with `Connection: close`.
+    for t in &tallies {
+        assert!(t.refused == 1 && t.closes >= 1, "{tallies:?}");
+    }
+    match stream.join().expect("stream thread") {
+        (Outcome::Answered(r), took) => {
+            assert_eq!(r.status, 200);
+            let body = String::from_utf8_lossy(&r.body);
+            assert!(body.ends_with("data: [DONE]\n\n"), "{body}");
+            assert!(
+                took > Duration::from_millis(1200),
+                "the stream ended before the listeners closed ({took:?})"
+            );
+        }
+        other => panic!("the stream in flight was cut: {other:?}"),
+    }
+}
+
+/// The shipped configuration in `dir`, on the given ports, its process
+/// files inside `dir`.
+fn shipped_config_in(dir: &std::path::Path, api: u16, chat: u16, admin: u16) {
+    let gateway = support::shipped("gateway.toml")
+        .replace("127.0.0.1:8080", &format!("127.0.0.1:{api}"))
+        .replace("127.0.0.1:8081", &format!("127.0.0.1:{chat}"))
+        .replace("127.0.0.1:9090", &format!("127.0.0.1:{admin}"))
+        .replace("/tmp/privacy-gateway/", &format!("{}/run/", dir.display()));
+    std::fs::write(dir.join("gateway.toml"), gateway).expect("write");
+    for name in ["rules.toml", "pools.toml", "accounts.jsonl"] {
+        std::fs::write(dir.join(name), support::shipped(name)).expect("write");
+    }
+}
+
+#[test]
+fn a_busy_port_fails_the_start_after_a_bounded_retry_and_is_never_ready() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let chat = taken.local_addr().expect("addr").port();
+    let admin = support::free_port();
+    shipped_config_in(dir.path(), support::free_port(), chat, admin);
+    let started = Instant::now();
+    let mut child = std::process::Command::new(support::binary())
+        .args(["run", "--config"])
+        .arg(dir.path().join("gateway.toml"))
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    // Until it gives up, nobody may be told it is ready.
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "still running with its port taken"
+        );
+        if let Ok(mut admin) = TcpStream::connect(("127.0.0.1", admin)) {
+            let _ =
+                admin.write_all(b"GET /readyz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
+            let mut answer = String::new();
+            let _ = admin.read_to_string(&mut answer);
+            assert!(
+                !answer.starts_with("HTTP/1.1 200"),
+                "ready with a port taken: {answer}"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let out = child.wait_with_output().expect("output");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!status.success(), "{stderr}");
+    assert!(stderr.contains("address in use; trying again"), "{stderr}");
+    assert!(
+        stderr.contains("cannot listen: ") && stderr.contains(&chat.to_string()),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("listening on"), "{stderr}");
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    drop(taken);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_audit_log_is_reopened_on_sigusr1_after_a_rotation() {
+    let ups = Upstreams::start().await;
+    let gw = Gateway::start(&TestConfig::shipped_with(&ups));
+    let c = support::client();
+    let url = gw.api_url("/v1/chat/completions");
+    assert_eq!(support::post_as(&c, &url, "demo-api-paid").await, 200);
+    assert!(eventually(Duration::from_secs(5), || gw.audit_lines().len() == 1).await);
+    // What logrotate does without copytruncate: move the file, then signal.
+    let audit = gw.dir.path().join("audit.jsonl");
+    let rotated = gw.dir.path().join("audit.jsonl.1");
+    std::fs::rename(&audit, &rotated).expect("rotate");
+    signal(gw.pid(), "USR1");
+    assert!(
+        eventually(Duration::from_secs(5), || gw
+            .logs()
+            .contains("audit log reopened"))
+        .await,
+        "{}",
+        gw.logs()
+    );
+    for _ in 0..2 {
+        assert_eq!(support::post_as(&c, &url, "demo-api-paid").await, 200);
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || gw.audit_lines().len() == 2).await,
+        "the new file has {:?}",
+        gw.audit_lines()
+    );
+    let old = std::fs::read_to_string(&rotated).expect("rotated file");
+    assert_eq!(old.lines().count(), 1, "{old}");
+    assert!(
+        gw.logs().lines().all(|l| !l.contains("ERROR")),
+        "{}",
+        gw.logs()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_the_audit_log_on_standard_output_nothing_else_is_written_there() {
+    let ups = Upstreams::start().await;
+    let mut config = TestConfig::shipped_with(&ups);
+    config.audit = "path = \"-\"\n".into();
+    let gw = Gateway::start(&config);
+    let c = support::client();
+    for key in ["demo-api-paid", "no-such-key"] {
+        support::post_as(&c, &gw.api_url("/v1/chat/completions"), key).await;
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || gw.stdout().lines().count() == 2).await,
+        "{}",
+        gw.stdout()
+    );
+    for line in gw.stdout().lines() {
+        let record: serde_json::Value = serde_json::from_str(line).expect("an audit line");
+        assert!(record["decision_id"].is_string(), "{line}");
+    }
+    // Start-up lines went to the diagnostic log instead.
+    assert!(gw.logs().contains("listening on"), "{}", gw.logs());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn expected_outcomes_are_not_logged_as_errors() {
+    let mut ups = Upstreams::start().await;
+    let gw = Gateway::start(&TestConfig::shipped_with(&ups));
+    // Every image pool is gone: a 503 the policy chose, not a gateway error.
+    ups.echoes.remove("black-forest-labs");
+    let c = support::client();
+    let status = support::post_as(&c, &gw.api_url("/v1/images/generations"), "demo-api-paid").await;
+    assert_eq!(status, 503);
+    assert!(eventually(Duration::from_secs(5), || gw.audit_lines().len() == 1).await);
+    let logs = gw.logs();
+    assert!(
+        logs.lines().all(|l| !l.contains("ERROR")),
+        "an expected 503 was logged as an error:\n{logs}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bare_trusted_proxy_address_trusts_that_one_host() {
+    let ups = Upstreams::start().await;
+    let xff = [("x-forwarded-for", "198.51.100.23")];
+    for (trusted, client_prefix) in [
+        (support::CLIENT_V4, "198.51.100.0/24"),
+        // Its neighbour: a /32, not a /24.
+        ("127.45.67.88", "127.45.67.0/24"),
+    ] {
+        let mut config = TestConfig::shipped_with(&ups);
+        config.trust = format!("trusted_proxies = [\"{trusted}\"]\n");
+        let gw = Gateway::start(&config);
+        let url = gw.api_url("/v1/chat/completions");
+        let (_, r) = support::forward(&ups, &url, Some("demo-api-paid"), &xff).await;
+        assert_eq!(
+            r.header("x-privacy-client-prefix"),
+            Some(client_prefix),
+            "trusting {trusted}"
+        );
+    }
+}
