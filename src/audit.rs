@@ -243,6 +243,14 @@ pub struct AuditRecord<'a> {
     pub ts: String,
     /// The request's decision id.
     pub decision_id: &'a str,
+    /// Its method, path and listener: what `explain` needs to rebuild the
+    /// decision. The path is cut at 256 bytes; the query string is never
+    /// recorded (it may carry personal data, and no decision reads it).
+    pub method: &'a str,
+    /// See `method`.
+    pub path: &'a str,
+    /// Product of the listener that accepted it (`explain --listener`).
+    pub listener: &'a str,
     /// Rules it was decided under.
     pub policy_version: &'a str,
     /// HTTP status answered.
@@ -338,6 +346,15 @@ impl<'a> AuditDecision<'a> {
                 .collect(),
         }
     }
+}
+
+/// `path` cut to at most 256 bytes, on a character boundary.
+pub fn recorded_path(path: &str) -> &str {
+    let mut end = path.len().min(256);
+    while !path.is_char_boundary(end) {
+        end -= 1;
+    }
+    &path[..end]
 }
 
 /// The current time as RFC 3339 UTC with milliseconds.

@@ -371,8 +371,12 @@ impl ProxyHttp for PrivacyProxy {
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Self::CTX) {
         let now = Instant::now();
+        let req = session.req_header();
+        let (method, path) = (req.method.as_str(), req.uri.path());
         self.observers.request_done(&Completed {
             decision_id: &ctx.decision_id,
+            method,
+            path,
             snapshot: &ctx.snapshot,
             listener_product: self.listener_product,
             admission: ctx.admission.as_ref(),

@@ -542,3 +542,72 @@ fn dropped_audit_lines(gw: &Gateway) -> f64 {
         "privacy_gateway_audit_lines_dropped_total",
     )
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_audit_line_holds_what_explain_needs_to_rebuild_the_decision() {
+    let ups = Upstreams::start().await;
+    let mut config = TestConfig::shipped_with(&ups);
+    config.extra_tables = "[signing]\nkey_file = \"signing.key\"\n".into();
+    config.attachments.push((
+        "signing.key".into(),
+        b"audit-rebuild-signing-key-0123456789".to_vec(),
+    ));
+    let gw = Gateway::start(&config);
+    // A query string may carry anything; it is never recorded.
+    let url = gw.chat_url("/v1/chat/completions?user=alice%40example.com");
+    let resp = client()
+        .post(url)
+        .bearer_auth("demo-chat-pro")
+        .body("{}")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let id = support::decision_id(&resp).expect("decision id");
+    let mut lines = Vec::new();
+    assert!(
+        support::eventually(std::time::Duration::from_secs(5), || {
+            lines = gw.audit_lines();
+            !lines.is_empty()
+        })
+        .await
+    );
+    assert!(!lines[0].contains("alice"), "{}", lines[0]);
+    let line: serde_json::Value = serde_json::from_str(&lines[0]).expect("JSON");
+    assert_eq!(line["method"], "POST");
+    assert_eq!(line["path"], "/v1/chat/completions");
+    assert_eq!(line["listener"], "chat");
+    assert_eq!(line["decision_id"], id.as_str());
+    // The explain command rebuilt from the line alone (the prefix's address
+    // stands in for the client's) stamps exactly what the upstream received.
+    let prefix = line["client_prefix"].as_str().expect("prefix");
+    let address = prefix.split('/').next().expect("address");
+    let field = |name: &str| line[name].as_str().expect(name).to_string();
+    let explained = explain(
+        &gw,
+        &[
+            "--method",
+            &field("method"),
+            "--path",
+            &field("path"),
+            "--listener",
+            &field("listener"),
+            "--header",
+            "Authorization: Bearer demo-chat-pro",
+            "--client-ip",
+            address,
+            "--decision-id",
+            &field("decision_id"),
+            "--pool",
+            &field("pool"),
+        ],
+    );
+    let (_, received) = ups.by_decision(&id).expect("forwarded");
+    let headers: Vec<(String, String)> = explained["headers"]
+        .as_object()
+        .expect("headers")
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_str().expect("string").to_string()))
+        .collect();
+    assert_eq!(headers, stamped(&received));
+}
