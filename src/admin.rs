@@ -66,7 +66,10 @@ fn reply(status: u16, content_type: &str, body: String) -> Response<Vec<u8>> {
 impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         match session.req_header().uri.path() {
-            "/metrics" => reply(200, "text/plain; version=0.0.4", self.metrics.render()),
+            "/metrics" => {
+                self.metrics.refresh_pool_gauges(&self.snapshots.current());
+                reply(200, "text/plain; version=0.0.4", self.metrics.render())
+            }
             "/healthz" => reply(200, "text/plain", "ok\n".into()),
             "/readyz" => {
                 let unready = self.unready_capabilities();

@@ -157,7 +157,7 @@ fn main() -> ExitCode {
 fn run(config_path: &Path, options: LoadOptions, banner: Vec<String>, launch: Launch) -> ExitCode {
     // A daemon works from `/`: keep naming the same files after it detaches.
     let config_path = &std::path::absolute(config_path).unwrap_or_else(|_| config_path.into());
-    let (settings, snapshot) = match config::load(config_path, &options) {
+    let (settings, mut snapshot) = match config::load(config_path, &options) {
         Ok(loaded) => loaded,
         Err(errors) => {
             eprintln!("{errors}");
@@ -177,6 +177,7 @@ fn run(config_path: &Path, options: LoadOptions, banner: Vec<String>, launch: La
     }
     let metrics = Arc::new(Metrics::new());
     metrics.set_policy_version(&snapshot.policy_version);
+    metrics.attach_counters(&mut snapshot.upstreams);
     let audit = match &settings.audit {
         None => None,
         Some(target) => {

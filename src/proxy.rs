@@ -16,6 +16,7 @@ use pingora::{ErrorSource, ErrorType};
 use crate::config::{Snapshot, SnapshotHandle};
 use crate::evaluate::{evaluate, route_constraints, Admission, Refusal, RequestHead};
 use crate::lifecycle::{InFlight, Lifecycle};
+use crate::metrics::EndpointCounters;
 use crate::observe::{Completed, Observers};
 use crate::policy::Product;
 use crate::routing::Target;
@@ -78,6 +79,12 @@ pub struct RequestCtx {
 }
 
 impl RequestCtx {
+    /// The counters of the address of the current attempt.
+    fn attempt_counters(&self) -> Option<&EndpointCounters> {
+        self.target
+            .and_then(|t| self.snapshot.upstreams.counters(t))
+    }
+
     fn admitted(&self) -> Result<&Admission> {
         self.admission
             .as_ref()
@@ -233,6 +240,9 @@ impl ProxyHttp for PrivacyProxy {
             .peer(target)
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "target out of range"))?;
         ctx.target = Some(target);
+        if let Some(c) = ctx.attempt_counters() {
+            c.attempts.inc();
+        }
         Ok(Box::new(peer))
     }
 
@@ -243,6 +253,9 @@ impl ProxyHttp for PrivacyProxy {
         ctx: &mut Self::CTX,
         mut e: Box<Error>,
     ) -> Box<Error> {
+        if let Some(c) = ctx.attempt_counters() {
+            c.connect_errors.inc();
+        }
         if let Some(target) = ctx.target.take() {
             ctx.snapshot.upstreams.eject(target);
             ctx.tried.push(target);
@@ -265,9 +278,12 @@ impl ProxyHttp for PrivacyProxy {
         peer: &HttpPeer,
         session: &mut Session,
         e: Box<Error>,
-        _ctx: &mut Self::CTX,
+        ctx: &mut Self::CTX,
         client_reused: bool,
     ) -> Box<Error> {
+        if let Some(c) = ctx.attempt_counters() {
+            c.response_errors.inc();
+        }
         let mut e = e.more_context(format!("Peer: {peer}"));
         // A pooled connection the upstream had already closed fails before
         // the request was processed: safe to send again (on a fresh connection,
@@ -309,6 +325,11 @@ impl ProxyHttp for PrivacyProxy {
         ctx: &mut Self::CTX,
     ) -> Result<()> {
         self.close_when_draining(session);
+        if upstream_response.status.is_server_error() {
+            if let Some(c) = ctx.attempt_counters() {
+                c.status_5xx.inc();
+            }
+        }
         upstream_response.insert_header(stamp::DECISION_ID, &ctx.decision_id)?;
         Ok(())
     }

@@ -109,7 +109,8 @@ impl Reloader {
         *seen = current;
         let started = Instant::now();
         match config::load(&self.gateway_path, &self.options) {
-            Ok((settings, snapshot)) => {
+            Ok((settings, mut snapshot)) => {
+                self.metrics.attach_counters(&mut snapshot.upstreams);
                 if settings != self.settings {
                     tracing::warn!("listener and thread settings changed; they apply after a restart or upgrade");
                 }

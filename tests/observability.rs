@@ -611,3 +611,74 @@ async fn an_audit_line_holds_what_explain_needs_to_rebuild_the_decision() {
         .collect();
     assert_eq!(headers, stamped(&received));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pools_addresses_and_the_process_have_their_metrics() {
+    let mut ups = Upstreams::start().await;
+    let gw = Gateway::start(&TestConfig::shipped_with(&ups));
+    let address = |pool: &str| ups.pool(pool).addr().to_string();
+    let (azure, ireland) = (address("azure-sweden"), address("gcp-ireland"));
+    let samples = parse_prometheus(&gw.admin_get("/metrics").await.1);
+    // Present from the start, at 0, so that the first reload is an increase.
+    for result in ["success", "failure"] {
+        let series = format!("privacy_gateway_config_reloads_total{{result=\"{result}\"}}");
+        assert!(
+            samples.iter().any(|(s, v)| *s == series && *v == 0.0),
+            "{series}"
+        );
+    }
+    assert!(samples
+        .iter()
+        .any(|(s, _)| s == "process_cpu_seconds_total"));
+    for series in ["process_resident_memory_bytes", "process_open_fds"] {
+        assert!(
+            sample(&samples, series) > 0.0,
+            "{series} missing: {samples:?}"
+        );
+    }
+    let c = client();
+    let chat = gw.api_url("/v1/chat/completions");
+    for _ in 0..4 {
+        assert_eq!(
+            support::post_as(&c, &chat, "demo-api-eu-only").await,
+            StatusCode::OK
+        );
+    }
+    let ready = |pool: &str, subprocessor: &str, region: &str| {
+        format!("privacy_gateway_pool_ready{{capability=\"chat\",pool=\"{pool}\",region=\"{region}\",subprocessor=\"{subprocessor}\"}}")
+    };
+    let requests = |pool: &str, address: &str| {
+        format!("privacy_gateway_pool_requests_total{{address=\"{address}\",pool=\"{pool}\"}}")
+    };
+    let samples = parse_prometheus(&gw.admin_get("/metrics").await.1);
+    assert_eq!(
+        sample(&samples, &requests("azure-sweden", &azure))
+            + sample(&samples, &requests("gcp-ireland", &ireland)),
+        4.0,
+        "{samples:?}"
+    );
+    assert_eq!(sample(&samples, &ready("azure-sweden", "azure", "eu")), 1.0);
+
+    // Every eu pool goes down: the residency-constrained account gets 503
+    // although chat as a whole is still served (by the us pools); the
+    // per-pool series show it, by region.
+    ups.echoes.remove("azure-sweden");
+    ups.echoes.remove("gcp-ireland");
+    assert_eq!(
+        support::post_as(&c, &chat, "demo-api-eu-only").await,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    let samples = parse_prometheus(&gw.admin_get("/metrics").await.1);
+    for (pool, address, subprocessor) in [
+        ("azure-sweden", &azure, "azure"),
+        ("gcp-ireland", &ireland, "gcp"),
+    ] {
+        let errors = format!("privacy_gateway_pool_errors_total{{address=\"{address}\",kind=\"connect\",pool=\"{pool}\"}}");
+        assert_eq!(sample(&samples, &errors), 1.0, "{errors}: {samples:?}");
+        assert_eq!(sample(&samples, &ready(pool, subprocessor, "eu")), 0.0);
+        let up =
+            format!("privacy_gateway_pool_address_up{{address=\"{address}\",pool=\"{pool}\"}}");
+        assert!(samples.iter().any(|(s, v)| *s == up && *v == 0.0), "{up}");
+    }
+    assert_eq!(sample(&samples, &ready("gcp-us", "gcp", "us")), 1.0);
+}
