@@ -581,3 +581,44 @@ async fn a_bare_trusted_proxy_address_trusts_that_one_host() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_signature_verifies_with_the_key_file_trimmed_as_the_readme_says() {
+    use hmac::{Hmac, Mac};
+    let ups = Upstreams::start().await;
+    let mut config = TestConfig::shipped_with(&ups);
+    // As `echo "$KEY" > signing.key` writes it: with a trailing newline.
+    let file = b"readme-verifier-signing-key-0123456789\n".to_vec();
+    config.extra_tables = "[signing]\nkey_file = \"signing.key\"\n".into();
+    config
+        .attachments
+        .push(("signing.key".into(), file.clone()));
+    let gw = Gateway::start(&config);
+    let url = gw.api_url("/v1/chat/completions");
+    let (_, r) = support::forward(&ups, &url, Some("demo-api-paid"), &[]).await;
+    let signature = r.header("x-privacy-signature").expect("signed");
+    // The README's verifier: `name:value\n` for every stamped header in the
+    // order received, the signature left out, keyed with the file's
+    // contents without leading or trailing whitespace.
+    let message: String = r
+        .headers
+        .iter()
+        .filter(|(n, _)| {
+            (n.starts_with("x-privacy-") && n != "x-privacy-signature")
+                || n == "x-zero-data-retention"
+                || n == "x-forwarded-for"
+        })
+        .map(|(n, v)| format!("{n}:{v}\n"))
+        .collect();
+    let hmac_hex = |key: &[u8]| {
+        let mut mac = Hmac::<sha2::Sha256>::new_from_slice(key).expect("any key length");
+        mac.update(message.as_bytes());
+        hex::encode(mac.finalize().into_bytes())
+    };
+    assert_eq!(hmac_hex(file.trim_ascii()), signature);
+    assert_ne!(
+        hmac_hex(&file),
+        signature,
+        "the newline is not part of the key"
+    );
+}

@@ -134,7 +134,8 @@ pub struct TrustEntry {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SigningEntry {
-    /// File holding the HMAC key; when set, `x-privacy-signature` is stamped.
+    /// File holding the HMAC key (its contents without leading or trailing
+    /// whitespace); when set, `x-privacy-signature` is stamped.
     #[serde(default)]
     pub key_file: Option<PathBuf>,
 }
