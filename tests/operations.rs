@@ -671,3 +671,78 @@ async fn a_signature_verifies_with_the_key_file_trimmed_as_the_readme_says() {
         "the newline is not part of the key"
     );
 }
+
+/// Sends `SIGKILL` to a detached gateway when the test ends, however it ends.
+struct KillPidOnDrop(u32);
+
+impl Drop for KillPidOnDrop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", &self.0.to_string()])
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_daemon_writes_its_audit_lines_and_stops_gracefully() {
+    let ups = Upstreams::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (api, admin) = (support::free_port(), support::free_port());
+    shipped_config_in(dir.path(), api, support::free_port(), admin);
+    let gateway = dir.path().join("gateway.toml");
+    let text = std::fs::read_to_string(&gateway).expect("read");
+    let text = text
+        .replace("path = \"-\"", "path = \"audit.jsonl\"")
+        .replace("grace_period_seconds = 5 ", "grace_period_seconds = 1 ");
+    std::fs::write(&gateway, text).expect("write");
+    std::fs::write(
+        dir.path().join("pools.toml"),
+        support::pools_with_addresses(&ups.addresses()),
+    )
+    .expect("write");
+    let log = std::fs::File::create(dir.path().join("daemon.log")).expect("log");
+    // The command returns once detached; a relative --config still names the
+    // same files after the daemon moved to `/`.
+    let status = std::process::Command::new(support::binary())
+        .current_dir(dir.path())
+        .args(["run", "--daemon", "--config", "gateway.toml"])
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .status()
+        .expect("run --daemon");
+    assert!(status.success());
+    let pid_file = dir.path().join("run").join("privacy-gateway.pid");
+    assert!(eventually(Duration::from_secs(10), || pid_file.exists()).await);
+    let pid: u32 = std::fs::read_to_string(&pid_file)
+        .expect("pid")
+        .trim()
+        .parse()
+        .expect("a pid");
+    let _kill = KillPidOnDrop(pid);
+    let url = format!("http://127.0.0.1:{api}/v1/chat/completions");
+    let c = support::client();
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            std::net::TcpStream::connect(("127.0.0.1", api)).is_ok()
+        })
+        .await
+    );
+    assert_eq!(support::post_as(&c, &url, "demo-api-paid").await, 200);
+    // The writer thread runs in the daemon, not in the process that forked it.
+    let audit = dir.path().join("audit.jsonl");
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            std::fs::read_to_string(&audit).is_ok_and(|a| a.lines().count() == 1)
+        })
+        .await,
+        "no audit line from the daemon"
+    );
+    signal(pid, "TERM");
+    let gone = eventually(Duration::from_secs(20), || {
+        !std::path::Path::new(&format!("/proc/{pid}")).exists()
+    })
+    .await;
+    let logs = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap_or_default();
+    assert!(gone, "the daemon did not stop: {logs}");
+    assert!(logs.contains("every request answered; exiting"), "{logs}");
+}
