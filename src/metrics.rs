@@ -1,6 +1,7 @@
 //! Prometheus metrics: what operators alert on and what a privacy team
 //! counts (decisions by basis, shadow disagreements, removed routes).
 
+use prometheus::core::Collector;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
     TextEncoder,
@@ -57,26 +58,37 @@ pub struct Metrics {
     pool_ready: IntGaugeVec,
 }
 
-fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
-    let metric = IntGaugeVec::new(Opts::new(name, help), labels)
-        .unwrap_or_else(|e| panic!("metric {name} is malformed: {e}"));
+/// `metric`, registered in `registry`. Names are fixed and unique, so a
+/// malformed metric or a collision is a programming error.
+fn registered<M: Collector + Clone + 'static>(
+    registry: &Registry,
+    name: &str,
+    metric: prometheus::Result<M>,
+) -> M {
+    let metric = metric.unwrap_or_else(|e| panic!("metric {name} is malformed: {e}"));
     let _ = registry.register(Box::new(metric.clone()));
     metric
+}
+
+fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    registered(
+        registry,
+        name,
+        IntGaugeVec::new(Opts::new(name, help), labels),
+    )
 }
 
 fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let metric = IntCounterVec::new(Opts::new(name, help), labels)
-        .unwrap_or_else(|e| panic!("metric {name} is malformed: {e}"));
-    // Names are fixed and unique, so registration cannot collide.
-    let _ = registry.register(Box::new(metric.clone()));
-    metric
+    registered(
+        registry,
+        name,
+        IntCounterVec::new(Opts::new(name, help), labels),
+    )
 }
 
 fn histogram(registry: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
-    let metric = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
-        .unwrap_or_else(|e| panic!("metric {name} is malformed: {e}"));
-    let _ = registry.register(Box::new(metric.clone()));
-    metric
+    let opts = HistogramOpts::new(name, help).buckets(buckets);
+    registered(registry, name, Histogram::with_opts(opts))
 }
 
 impl Default for Metrics {
@@ -169,12 +181,15 @@ impl Metrics {
         let _ = r.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ));
-        let audit_dropped = IntCounter::new(
-            "privacy_gateway_audit_lines_dropped_total",
-            "Audit lines dropped because the writer fell behind.",
-        )
-        .unwrap_or_else(|e| panic!("metric is malformed: {e}"));
-        let _ = r.register(Box::new(audit_dropped.clone()));
+        let dropped = "privacy_gateway_audit_lines_dropped_total";
+        let audit_dropped = registered(
+            &r,
+            dropped,
+            IntCounter::new(
+                dropped,
+                "Audit lines dropped because the writer fell behind.",
+            ),
+        );
         Metrics {
             registry: r,
             requests,

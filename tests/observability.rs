@@ -45,6 +45,16 @@ fn stamped(r: &Recorded) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The headers `explain` says it would stamp, in its order.
+fn explained_headers(explained: &serde_json::Value) -> Vec<(String, String)> {
+    explained["headers"]
+        .as_object()
+        .expect("headers")
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_str().expect("string").to_string()))
+        .collect()
+}
+
 fn explain(gw: &Gateway, args: &[&str]) -> serde_json::Value {
     let out = Command::new(support::binary())
         .arg("explain")
@@ -63,14 +73,8 @@ fn explain(gw: &Gateway, args: &[&str]) -> serde_json::Value {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn explain_agrees_with_the_proxy_for_every_demo_account_and_route() {
-    let ups = Upstreams::start().await;
-    let mut config = TestConfig::shipped_with(&ups);
-    config.extra_tables = "[signing]\nkey_file = \"signing.key\"\n".into();
-    config.attachments.push((
-        "signing.key".into(),
-        b"explain-test-signing-key-0123456789".to_vec(),
-    ));
-    let gw = Gateway::start(&config);
+    let (ups, gw) =
+        support::start_with(|c| c.sign_with(b"explain-test-signing-key-0123456789")).await;
     let c = client();
     let mut compared = 0;
     let mut callers: Vec<Option<String>> = demo_keys().into_iter().map(Some).collect();
@@ -119,14 +123,8 @@ async fn explain_agrees_with_the_proxy_for_every_demo_account_and_route() {
                 let explained = explain(&gw, &args);
                 let received = &received;
                 assert_eq!(explained["status"], 200, "{what}");
-                let headers: Vec<(String, String)> = explained["headers"]
-                    .as_object()
-                    .expect("headers")
-                    .iter()
-                    .map(|(n, v)| (n.clone(), v.as_str().expect("string").to_string()))
-                    .collect();
                 // Same names, values and order, signature included.
-                assert_eq!(headers, stamped(received), "{what}");
+                assert_eq!(explained_headers(&explained), stamped(received), "{what}");
             } else {
                 assert_eq!(all.len(), before, "{what}: refused requests go nowhere");
                 let explained = explain(&gw, &args);
@@ -545,14 +543,8 @@ fn dropped_audit_lines(gw: &Gateway) -> f64 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_audit_line_holds_what_explain_needs_to_rebuild_the_decision() {
-    let ups = Upstreams::start().await;
-    let mut config = TestConfig::shipped_with(&ups);
-    config.extra_tables = "[signing]\nkey_file = \"signing.key\"\n".into();
-    config.attachments.push((
-        "signing.key".into(),
-        b"audit-rebuild-signing-key-0123456789".to_vec(),
-    ));
-    let gw = Gateway::start(&config);
+    let (ups, gw) =
+        support::start_with(|c| c.sign_with(b"audit-rebuild-signing-key-0123456789")).await;
     // A query string may carry anything; it is never recorded.
     let url = gw.chat_url("/v1/chat/completions?user=alice%40example.com");
     let resp = client()
@@ -603,13 +595,7 @@ async fn an_audit_line_holds_what_explain_needs_to_rebuild_the_decision() {
         ],
     );
     let (_, received) = ups.by_decision(&id).expect("forwarded");
-    let headers: Vec<(String, String)> = explained["headers"]
-        .as_object()
-        .expect("headers")
-        .iter()
-        .map(|(n, v)| (n.clone(), v.as_str().expect("string").to_string()))
-        .collect();
-    assert_eq!(headers, stamped(&received));
+    assert_eq!(explained_headers(&explained), stamped(&received));
 }
 
 #[tokio::test(flavor = "multi_thread")]

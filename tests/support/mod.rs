@@ -173,6 +173,25 @@ impl TestConfig {
     }
 }
 
+impl TestConfig {
+    /// Signs stamped headers with `key`, written as the key file `signing.key`.
+    pub fn sign_with(&mut self, key: &[u8]) {
+        self.extra_tables
+            .push_str("\n[signing]\nkey_file = \"signing.key\"\n");
+        self.attachments.push(("signing.key".into(), key.to_vec()));
+    }
+}
+
+/// Echo upstreams for every shipped pool, and a gateway in front of them on
+/// the shipped configuration as `edit` changes it.
+pub async fn start_with(edit: impl FnOnce(&mut TestConfig)) -> (Upstreams, Gateway) {
+    let ups = Upstreams::start().await;
+    let mut config = TestConfig::shipped_with(&ups);
+    edit(&mut config);
+    let gw = Gateway::start(&config);
+    (ups, gw)
+}
+
 /// A running gateway process; killed when dropped.
 pub struct Gateway {
     child: Child,
@@ -438,6 +457,20 @@ pub async fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     f()
+}
+
+/// The headers `x-privacy-signature` covers, as an upstream received them:
+/// the stamped contract headers in arrival order, the signature left out.
+pub fn signed_headers(r: &Recorded) -> Vec<(String, String)> {
+    r.headers
+        .iter()
+        .filter(|(n, _)| {
+            (n.starts_with("x-privacy-") && n != "x-privacy-signature")
+                || n == "x-zero-data-retention"
+                || n == "x-forwarded-for"
+        })
+        .cloned()
+        .collect()
 }
 
 /// The decision id the gateway returned to the client.
