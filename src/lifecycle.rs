@@ -3,15 +3,21 @@
 //! graceful end of an upgrade (`SIGQUIT`) or a stop (`SIGTERM`) that loses
 //! no request on a keep-alive connection.
 //!
-//! Pingora alone resets keep-alive clients: on `SIGQUIT` it keeps answering
-//! with `keep-alive` for its fixed 5 s hand-over window, then closes its
+//! Pingora alone loses keep-alive requests: on `SIGQUIT` it keeps answering
+//! `keep-alive` for its fixed 5 s hand-over window, then closes its
 //! listeners and at once drops every connection parked between two
 //! requests, so a client that just got a `keep-alive` answer writes its next
-//! request into a closed socket. And it cuts requests still in flight when
-//! its grace period ends, however long they have left. Here, from the signal
-//! on every answer says `Connection: close` (clients move to a new
-//! connection, which the new process takes), idle connections are closed
-//! only after a short linger once the listeners are closed, and the process
+//! request into a closed socket; closing a listening socket nobody else
+//! holds resets the connections still queued on it; and requests still in
+//! flight are cut when its grace period ends, however long they have left.
+//!
+//! Here: after `SIGQUIT` every answer says `Connection: close` at once (the
+//! listening sockets are shared with the new process, so the client's next
+//! connection is always accepted). After `SIGTERM` the process serves as
+//! before (not ready) for the grace period, and answers `Connection: close`
+//! only once its listener is closed, so nobody reconnects to a socket about
+//! to close. Idle connections are closed [`IDLE_LINGER`] after the
+//! listeners, so a request already on its way is answered, and the process
 //! exits as soon as the last request in flight is answered.
 
 use std::net::{SocketAddr, TcpListener};
@@ -40,7 +46,7 @@ pub const IDLE_LINGER: Duration = Duration::from_secs(1);
 /// leaked so that requests count themselves without reference counting.
 #[derive(Debug, Default)]
 pub struct Lifecycle {
-    /// A graceful upgrade or stop has begun: answer with `Connection: close`.
+    /// An upgrade has begun: answer with `Connection: close`.
     draining: AtomicBool,
     /// A stop (not an upgrade) has begun: not ready for new traffic.
     stopping: AtomicBool,
@@ -55,7 +61,8 @@ impl Lifecycle {
         Box::leak(Box::default())
     }
 
-    /// Whether every answer should close its connection now.
+    /// Whether every answer should close its connection now (an upgrade:
+    /// after a stop, the proxy learns it when its listener is closed).
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
     }
@@ -264,7 +271,8 @@ impl<A: HttpServerApp + Send + Sync + 'static> HttpServerApp for Lingering<A> {
 
 /// The signals that end the process, as Pingora's own watcher reads them
 /// (`SIGQUIT` upgrade, `SIGTERM` graceful stop, `SIGINT` fast stop), with
-/// draining begun the moment one arrives.
+/// what must happen before Pingora acts on them: draining for an upgrade,
+/// the not-ready serving window for a stop.
 pub struct Signals {
     lifecycle: &'static Lifecycle,
     /// After `SIGTERM`, how long to keep accepting before closing the listeners.
@@ -319,11 +327,10 @@ impl ShutdownSignalWatch for Signals {
                     "graceful stop: SIGTERM received; serving for {} s more (not ready), then closing the listeners",
                     self.stop_accepting_after.as_secs()
                 );
-                let signal = tokio::select! {
+                tokio::select! {
                     _ = tokio::time::sleep(self.stop_accepting_after) => ShutdownSignal::GracefulTerminate,
                     _ = int.recv() => ShutdownSignal::FastShutdown,
-                };
-                signal
+                }
             }
             _ = int.recv() => {
                 tracing::info!("SIGINT received; stopping now");
@@ -366,7 +373,7 @@ impl BackgroundService for Drain {
         }
         tracing::info!(
             in_flight = self.lifecycle.in_flight(),
-            "listeners closed; answering the requests in flight (for at most {} s)",
+            "closing the listeners; answering the requests in flight (for at most {} s)",
             self.longest.as_secs()
         );
         // Idle keep-alive connections close after the linger; a request

@@ -50,9 +50,11 @@ impl PrivacyProxy {
         }
     }
 
-    /// During an upgrade or a stop every answer closes its connection, so
-    /// that the client's next request opens a new one (which the process
-    /// that stays accepts) instead of racing the close of an idle one.
+    /// During an upgrade every answer closes its connection, so that the
+    /// client's next request opens a new one (which the new process, or
+    /// this one while it still accepts, takes) instead of racing the close
+    /// of an idle one. (After a stop, Pingora closes them once the listener
+    /// is closed: see [`crate::lifecycle::Lingering`].)
     fn close_when_draining(&self, session: &mut Session) {
         if self.lifecycle.is_draining() {
             session.set_keepalive(None);

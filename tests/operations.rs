@@ -387,7 +387,7 @@ async fn keep_alive_clients_lose_no_request_across_a_graceful_upgrade() {
     // The old process said what it did.
     for step in [
         "graceful upgrade",
-        "listeners closed",
+        "closing the listeners",
         "every request answered; exiting",
     ] {
         assert!(old_log.contains(step), "{step}: {old_log}");
