@@ -213,11 +213,13 @@ impl AuditService {
 #[async_trait]
 impl BackgroundService for AuditService {
     async fn start(&self, _shutdown: ShutdownWatch) {
+        // The handler first: once a line is written, a rotation's signal
+        // can no longer end the process (SIGUSR1's default action).
+        let signal = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1());
         let audit = self.observers.audit.as_ref();
         if let Some(Err(e)) = audit.map(AuditLog::start) {
             tracing::error!("cannot start the audit writer: {e}");
         }
-        let signal = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1());
         let mut usr1 = match signal {
             Ok(s) => s,
             Err(e) => {

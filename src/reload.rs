@@ -225,6 +225,9 @@ impl BackgroundService for ReloadService {
         };
         let mut sources = self.reloader.sources();
         let mut _watcher = self.watch(&sources, &tx);
+        // A file changed between the start-up load and this watch (the
+        // listeners already accept by then) is seen by comparing identities.
+        let _ = tx.send(Trigger::FileEvent);
         loop {
             let first = tokio::select! {
                 _ = shutdown.changed() => return,
