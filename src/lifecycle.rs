@@ -100,6 +100,19 @@ impl Drop for InFlight {
     }
 }
 
+/// Makes `SIGHUP` (reload) and `SIGUSR1` (reopen the audit log) harmless
+/// until the services that handle them start: their default action ends
+/// the process, and the listeners accept before those services run.
+pub fn ignore_signals_until_handled() {
+    for signal in [libc::SIGHUP, libc::SIGUSR1] {
+        // SAFETY: installing SIG_IGN has no preconditions; Tokio's handler
+        // replaces it when the service registers one.
+        unsafe {
+            libc::signal(signal, libc::SIG_IGN);
+        }
+    }
+}
+
 /// Binds `address` (with `SO_REUSEADDR`, as Pingora does), trying again
 /// for a while when it is in use (the previous process may still be
 /// leaving), never forever.

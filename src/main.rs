@@ -190,6 +190,7 @@ fn run(config_path: &Path, options: LoadOptions, banner: Vec<String>, launch: La
             }
         }
     };
+    privacy_gateway::lifecycle::ignore_signals_until_handled();
     // Bound here, before Pingora (and before daemonizing): a busy port ends
     // this command with an error after a bounded retry. In an upgrade the
     // old process hands its sockets over instead.
