@@ -12,7 +12,7 @@ use privacy_gateway::audit::AuditLog;
 use privacy_gateway::config::{self, LoadOptions, SnapshotHandle};
 use privacy_gateway::echo::EchoUpstream;
 use privacy_gateway::explain;
-use privacy_gateway::lifecycle::Lifecycle;
+use privacy_gateway::lifecycle::{self, Lifecycle};
 use privacy_gateway::metrics::Metrics;
 use privacy_gateway::observe::Observers;
 use privacy_gateway::policy::Product;
@@ -190,7 +190,7 @@ fn run(config_path: &Path, options: LoadOptions, banner: Vec<String>, launch: La
             }
         }
     };
-    privacy_gateway::lifecycle::ignore_signals_until_handled();
+    lifecycle::ignore_signals_until_handled();
     // Bound here, before Pingora (and before daemonizing): a busy port ends
     // this command with an error after a bounded retry. In an upgrade the
     // old process hands its sockets over instead.
