@@ -132,7 +132,8 @@ impl GatewayProcess {
              [process]\nupgrade_sock = \"{}\"\npid_file = \"{}\"\n\n\
              [admin]\naddress = \"{admin}\"\n\n\
              [audit]\npath = \"audit.jsonl\"\n",
-            dir.path().join("upgrade.sock").display(),
+            // In a folder of its own, which `run` creates owner-only.
+            dir.path().join("run").join("upgrade.sock").display(),
             dir.path().join("gateway.pid").display(),
         );
         let write = |name: &str, text: &str| {

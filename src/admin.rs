@@ -1,6 +1,6 @@
 //! The admin listener: `/metrics` (Prometheus text), `/healthz` (the process
-//! is up) and `/readyz` (configuration loaded and a healthy pool for every
-//! capability a pool serves).
+//! is up) and `/readyz` (every listener accepting, not stopping, and a
+//! healthy pool for every capability a pool serves).
 
 use std::sync::Arc;
 
@@ -10,6 +10,7 @@ use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 
 use crate::config::SnapshotHandle;
+use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
 use crate::policy::Capability;
 
@@ -17,12 +18,21 @@ use crate::policy::Capability;
 pub struct AdminApp {
     snapshots: Arc<SnapshotHandle>,
     metrics: Arc<Metrics>,
+    lifecycle: &'static Lifecycle,
 }
 
 impl AdminApp {
-    /// Answers for `snapshots` and `metrics`.
-    pub fn new(snapshots: Arc<SnapshotHandle>, metrics: Arc<Metrics>) -> Self {
-        AdminApp { snapshots, metrics }
+    /// Answers for `snapshots`, `metrics` and the process's `lifecycle`.
+    pub fn new(
+        snapshots: Arc<SnapshotHandle>,
+        metrics: Arc<Metrics>,
+        lifecycle: &'static Lifecycle,
+    ) -> Self {
+        AdminApp {
+            snapshots,
+            metrics,
+            lifecycle,
+        }
     }
 
     /// Capabilities some pool serves but no pool can take right now.
@@ -56,18 +66,26 @@ fn reply(status: u16, content_type: &str, body: String) -> Response<Vec<u8>> {
 impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         match session.req_header().uri.path() {
-            "/metrics" => reply(200, "text/plain; version=0.0.4", self.metrics.render()),
+            "/metrics" => {
+                self.metrics.refresh_pool_gauges(&self.snapshots.current());
+                reply(200, "text/plain; version=0.0.4", self.metrics.render())
+            }
             "/healthz" => reply(200, "text/plain", "ok\n".into()),
             "/readyz" => {
                 let unready = self.unready_capabilities();
                 let version = self.snapshots.current().policy_version.clone();
+                let listening = self.lifecycle.is_listening();
+                let stopping = self.lifecycle.is_stopping();
+                let ready = unready.is_empty() && listening && !stopping;
                 let body = serde_json::json!({
-                    "ready": unready.is_empty(),
+                    "ready": ready,
                     "policy_version": version,
+                    "listening": listening,
+                    "stopping": stopping,
                     "capabilities_without_healthy_pool": unready,
                 });
                 reply(
-                    if unready.is_empty() { 200 } else { 503 },
+                    if ready { 200 } else { 503 },
                     "application/json",
                     body.to_string(),
                 )

@@ -19,6 +19,9 @@
 //! - [`observe`]: a finished request -> metrics, access line, audit record.
 //! - [`metrics`], [`audit`], [`admin`]: what happened, for operators and the privacy team.
 //! - [`server`]: assembles Pingora services from the settings.
+//! - [`lifecycle`]: listening sockets bound up front; upgrades and stops that lose no request.
+//! - [`logging`]: diagnostic logs, Pingora's included, at the levels an operator needs.
+//! - [`preflight`]: what `run` needs from the host (writable paths, a private upgrade socket).
 //! - [`echo`]: echo upstreams for `demo` and tests.
 
 #![warn(missing_docs)]
@@ -34,9 +37,12 @@ pub mod explain;
 pub mod geo;
 pub mod health;
 pub mod identity;
+pub mod lifecycle;
+pub mod logging;
 pub mod metrics;
 pub mod observe;
 pub mod policy;
+pub mod preflight;
 pub mod proxy;
 pub mod reload;
 pub mod routing;

@@ -1,7 +1,7 @@
 //! Command line: `run`, `demo`, `check`, `hash-key`.
 
 use std::collections::HashMap;
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -12,12 +12,13 @@ use privacy_gateway::audit::AuditLog;
 use privacy_gateway::config::{self, LoadOptions, SnapshotHandle};
 use privacy_gateway::echo::EchoUpstream;
 use privacy_gateway::explain;
+use privacy_gateway::lifecycle::{self, Lifecycle};
 use privacy_gateway::metrics::Metrics;
 use privacy_gateway::observe::Observers;
 use privacy_gateway::policy::Product;
 use privacy_gateway::reload::Reloader;
-use privacy_gateway::server;
 use privacy_gateway::server::Launch;
+use privacy_gateway::{logging, preflight, server};
 
 /// An inline reverse proxy that enforces a privacy policy on every inference request.
 #[derive(Parser)]
@@ -48,11 +49,16 @@ enum Command {
         #[arg(long, short, default_value = "config/gateway.toml")]
         config: PathBuf,
     },
-    /// Load and validate the configuration without serving.
+    /// Load and validate the configuration without serving, and check that
+    /// this host has what `run` needs (writable audit and pid paths, a
+    /// private upgrade socket folder).
     Check {
         /// Path to gateway.toml.
         #[arg(long, short)]
         config: PathBuf,
+        /// Check the files only, not this host (e.g. on a build machine).
+        #[arg(long)]
+        files_only: bool,
     },
     /// Print the full decision for a described request as JSON, sending nothing.
     Explain {
@@ -89,20 +95,6 @@ enum Command {
     HashKey,
 }
 
-fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,privacy_gateway=info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(!json && std::io::stderr().is_terminal());
-    let _ = if json {
-        builder.json().try_init()
-    } else {
-        builder.try_init()
-    };
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -113,11 +105,11 @@ fn main() -> ExitCode {
         } => run(
             &config,
             LoadOptions::default(),
-            None,
+            Vec::new(),
             Launch { upgrade, daemon },
         ),
         Command::Demo { config } => demo(&config),
-        Command::Check { config } => check(&config),
+        Command::Check { config, files_only } => check(&config, files_only),
         Command::HashKey => hash_key(),
         Command::Explain {
             config,
@@ -162,31 +154,54 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(
-    config_path: &Path,
-    options: LoadOptions,
-    banner: Option<String>,
-    launch: Launch,
-) -> ExitCode {
-    let (settings, snapshot) = match config::load(config_path, &options) {
+fn run(config_path: &Path, options: LoadOptions, banner: Vec<String>, launch: Launch) -> ExitCode {
+    // A daemon works from `/`: keep naming the same files after it detaches.
+    let config_path = &std::path::absolute(config_path).unwrap_or_else(|_| config_path.into());
+    let (settings, mut snapshot) = match config::load(config_path, &options) {
         Ok(loaded) => loaded,
         Err(errors) => {
             eprintln!("{errors}");
             return ExitCode::from(2);
         }
     };
-    init_logging(settings.log_json);
+    logging::init(settings.log_json);
+    if let Err(e) = preflight::create_socket_folder(&settings.upgrade_sock) {
+        tracing::error!("cannot create the upgrade socket's folder: {e}");
+    }
+    let problems = preflight::problems(config_path, &settings);
+    if !problems.is_empty() {
+        for problem in &problems {
+            tracing::error!("{problem}");
+        }
+        return ExitCode::from(2);
+    }
     let metrics = Arc::new(Metrics::new());
     metrics.set_policy_version(&snapshot.policy_version);
+    metrics.attach_counters(&mut snapshot.upstreams);
     let audit = match &settings.audit {
         None => None,
         Some(target) => {
             match AuditLog::open(target, settings.audit_buffer, metrics.audit_dropped.clone()) {
                 Ok(log) => Some(log),
                 Err(e) => {
-                    eprintln!("cannot open the audit log {target:?}: {e}");
+                    tracing::error!("cannot open the audit log {target:?}: {e}");
                     return ExitCode::FAILURE;
                 }
+            }
+        }
+    };
+    lifecycle::ignore_signals_until_handled();
+    // Bound here, before Pingora (and before daemonizing): a busy port ends
+    // this command with an error after a bounded retry. In an upgrade the
+    // old process hands its sockets over instead.
+    let sockets = if launch.upgrade {
+        Default::default()
+    } else {
+        match server::bind_all(&settings) {
+            Ok(sockets) => sockets,
+            Err((address, e)) => {
+                tracing::error!(%address, "cannot listen: {e}");
+                return ExitCode::FAILURE;
             }
         }
     };
@@ -200,17 +215,21 @@ fn run(
         metrics.clone(),
     ));
     let observers = Arc::new(Observers { metrics, audit });
-    let server = server::build(&settings, handle, observers, Some(reloader), launch);
-    for listener in &settings.listeners {
-        println!(
-            "listening on {} ({} product)",
-            listener.address, listener.product
-        );
+    let lifecycle = Lifecycle::leak();
+    let server = server::build(
+        &settings,
+        handle,
+        observers.clone(),
+        Some(reloader),
+        launch,
+        lifecycle,
+        sockets,
+    );
+    for line in banner {
+        tracing::info!("{line}");
     }
-    if let Some(banner) = banner {
-        println!("{banner}");
-    }
-    server.run(pingora::server::RunArgs::default());
+    server.run(server::run_args(&settings, lifecycle));
+    observers.flush();
     ExitCode::SUCCESS
 }
 
@@ -276,26 +295,35 @@ fn demo(config_path: &Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let mut banner = String::from("demo echo upstreams:");
     let mut names: Vec<_> = pool_addresses.iter().collect();
     names.sort();
-    for (pool, urls) in names {
-        banner.push_str(&format!("\n  {pool:<18} {}", urls.join(", ")));
-    }
+    let banner = names
+        .into_iter()
+        .map(|(pool, urls)| format!("demo echo upstream of pool {pool}: {}", urls.join(", ")))
+        .collect();
     run(
         config_path,
         LoadOptions {
             pool_addresses,
             ..LoadOptions::default()
         },
-        Some(banner),
+        banner,
         Launch::default(),
     )
 }
 
-fn check(config_path: &Path) -> ExitCode {
+fn check(config_path: &Path, files_only: bool) -> ExitCode {
     match config::load(config_path, &LoadOptions::default()) {
         Ok((settings, snapshot)) => {
+            let problems = if files_only {
+                Vec::new()
+            } else {
+                preflight::problems(config_path, &settings)
+            };
+            if !problems.is_empty() {
+                eprintln!("{}", config::ConfigErrors(problems));
+                return ExitCode::from(1);
+            }
             println!(
                 "ok: policy {}, {} listeners, {} routes, {} plans, {} pools, {} accounts, geo {}",
                 snapshot.policy_version,

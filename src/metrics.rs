@@ -1,12 +1,30 @@
 //! Prometheus metrics: what operators alert on and what a privacy team
 //! counts (decisions by basis, shadow disagreements, removed routes).
 
+use prometheus::core::Collector;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
     TextEncoder,
 };
 
+use crate::config::Snapshot;
 use crate::evaluate::Admission;
+use crate::policy::Capability;
+use crate::routing::Upstreams;
+
+/// One upstream address's counters, resolved when a snapshot is installed,
+/// so that counting an attempt is one atomic increment on the request path.
+#[derive(Clone, Debug)]
+pub struct EndpointCounters {
+    /// Attempts sent to the address.
+    pub attempts: IntCounter,
+    /// Connections that failed (refused, timed out).
+    pub connect_errors: IntCounter,
+    /// Failures after the request was sent (reset, timeout, broken answer).
+    pub response_errors: IntCounter,
+    /// Answers with a 5xx status.
+    pub status_5xx: IntCounter,
+}
 
 /// Every metric of the process, in its own registry.
 pub struct Metrics {
@@ -29,21 +47,48 @@ pub struct Metrics {
     pub policy_version: IntGaugeVec,
     /// Audit lines dropped because the writer fell behind.
     pub audit_dropped: IntCounter,
+    /// Attempts by pool and address.
+    pool_attempts: IntCounterVec,
+    /// Failed attempts by pool, address and kind.
+    pool_errors: IntCounterVec,
+    /// Whether an address takes requests now, by pool and address (at scrape).
+    endpoint_up: IntGaugeVec,
+    /// Whether a pool has an address taking requests now, by pool,
+    /// subprocessor, region and capability served (at scrape).
+    pool_ready: IntGaugeVec,
+}
+
+/// `metric`, registered in `registry`. Names are fixed and unique, so a
+/// malformed metric or a collision is a programming error.
+fn registered<M: Collector + Clone + 'static>(
+    registry: &Registry,
+    name: &str,
+    metric: prometheus::Result<M>,
+) -> M {
+    let metric = metric.unwrap_or_else(|e| panic!("metric {name} is malformed: {e}"));
+    let _ = registry.register(Box::new(metric.clone()));
+    metric
+}
+
+fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    registered(
+        registry,
+        name,
+        IntGaugeVec::new(Opts::new(name, help), labels),
+    )
 }
 
 fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let metric = IntCounterVec::new(Opts::new(name, help), labels)
-        .unwrap_or_else(|e| panic!("metric {name} is malformed: {e}"));
-    // Names are fixed and unique, so registration cannot collide.
-    let _ = registry.register(Box::new(metric.clone()));
-    metric
+    registered(
+        registry,
+        name,
+        IntCounterVec::new(Opts::new(name, help), labels),
+    )
 }
 
 fn histogram(registry: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
-    let metric = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
-        .unwrap_or_else(|e| panic!("metric {name} is malformed: {e}"));
-    let _ = registry.register(Box::new(metric.clone()));
-    metric
+    let opts = HistogramOpts::new(name, help).buckets(buckets);
+    registered(registry, name, Histogram::with_opts(opts))
 }
 
 impl Default for Metrics {
@@ -98,21 +143,53 @@ impl Metrics {
             "Configuration reloads by result.",
             &["result"],
         );
-        let policy_version = IntGaugeVec::new(
-            Opts::new(
-                "privacy_gateway_policy_version_info",
-                "The policy version serving now.",
-            ),
+        // Both series exist from the start, so `increase()` sees the first reload.
+        for result in ["success", "failure"] {
+            reloads.with_label_values(&[result]);
+        }
+        let policy_version = gauge_vec(
+            &r,
+            "privacy_gateway_policy_version_info",
+            "The policy version serving now.",
             &["version"],
-        )
-        .unwrap_or_else(|e| panic!("metric is malformed: {e}"));
-        let _ = r.register(Box::new(policy_version.clone()));
-        let audit_dropped = IntCounter::new(
-            "privacy_gateway_audit_lines_dropped_total",
-            "Audit lines dropped because the writer fell behind.",
-        )
-        .unwrap_or_else(|e| panic!("metric is malformed: {e}"));
-        let _ = r.register(Box::new(audit_dropped.clone()));
+        );
+        let pool_attempts = counter_vec(
+            &r,
+            "privacy_gateway_pool_requests_total",
+            "Attempts sent to a pool address (retries included).",
+            &["pool", "address"],
+        );
+        let pool_errors = counter_vec(
+            &r,
+            "privacy_gateway_pool_errors_total",
+            "Failed attempts by kind: connect, response (after sending), status_5xx.",
+            &["pool", "address", "kind"],
+        );
+        let endpoint_up = gauge_vec(
+            &r,
+            "privacy_gateway_pool_address_up",
+            "1 while a pool address takes requests (healthy, not ejected).",
+            &["pool", "address"],
+        );
+        let pool_ready = gauge_vec(
+            &r,
+            "privacy_gateway_pool_ready",
+            "1 while a pool has an address taking requests, per capability it serves.",
+            &["pool", "subprocessor", "region", "capability"],
+        );
+        // CPU, resident memory, open descriptors, threads (from /proc).
+        let _ = r.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ));
+        let dropped = "privacy_gateway_audit_lines_dropped_total";
+        let audit_dropped = registered(
+            &r,
+            dropped,
+            IntCounter::new(
+                dropped,
+                "Audit lines dropped because the writer fell behind.",
+            ),
+        );
         Metrics {
             registry: r,
             requests,
@@ -124,6 +201,60 @@ impl Metrics {
             reloads,
             policy_version,
             audit_dropped,
+            pool_attempts,
+            pool_errors,
+            endpoint_up,
+            pool_ready,
+        }
+    }
+
+    /// Gives every address of `upstreams` its counters (when a snapshot is
+    /// installed: the same labels reach the same series across reloads).
+    pub fn attach_counters(&self, upstreams: &mut Upstreams) {
+        for pool in upstreams.pools_mut() {
+            for endpoint in &mut pool.endpoints {
+                let address = endpoint.socket.to_string();
+                let labels = [pool.name.as_str(), address.as_str()];
+                let error = |kind: &str| {
+                    self.pool_errors
+                        .with_label_values(&[labels[0], labels[1], kind])
+                };
+                endpoint.counters = Some(EndpointCounters {
+                    attempts: self.pool_attempts.with_label_values(&labels),
+                    connect_errors: error("connect"),
+                    response_errors: error("response"),
+                    status_5xx: error("status_5xx"),
+                });
+            }
+        }
+    }
+
+    /// Sets the health gauges from `snapshot`'s pools as they are now
+    /// (before each scrape; pools no longer configured disappear).
+    pub fn refresh_pool_gauges(&self, snapshot: &Snapshot) {
+        self.endpoint_up.reset();
+        self.pool_ready.reset();
+        let pools = snapshot.upstreams.pools();
+        for pool in pools {
+            for endpoint in &pool.endpoints {
+                self.endpoint_up
+                    .with_label_values(&[pool.name.as_str(), &endpoint.socket.to_string()])
+                    .set(i64::from(endpoint.health.is_usable()));
+            }
+        }
+        for capability in Capability::ALL {
+            for pool in snapshot.pools.serving(capability).iter() {
+                if let Some(p) = pools.get(pool) {
+                    self.pool_ready
+                        .with_label_values(&[
+                            p.name.as_str(),
+                            p.subprocessor.as_str(),
+                            p.region.as_str(),
+                            capability.as_str(),
+                        ])
+                        .set(i64::from(p.is_available()));
+                }
+            }
         }
     }
 

@@ -24,6 +24,10 @@ pub struct Observers {
 pub struct Completed<'a> {
     /// Its decision id.
     pub decision_id: &'a str,
+    /// Its method.
+    pub method: &'a str,
+    /// Its path, without the query string.
+    pub path: &'a str,
     /// The snapshot it was decided under.
     pub snapshot: &'a Snapshot,
     /// Product of the listener that accepted it.
@@ -43,10 +47,21 @@ pub struct Completed<'a> {
 }
 
 impl Observers {
+    /// Writes out what is still queued (before the process exits).
+    pub fn flush(&self) {
+        if let Some(audit) = &self.audit {
+            if !audit.flush(std::time::Duration::from_secs(2)) {
+                tracing::warn!("the audit writer did not catch up before exit");
+            }
+        }
+    }
+
     /// Counts, logs and audits one finished request.
     pub fn request_done(&self, done: &Completed<'_>) {
         let Completed {
             decision_id,
+            method,
+            path,
             snapshot,
             listener_product,
             admission,
@@ -120,6 +135,9 @@ impl Observers {
             let record = AuditRecord {
                 ts: audit::timestamp(),
                 decision_id,
+                method,
+                path: audit::recorded_path(path),
+                listener: listener_product.as_str(),
                 policy_version: &snapshot.policy_version,
                 status,
                 error: error_code,

@@ -15,6 +15,8 @@ use pingora::{ErrorSource, ErrorType};
 
 use crate::config::{Snapshot, SnapshotHandle};
 use crate::evaluate::{evaluate, route_constraints, Admission, Refusal, RequestHead};
+use crate::lifecycle::{InFlight, Lifecycle};
+use crate::metrics::EndpointCounters;
 use crate::observe::{Completed, Observers};
 use crate::policy::Product;
 use crate::routing::Target;
@@ -28,20 +30,34 @@ pub struct PrivacyProxy {
     snapshots: Arc<SnapshotHandle>,
     listener_product: Product,
     observers: Arc<Observers>,
+    lifecycle: &'static Lifecycle,
 }
 
 impl PrivacyProxy {
     /// A proxy for a listener of `listener_product`, reading `snapshots`,
-    /// reporting to `observers`.
+    /// reporting to `observers`, counting its requests in `lifecycle`.
     pub fn new(
         snapshots: Arc<SnapshotHandle>,
         listener_product: Product,
         observers: Arc<Observers>,
+        lifecycle: &'static Lifecycle,
     ) -> Self {
         PrivacyProxy {
             snapshots,
             listener_product,
             observers,
+            lifecycle,
+        }
+    }
+
+    /// During an upgrade every answer closes its connection, so that the
+    /// client's next request opens a new one (which the new process, or
+    /// this one while it still accepts, takes) instead of racing the close
+    /// of an idle one. (After a stop, Pingora closes them once the listener
+    /// is closed: see [`crate::lifecycle::Lingering`].)
+    fn close_when_draining(&self, session: &mut Session) {
+        if self.lifecycle.is_draining() {
+            session.set_keepalive(None);
         }
     }
 }
@@ -60,9 +76,17 @@ pub struct RequestCtx {
     error_code: Option<&'static str>,
     /// When the first upstream attempt began.
     upstream_started: Option<Instant>,
+    /// Counts the request in flight until it is over.
+    _in_flight: InFlight,
 }
 
 impl RequestCtx {
+    /// The counters of the address of the current attempt.
+    fn attempt_counters(&self) -> Option<&EndpointCounters> {
+        self.target
+            .and_then(|t| self.snapshot.upstreams.counters(t))
+    }
+
     fn admitted(&self) -> Result<&Admission> {
         self.admission
             .as_ref()
@@ -157,10 +181,12 @@ impl ProxyHttp for PrivacyProxy {
             target: None,
             error_code: None,
             upstream_started: None,
+            _in_flight: self.lifecycle.begin_request(),
         }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
+        self.close_when_draining(session);
         let Some(peer) = peer_ip(session) else {
             let body = error_body(
                 "no_peer_address",
@@ -216,6 +242,9 @@ impl ProxyHttp for PrivacyProxy {
             .peer(target)
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "target out of range"))?;
         ctx.target = Some(target);
+        if let Some(c) = ctx.attempt_counters() {
+            c.attempts.inc();
+        }
         Ok(Box::new(peer))
     }
 
@@ -226,6 +255,9 @@ impl ProxyHttp for PrivacyProxy {
         ctx: &mut Self::CTX,
         mut e: Box<Error>,
     ) -> Box<Error> {
+        if let Some(c) = ctx.attempt_counters() {
+            c.connect_errors.inc();
+        }
         if let Some(target) = ctx.target.take() {
             ctx.snapshot.upstreams.eject(target);
             ctx.tried.push(target);
@@ -248,9 +280,12 @@ impl ProxyHttp for PrivacyProxy {
         peer: &HttpPeer,
         session: &mut Session,
         e: Box<Error>,
-        _ctx: &mut Self::CTX,
+        ctx: &mut Self::CTX,
         client_reused: bool,
     ) -> Box<Error> {
+        if let Some(c) = ctx.attempt_counters() {
+            c.response_errors.inc();
+        }
         let mut e = e.more_context(format!("Peer: {peer}"));
         // A pooled connection the upstream had already closed fails before
         // the request was processed: safe to send again (on a fresh connection,
@@ -287,10 +322,16 @@ impl ProxyHttp for PrivacyProxy {
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_response: &mut ResponseHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
+        self.close_when_draining(session);
+        if upstream_response.status.is_server_error() {
+            if let Some(c) = ctx.attempt_counters() {
+                c.status_5xx.inc();
+            }
+        }
         upstream_response.insert_header(stamp::DECISION_ID, &ctx.decision_id)?;
         Ok(())
     }
@@ -320,6 +361,9 @@ impl ProxyHttp for PrivacyProxy {
             ctx.error_code = Some(code);
         }
         if status > 0 {
+            // The connection is not reused after a failure (see below): say
+            // so, or a keep-alive client would write its next request into it.
+            session.set_keepalive(None);
             let extra = ctx
                 .admission
                 .as_ref()
@@ -335,10 +379,27 @@ impl ProxyHttp for PrivacyProxy {
         }
     }
 
+    /// Pingora logs every failed request at ERROR. A 503 because every
+    /// permitted pool is down is an answer the policy chose (pool health is
+    /// logged when it changes, and counted), and a client hanging up is the
+    /// client's business: neither is an error of the gateway.
+    fn suppress_error_log(&self, _session: &Session, _ctx: &Self::CTX, e: &Error) -> bool {
+        *e.etype() == NO_PERMITTED_ENDPOINT
+            || (*e.esource() == ErrorSource::Downstream
+                && matches!(
+                    e.etype(),
+                    ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError
+                ))
+    }
+
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Self::CTX) {
         let now = Instant::now();
+        let req = session.req_header();
+        let (method, path) = (req.method.as_str(), req.uri.path());
         self.observers.request_done(&Completed {
             decision_id: &ctx.decision_id,
+            method,
+            path,
             snapshot: &ctx.snapshot,
             listener_product: self.listener_product,
             admission: ctx.admission.as_ref(),

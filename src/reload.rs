@@ -109,7 +109,8 @@ impl Reloader {
         *seen = current;
         let started = Instant::now();
         match config::load(&self.gateway_path, &self.options) {
-            Ok((settings, snapshot)) => {
+            Ok((settings, mut snapshot)) => {
+                self.metrics.attach_counters(&mut snapshot.upstreams);
                 if settings != self.settings {
                     tracing::warn!("listener and thread settings changed; they apply after a restart or upgrade");
                 }
@@ -224,6 +225,9 @@ impl BackgroundService for ReloadService {
         };
         let mut sources = self.reloader.sources();
         let mut _watcher = self.watch(&sources, &tx);
+        // A file changed between the start-up load and this watch (the
+        // listeners already accept by then) is seen by comparing identities.
+        let _ = tx.send(Trigger::FileEvent);
         loop {
             let first = tokio::select! {
                 _ = shutdown.changed() => return,

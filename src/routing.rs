@@ -12,6 +12,7 @@ use pingora::upstreams::peer::HttpPeer;
 use thiserror::Error;
 
 use crate::health::{CheckSpec, EndpointHealth, EndpointKey, HealthRegistry};
+use crate::metrics::EndpointCounters;
 use crate::policy::PoolSet;
 
 /// Why a pool address could not be used.
@@ -38,6 +39,8 @@ pub struct Endpoint {
     pub weight: u32,
     /// Shared with every snapshot that has this address.
     pub health: Arc<EndpointHealth>,
+    /// Its request and error counters, once the snapshot is installed.
+    pub counters: Option<EndpointCounters>,
 }
 
 impl Endpoint {
@@ -80,6 +83,7 @@ impl Endpoint {
             server_name,
             weight: weight.max(1),
             health,
+            counters: None,
         })
     }
 }
@@ -230,6 +234,21 @@ impl Upstreams {
     /// Every pool.
     pub fn pools(&self) -> &[PoolUpstream] {
         &self.pools
+    }
+
+    /// Every pool, to attach what the snapshot is installed with.
+    pub fn pools_mut(&mut self) -> &mut [PoolUpstream] {
+        &mut self.pools
+    }
+
+    /// The counters of a target's address, when attached.
+    pub fn counters(&self, target: Target) -> Option<&EndpointCounters> {
+        self.pools
+            .get(target.pool)?
+            .endpoints
+            .get(target.endpoint)?
+            .counters
+            .as_ref()
     }
 
     /// The weight of pool `pool` among the candidates now: its configured

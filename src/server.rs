@@ -1,12 +1,14 @@
 //! Assembles the Pingora server: one proxy service per listener, all
 //! reading the same snapshot handle.
 
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::time::Duration;
 
-use pingora::proxy::http_proxy_service_with_name;
+use pingora::proxy::http_proxy;
 use pingora::server::configuration::{Opt, ServerConf};
-use pingora::server::Server;
+use pingora::server::{RunArgs, Server};
 
 use pingora::services::background::background_service;
 use pingora::services::listening::Service;
@@ -14,9 +16,14 @@ use pingora::services::listening::Service;
 use crate::admin::AdminApp;
 use crate::config::{GatewaySettings, SnapshotHandle};
 use crate::health::HealthChecker;
+use crate::lifecycle::{Drain, Lifecycle, Lingering, Listening, Signals};
 use crate::observe::Observers;
 use crate::proxy::PrivacyProxy;
 use crate::reload::{ReloadService, Reloader};
+
+/// After the last request, how long Pingora waits for its runtimes' blocking
+/// work (a reload being compiled) before the process ends.
+const RUNTIME_STOP_SECONDS: u64 = 5;
 
 /// How the process starts: fresh or taking sockets over, attached or detached.
 #[derive(Clone, Copy, Debug, Default)]
@@ -27,15 +34,47 @@ pub struct Launch {
     pub daemon: bool,
 }
 
+/// Binds every listener and the admin listener of `settings`, each with
+/// a bounded retry; the first address that cannot be bound is the error.
+pub fn bind_all(
+    settings: &GatewaySettings,
+) -> Result<HashMap<SocketAddr, TcpListener>, (SocketAddr, std::io::Error)> {
+    let addresses = settings
+        .listeners
+        .iter()
+        .map(|l| l.address)
+        .chain(settings.admin);
+    let mut sockets = HashMap::new();
+    for address in addresses {
+        let socket = crate::lifecycle::bind(address).map_err(|e| (address, e))?;
+        sockets.insert(address, socket);
+    }
+    Ok(sockets)
+}
+
+/// What `Server::run` waits for: the end signals, read by [`Signals`].
+pub fn run_args(settings: &GatewaySettings, lifecycle: &'static Lifecycle) -> RunArgs {
+    RunArgs {
+        shutdown_signal: Box::new(Signals::new(
+            lifecycle,
+            Duration::from_secs(settings.grace_period_seconds),
+            settings.upgrade_sock.clone(),
+        )),
+    }
+}
+
 /// A Pingora server ready to `run`: a proxy service per listener, the
 /// health checker, the admin listener when configured, and, when given,
-/// the configuration reloader.
+/// the configuration reloader. `sockets` are the listening sockets this
+/// process bound (none in an upgrade: the old process hands them over).
 pub fn build(
     settings: &GatewaySettings,
     snapshots: Arc<SnapshotHandle>,
     observers: Arc<Observers>,
     reloader: Option<Arc<Reloader>>,
     launch: Launch,
+    lifecycle: &'static Lifecycle,
+    mut sockets: HashMap<SocketAddr, TcpListener>,
 ) -> Server {
     let conf = ServerConf {
         threads: settings.threads,
@@ -44,8 +83,11 @@ pub fn build(
         max_retries: 8,
         upgrade_sock: settings.upgrade_sock.clone(),
         pid_file: settings.pid_file.clone(),
-        grace_period_seconds: Some(settings.grace_period_seconds),
-        graceful_shutdown_timeout_seconds: Some(settings.graceful_shutdown_timeout_seconds),
+        // Pingora's grace period is how long requests in flight may still
+        // take once the listeners are closed; [`Drain`] ends the process
+        // as soon as the last one is answered.
+        grace_period_seconds: Some(settings.graceful_shutdown_timeout_seconds),
+        graceful_shutdown_timeout_seconds: Some(RUNTIME_STOP_SECONDS),
         ..ServerConf::default()
     };
     let opt = Opt {
@@ -57,19 +99,36 @@ pub fn build(
     server.bootstrap();
     for listener in &settings.listeners {
         let name = format!("privacy-gateway {} {}", listener.product, listener.address);
-        let mut service = http_proxy_service_with_name(
+        let proxy = http_proxy(
             &server.configuration,
-            PrivacyProxy::new(snapshots.clone(), listener.product, observers.clone()),
-            &name,
+            PrivacyProxy::new(
+                snapshots.clone(),
+                listener.product,
+                observers.clone(),
+                lifecycle,
+            ),
         );
+        let mut service = Service::new(name, Lingering::new(proxy));
         service.add_tcp(&listener.address.to_string());
-        server.add_service(service);
+        server.add_service(Listening::new(
+            service,
+            listener.address,
+            format!("{} product", listener.product),
+            sockets.remove(&listener.address),
+            lifecycle,
+        ));
     }
     if let Some(address) = settings.admin {
-        let app = AdminApp::new(snapshots.clone(), observers.metrics.clone());
+        let app = AdminApp::new(snapshots.clone(), observers.metrics.clone(), lifecycle);
         let mut admin = Service::new("privacy-gateway admin".to_string(), app);
         admin.add_tcp(&address.to_string());
-        server.add_service(admin);
+        server.add_service(Listening::new(
+            admin,
+            address,
+            "admin".into(),
+            sockets.remove(&address),
+            lifecycle,
+        ));
     }
     server.add_service(background_service(
         "health checks",
@@ -79,5 +138,18 @@ pub fn build(
         let service = ReloadService::new(reloader, Duration::from_millis(200));
         server.add_service(background_service("configuration reload", service));
     }
+    server.add_service(background_service(
+        "audit log",
+        crate::audit::AuditService::new(observers.clone()),
+    ));
+    let flush = observers.clone();
+    server.add_service(background_service(
+        "drain",
+        Drain::new(
+            lifecycle,
+            Duration::from_secs(settings.graceful_shutdown_timeout_seconds),
+            Box::new(move || flush.flush()),
+        ),
+    ));
     server
 }

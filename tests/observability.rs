@@ -45,6 +45,16 @@ fn stamped(r: &Recorded) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The headers `explain` says it would stamp, in its order.
+fn explained_headers(explained: &serde_json::Value) -> Vec<(String, String)> {
+    explained["headers"]
+        .as_object()
+        .expect("headers")
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_str().expect("string").to_string()))
+        .collect()
+}
+
 fn explain(gw: &Gateway, args: &[&str]) -> serde_json::Value {
     let out = Command::new(support::binary())
         .arg("explain")
@@ -63,14 +73,8 @@ fn explain(gw: &Gateway, args: &[&str]) -> serde_json::Value {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn explain_agrees_with_the_proxy_for_every_demo_account_and_route() {
-    let ups = Upstreams::start().await;
-    let mut config = TestConfig::shipped_with(&ups);
-    config.extra_tables = "[signing]\nkey_file = \"signing.key\"\n".into();
-    config.attachments.push((
-        "signing.key".into(),
-        b"explain-test-signing-key-0123456789".to_vec(),
-    ));
-    let gw = Gateway::start(&config);
+    let (ups, gw) =
+        support::start_with(|c| c.sign_with(b"explain-test-signing-key-0123456789")).await;
     let c = client();
     let mut compared = 0;
     let mut callers: Vec<Option<String>> = demo_keys().into_iter().map(Some).collect();
@@ -119,14 +123,8 @@ async fn explain_agrees_with_the_proxy_for_every_demo_account_and_route() {
                 let explained = explain(&gw, &args);
                 let received = &received;
                 assert_eq!(explained["status"], 200, "{what}");
-                let headers: Vec<(String, String)> = explained["headers"]
-                    .as_object()
-                    .expect("headers")
-                    .iter()
-                    .map(|(n, v)| (n.clone(), v.as_str().expect("string").to_string()))
-                    .collect();
                 // Same names, values and order, signature included.
-                assert_eq!(headers, stamped(received), "{what}");
+                assert_eq!(explained_headers(&explained), stamped(received), "{what}");
             } else {
                 assert_eq!(all.len(), before, "{what}: refused requests go nowhere");
                 let explained = explain(&gw, &args);
@@ -485,12 +483,9 @@ async fn logs_are_json_lines_when_configured() {
     })
     .await;
     assert!(logged, "no JSON access line:\n{logs}");
-    // Every diagnostic line is one JSON object (stdout's start-up banner aside).
-    let lines: Vec<&str> = logs
-        .lines()
-        .filter(|l| !l.starts_with("listening on"))
-        .collect();
-    assert!(!lines.is_empty());
+    // Every diagnostic line is one JSON object, start-up lines included.
+    assert!(logs.contains("listening on"), "{logs}");
+    let lines: Vec<&str> = logs.lines().collect();
     for line in lines {
         let v: serde_json::Value =
             serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
@@ -544,4 +539,132 @@ fn dropped_audit_lines(gw: &Gateway) -> f64 {
         &parse_prometheus(&text),
         "privacy_gateway_audit_lines_dropped_total",
     )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_audit_line_holds_what_explain_needs_to_rebuild_the_decision() {
+    let (ups, gw) =
+        support::start_with(|c| c.sign_with(b"audit-rebuild-signing-key-0123456789")).await;
+    // A query string may carry anything; it is never recorded.
+    let url = gw.chat_url("/v1/chat/completions?user=alice%40example.com");
+    let resp = client()
+        .post(url)
+        .bearer_auth("demo-chat-pro")
+        .body("{}")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let id = support::decision_id(&resp).expect("decision id");
+    let mut lines = Vec::new();
+    assert!(
+        support::eventually(std::time::Duration::from_secs(5), || {
+            lines = gw.audit_lines();
+            !lines.is_empty()
+        })
+        .await
+    );
+    assert!(!lines[0].contains("alice"), "{}", lines[0]);
+    let line: serde_json::Value = serde_json::from_str(&lines[0]).expect("JSON");
+    assert_eq!(line["method"], "POST");
+    assert_eq!(line["path"], "/v1/chat/completions");
+    assert_eq!(line["listener"], "chat");
+    assert_eq!(line["decision_id"], id.as_str());
+    // The explain command rebuilt from the line alone (the prefix's address
+    // stands in for the client's) stamps exactly what the upstream received.
+    let prefix = line["client_prefix"].as_str().expect("prefix");
+    let address = prefix.split('/').next().expect("address");
+    let field = |name: &str| line[name].as_str().expect(name).to_string();
+    let explained = explain(
+        &gw,
+        &[
+            "--method",
+            &field("method"),
+            "--path",
+            &field("path"),
+            "--listener",
+            &field("listener"),
+            "--header",
+            "Authorization: Bearer demo-chat-pro",
+            "--client-ip",
+            address,
+            "--decision-id",
+            &field("decision_id"),
+            "--pool",
+            &field("pool"),
+        ],
+    );
+    let (_, received) = ups.by_decision(&id).expect("forwarded");
+    assert_eq!(explained_headers(&explained), stamped(&received));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pools_addresses_and_the_process_have_their_metrics() {
+    let mut ups = Upstreams::start().await;
+    let gw = Gateway::start(&TestConfig::shipped_with(&ups));
+    let address = |pool: &str| ups.pool(pool).addr().to_string();
+    let (azure, ireland) = (address("azure-sweden"), address("gcp-ireland"));
+    let samples = parse_prometheus(&gw.admin_get("/metrics").await.1);
+    // Present from the start, at 0, so that the first reload is an increase.
+    for result in ["success", "failure"] {
+        let series = format!("privacy_gateway_config_reloads_total{{result=\"{result}\"}}");
+        assert!(
+            samples.iter().any(|(s, v)| *s == series && *v == 0.0),
+            "{series}"
+        );
+    }
+    assert!(samples
+        .iter()
+        .any(|(s, _)| s == "process_cpu_seconds_total"));
+    for series in ["process_resident_memory_bytes", "process_open_fds"] {
+        assert!(
+            sample(&samples, series) > 0.0,
+            "{series} missing: {samples:?}"
+        );
+    }
+    let c = client();
+    let chat = gw.api_url("/v1/chat/completions");
+    for _ in 0..4 {
+        assert_eq!(
+            support::post_as(&c, &chat, "demo-api-eu-only").await,
+            StatusCode::OK
+        );
+    }
+    let ready = |pool: &str, subprocessor: &str, region: &str| {
+        format!("privacy_gateway_pool_ready{{capability=\"chat\",pool=\"{pool}\",region=\"{region}\",subprocessor=\"{subprocessor}\"}}")
+    };
+    let requests = |pool: &str, address: &str| {
+        format!("privacy_gateway_pool_requests_total{{address=\"{address}\",pool=\"{pool}\"}}")
+    };
+    let samples = parse_prometheus(&gw.admin_get("/metrics").await.1);
+    assert_eq!(
+        sample(&samples, &requests("azure-sweden", &azure))
+            + sample(&samples, &requests("gcp-ireland", &ireland)),
+        4.0,
+        "{samples:?}"
+    );
+    assert_eq!(sample(&samples, &ready("azure-sweden", "azure", "eu")), 1.0);
+
+    // Every eu pool goes down: the residency-constrained account gets 503
+    // although chat as a whole is still served (by the us pools); the
+    // per-pool series show it, by region.
+    ups.echoes.remove("azure-sweden");
+    ups.echoes.remove("gcp-ireland");
+    assert_eq!(
+        support::post_as(&c, &chat, "demo-api-eu-only").await,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    let samples = parse_prometheus(&gw.admin_get("/metrics").await.1);
+    for (pool, address, subprocessor) in [
+        ("azure-sweden", &azure, "azure"),
+        ("gcp-ireland", &ireland, "gcp"),
+    ] {
+        let errors = format!("privacy_gateway_pool_errors_total{{address=\"{address}\",kind=\"connect\",pool=\"{pool}\"}}");
+        assert_eq!(sample(&samples, &errors), 1.0, "{errors}: {samples:?}");
+        assert_eq!(sample(&samples, &ready(pool, subprocessor, "eu")), 0.0);
+        let up =
+            format!("privacy_gateway_pool_address_up{{address=\"{address}\",pool=\"{pool}\"}}");
+        assert!(samples.iter().any(|(s, v)| *s == up && *v == 0.0), "{up}");
+    }
+    assert_eq!(sample(&samples, &ready("gcp-us", "gcp", "us")), 1.0);
 }

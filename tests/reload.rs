@@ -353,7 +353,7 @@ async fn a_graceful_upgrade_under_load_loses_no_request() {
     );
     run.advance(30).await;
 
-    let upgrade_sock = gw.dir.path().join("upgrade.sock");
+    let upgrade_sock = gw.upgrade_sock();
     let new = KillOnDrop(gw.start_upgrade());
     assert!(
         eventually(Duration::from_secs(10), || upgrade_sock.exists()).await,

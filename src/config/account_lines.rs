@@ -21,11 +21,11 @@ fn parse_key_hash(hex_text: &str) -> Option<KeyHash> {
 }
 
 /// Reads the consent snapshot line by line: a million accounts are never
-/// held as text beside the store being built.
+/// held as text beside the store being built. Without the `known` plans and
+/// pools (their files did not parse), only each line's syntax is checked.
 pub(super) fn compile_accounts(
     path: &Path,
-    plans: &PlanNames,
-    pools: &Pools,
+    known: Option<(&PlanNames, &Pools)>,
     a: &mut FileErrors<'_>,
 ) -> Result<AccountStore, ConfigErrors> {
     let io_error = |e: std::io::Error| one_error(path, None, format!("cannot read: {e}"));
@@ -50,9 +50,12 @@ pub(super) fn compile_accounts(
         let record: AccountLine = match serde_json::from_str(text) {
             Ok(r) => r,
             Err(e) => {
-                a.at_line(line, e.to_string());
+                a.at_line(line, json_message(&e));
                 continue;
             }
+        };
+        let Some((plans, pools)) = known else {
+            continue;
         };
         match compile_account(record, plans, pools, &mut keys, &mut plan_names) {
             Ok(account) => match store.insert(account, &keys) {
@@ -69,6 +72,14 @@ pub(super) fn compile_accounts(
         }
     }
     Ok(store)
+}
+
+/// serde's message without its position: each account is one line, so the
+/// file's line number (given beside it) is the position worth reading.
+fn json_message(e: &serde_json::Error) -> String {
+    let text = e.to_string();
+    let position = format!(" at line {} column {}", e.line(), e.column());
+    text.strip_suffix(&position).unwrap_or(&text).to_string()
 }
 
 /// Lines in a file, to size the store before it is filled.
@@ -116,7 +127,12 @@ fn compile_account(
             .subprocessors
             .iter()
             .position(|s| s == name)
-            .ok_or_else(|| format!("subprocessor `{name}` is not used by any pool"))?;
+            .ok_or_else(|| {
+                format!(
+                    "subprocessor `{name}` is not used by any pool (known: {})",
+                    pools.subprocessors.join(", ")
+                )
+            })?;
         subprocessor_opt_outs.insert(i);
     }
     let residency = match &record.residency {
@@ -126,8 +142,12 @@ fn compile_account(
                 .regions
                 .iter()
                 .position(|r| r == region)
-                .ok_or_else(|| format!("residency `{region}` is not the region of any pool"))?
-                as u8,
+                .ok_or_else(|| {
+                    format!(
+                        "residency `{region}` is not the region of any pool (known: {})",
+                        pools.regions.join(", ")
+                    )
+                })? as u8,
         )),
     };
     if record.training_opt_in && plan_class != PlanClass::ChatTeam {

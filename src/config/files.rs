@@ -47,7 +47,7 @@ pub struct GatewayFile {
 #[serde(deny_unknown_fields)]
 pub struct AdminEntry {
     /// `host:port` of `/metrics`, `/healthz`, `/readyz`; keep it off the public network.
-    pub address: String,
+    pub address: Spanned<String>,
 }
 
 /// `[audit]`.
@@ -75,17 +75,20 @@ pub struct LogEntry {
 #[serde(deny_unknown_fields)]
 pub struct ProcessEntry {
     /// Unix socket over which a new process (`run --upgrade`) takes the
-    /// listening sockets of the old one (default `/tmp/privacy-gateway-upgrade.sock`).
+    /// listening sockets of the old one, in a folder only this user can
+    /// enter, created so when missing (default `/tmp/privacy-gateway/upgrade.sock`).
     #[serde(default)]
     pub upgrade_sock: Option<String>,
-    /// Where the process writes its pid (default `/tmp/privacy-gateway.pid`).
+    /// Where `run --daemon` writes its pid (default `/tmp/privacy-gateway/privacy-gateway.pid`).
     #[serde(default)]
     pub pid_file: Option<String>,
-    /// After `SIGQUIT`/`SIGTERM`, how long to keep accepting before closing
-    /// the listeners, in seconds (default 5).
+    /// After `SIGTERM`, how long to keep accepting (answering with
+    /// `Connection: close`, not ready) before closing the listeners, in
+    /// seconds (default 5). After `SIGQUIT` the hand-over window is Pingora's fixed 5 s.
     #[serde(default)]
     pub grace_period_seconds: Option<u64>,
-    /// Then how long in-flight requests (long streams) may take to finish, in seconds (default 300).
+    /// Then how long in-flight requests (long streams) may take to finish, in
+    /// seconds (default 300); the process exits as soon as the last is answered.
     #[serde(default)]
     pub graceful_shutdown_timeout_seconds: Option<u64>,
 }
@@ -119,9 +122,9 @@ pub struct FilesEntry {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrustEntry {
-    /// CIDR networks of trusted proxies, e.g. `["10.0.0.0/8"]`.
+    /// Trusted proxies: CIDR networks or single addresses, e.g. `["10.0.0.0/8", "192.0.2.7"]`.
     #[serde(default)]
-    pub trusted_proxies: Vec<String>,
+    pub trusted_proxies: Vec<Spanned<String>>,
     /// Header naming the account, set by a trusted front service.
     #[serde(default)]
     pub identity_header: Option<String>,
@@ -131,7 +134,8 @@ pub struct TrustEntry {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SigningEntry {
-    /// File holding the HMAC key; when set, `x-privacy-signature` is stamped.
+    /// File holding the HMAC key (its contents without leading or trailing
+    /// whitespace); when set, `x-privacy-signature` is stamped.
     #[serde(default)]
     pub key_file: Option<PathBuf>,
 }
@@ -243,7 +247,7 @@ pub struct PoolEntry {
     /// Where it keeps data (`eu`, `us`, ...); accounts' `residency` refers to it.
     pub region: String,
     /// Capabilities it serves.
-    pub capabilities: Vec<String>,
+    pub capabilities: Vec<Spanned<String>>,
     /// Share of traffic relative to the other candidate pools (default 1).
     #[serde(default)]
     pub weight: Option<u32>,

@@ -1,6 +1,6 @@
 //! `gateway.toml` -> process settings, and the trust and signing parts of the snapshot.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use http::HeaderName;
@@ -36,9 +36,15 @@ pub(super) fn compile_gateway(
     let settings = gateway_settings(gateway, base, g);
     let mut trusted = Vec::new();
     for net in &gateway.trust.trusted_proxies {
-        match net.parse::<IpNet>() {
-            Ok(n) => trusted.push(n),
-            Err(_) => g.at_line(None, format!("trusted proxy `{net}` is not a CIDR network")),
+        match parse_trusted(net.get_ref()) {
+            Some(n) => trusted.push(n),
+            None => g.at_span(
+                net.span(),
+                format!(
+                    "trusted proxy `{}` is neither an address nor a CIDR network",
+                    net.get_ref()
+                ),
+            ),
         }
     }
     let identity_header = match gateway.trust.identity_header.as_deref() {
@@ -104,6 +110,21 @@ pub(super) fn compile_gateway(
     }
 }
 
+/// A trusted proxy: a CIDR network, or one address (as a /32 or /128).
+fn parse_trusted(text: &str) -> Option<IpNet> {
+    text.parse::<IpNet>()
+        .ok()
+        .or_else(|| text.parse::<IpAddr>().ok().map(IpNet::from))
+}
+
+/// Whether two listening addresses cannot both be bound: the same port and
+/// the same address, or an unspecified one (`0.0.0.0`, `[::]`) on either side.
+fn collide(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port()
+        && a.port() != 0
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
 fn gateway_settings(gateway: &GatewayFile, base: &Path, g: &mut FileErrors<'_>) -> GatewaySettings {
     let mut listeners = Vec::new();
     if gateway.listeners.is_empty() {
@@ -115,7 +136,21 @@ fn gateway_settings(gateway: &GatewayFile, base: &Path, g: &mut FileErrors<'_>) 
         let address = l.address.parse::<SocketAddr>();
         let product = l.product.parse::<Product>();
         match (address, product) {
-            (Ok(address), Ok(product)) => listeners.push(Listener { address, product }),
+            (Ok(address), Ok(product)) => {
+                if let Some(other) = listeners
+                    .iter()
+                    .find(|o: &&Listener| collide(o.address, address))
+                {
+                    g.at_span(
+                        span,
+                        format!(
+                            "listener address {address} collides with listener {}",
+                            other.address
+                        ),
+                    );
+                }
+                listeners.push(Listener { address, product })
+            }
             (Err(_), _) => g.at_span(
                 span,
                 format!("listener address `{}` is not host:port", l.address),
@@ -123,33 +158,42 @@ fn gateway_settings(gateway: &GatewayFile, base: &Path, g: &mut FileErrors<'_>) 
             (_, Err(e)) => g.at_span(span, e),
         }
     }
+    let admin = gateway.admin.as_ref().and_then(|a| {
+        let (span, text) = (a.address.span(), a.address.get_ref());
+        match text.parse::<SocketAddr>() {
+            Ok(admin) => {
+                if let Some(l) = listeners.iter().find(|l| collide(l.address, admin)) {
+                    g.at_span(
+                        span,
+                        format!("admin address {admin} collides with listener {}", l.address),
+                    );
+                }
+                Some(admin)
+            }
+            Err(_) => {
+                g.at_span(span, format!("admin address `{text}` is not host:port"));
+                None
+            }
+        }
+    });
     let process = &gateway.process;
+    // Relative to gateway.toml's folder, like every other path in it.
+    let path = |set: &Option<String>, default: &str| {
+        base.join(set.as_deref().unwrap_or(default))
+            .to_string_lossy()
+            .into_owned()
+    };
     GatewaySettings {
         listeners,
         threads: gateway.threads.unwrap_or(2).max(1),
-        upgrade_sock: process
-            .upgrade_sock
-            .clone()
-            .unwrap_or_else(|| "/tmp/privacy-gateway-upgrade.sock".into()),
-        pid_file: process
-            .pid_file
-            .clone()
-            .unwrap_or_else(|| "/tmp/privacy-gateway.pid".into()),
+        upgrade_sock: path(&process.upgrade_sock, "/tmp/privacy-gateway/upgrade.sock"),
+        pid_file: path(
+            &process.pid_file,
+            "/tmp/privacy-gateway/privacy-gateway.pid",
+        ),
         grace_period_seconds: process.grace_period_seconds.unwrap_or(5),
         graceful_shutdown_timeout_seconds: process.graceful_shutdown_timeout_seconds.unwrap_or(300),
-        admin: gateway
-            .admin
-            .as_ref()
-            .and_then(|a| match a.address.parse::<SocketAddr>() {
-                Ok(addr) => Some(addr),
-                Err(_) => {
-                    g.at_line(
-                        None,
-                        format!("admin address `{}` is not host:port", a.address),
-                    );
-                    None
-                }
-            }),
+        admin,
         audit: gateway.audit.as_ref().map(|a| match a.path.as_str() {
             "-" => AuditTarget::Stdout,
             path => AuditTarget::File(base.join(path)),

@@ -53,37 +53,56 @@ pub fn load(
         accounts_path.clone(),
     ]);
 
-    let rules_text = read(&rules_path)?;
-    let pools_text = read(&pools_path)?;
-    let rules_file: RulesFile = parse_toml(&rules_path, &rules_text)?;
-    let pools_file: PoolsFile = parse_toml(&pools_path, &pools_text)?;
+    // Each file is read and parsed on its own, so that one run reports the
+    // mistakes of every file; what depends on a file that did not parse waits.
+    let rules_source = read_toml::<RulesFile>(&rules_path, &mut errors);
+    let pools_source = read_toml::<PoolsFile>(&pools_path, &mut errors);
 
-    let mut r = FileErrors::new(&rules_path, &rules_text);
-    let rules = compile_rules(&rules_file, &mut r);
-    errors.append(&mut r.errors);
+    let rules = rules_source.as_ref().map(|(text, file)| {
+        let mut r = FileErrors::new(&rules_path, text);
+        let rules = compile_rules(file, &mut r);
+        errors.append(&mut r.errors);
+        rules
+    });
 
-    let mut p = FileErrors::new(&pools_path, &pools_text);
-    let pools = compile_pools(&pools_file, base, options, gateway.timeouts, &mut p);
-    sources.extend(
-        pools_file
-            .pools
-            .iter()
-            .filter_map(|p| p.get_ref().tls_ca_file.as_ref().map(|f| base.join(f))),
-    );
-    errors.append(&mut p.errors);
+    let pools = pools_source.as_ref().map(|(text, file)| {
+        let mut p = FileErrors::new(&pools_path, text);
+        let pools = compile_pools(file, base, options, gateway.timeouts, &mut p);
+        sources.extend(
+            file.pools
+                .iter()
+                .filter_map(|p| p.get_ref().tls_ca_file.as_ref().map(|f| base.join(f))),
+        );
+        errors.append(&mut p.errors);
+        pools
+    });
 
-    for c in Capability::ALL {
-        if rules.routed.contains(c) && pools.catalog.serving(c).is_empty() {
-            errors.push(ConfigError {
-                file: pools_path.clone(),
-                line: None,
-                message: format!("capability `{c}` has a route in the rules but no pool serves it"),
-            });
+    if let (Some(rules), Some(pools)) = (&rules, &pools) {
+        for c in Capability::ALL {
+            if rules.routed.contains(c) && pools.catalog.serving(c).is_empty() {
+                errors.push(ConfigError {
+                    file: pools_path.clone(),
+                    line: None,
+                    message: format!(
+                        "capability `{c}` has a route in the rules but no pool serves it"
+                    ),
+                });
+            }
         }
     }
 
     let mut a = FileErrors::new(&accounts_path, "");
-    let accounts = compile_accounts(&accounts_path, &rules.plans, &pools, &mut a)?;
+    let known = rules
+        .as_ref()
+        .zip(pools.as_ref())
+        .map(|(r, p)| (&r.plans, p));
+    let accounts = match compile_accounts(&accounts_path, known, &mut a) {
+        Ok(accounts) => accounts,
+        Err(mut unreadable) => {
+            errors.append(&mut unreadable.0);
+            Default::default()
+        }
+    };
     errors.append(&mut a.errors);
 
     let geo = match &gateway_file.files.geo {
@@ -105,6 +124,11 @@ pub fn load(
         }
     };
 
+    let (Some((rules_text, rules_file)), Some((pools_text, _)), Some(rules), Some(pools)) =
+        (rules_source, pools_source, rules, pools)
+    else {
+        return Err(ConfigErrors(errors));
+    };
     if !errors.is_empty() {
         return Err(ConfigErrors(errors));
     }
@@ -130,6 +154,18 @@ pub fn load(
         sources,
     };
     Ok((gateway.settings, snapshot))
+}
+
+/// Reads and parses one TOML file; on failure, records why and gives nothing.
+fn read_toml<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    errors: &mut Vec<ConfigError>,
+) -> Option<(String, T)> {
+    let parsed = read(path).and_then(|text| {
+        let file = parse_toml(path, &text)?;
+        Ok((text, file))
+    });
+    parsed.map_err(|mut e| errors.append(&mut e.0)).ok()
 }
 
 /// Short content hash of the policy files: the rules revision.

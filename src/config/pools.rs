@@ -68,9 +68,9 @@ pub(super) fn compile_pools(
         }
         let mut capabilities = CapabilitySet::default();
         for c in &pool.capabilities {
-            match c.parse::<Capability>() {
+            match c.get_ref().parse::<Capability>() {
                 Ok(c) => capabilities.insert(c),
-                Err(e) => p.at_span(span.clone(), format!("pool `{}`: {e}", pool.name)),
+                Err(e) => p.at_span(c.span(), format!("pool `{}`: {e}", pool.name)),
             }
         }
         let overridden: Option<Vec<AddressEntry>> = options

@@ -142,7 +142,13 @@ impl FromStr for Capability {
         Capability::ALL
             .into_iter()
             .find(|c| c.as_str() == s)
-            .ok_or_else(|| format!("unknown capability `{s}`"))
+            .ok_or_else(|| {
+                let known: Vec<&str> = Capability::ALL
+                    .into_iter()
+                    .map(Capability::as_str)
+                    .collect();
+                format!("unknown capability `{s}` (known: {})", known.join(", "))
+            })
     }
 }
 

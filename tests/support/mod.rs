@@ -173,6 +173,25 @@ impl TestConfig {
     }
 }
 
+impl TestConfig {
+    /// Signs stamped headers with `key`, written as the key file `signing.key`.
+    pub fn sign_with(&mut self, key: &[u8]) {
+        self.extra_tables
+            .push_str("\n[signing]\nkey_file = \"signing.key\"\n");
+        self.attachments.push(("signing.key".into(), key.to_vec()));
+    }
+}
+
+/// Echo upstreams for every shipped pool, and a gateway in front of them on
+/// the shipped configuration as `edit` changes it.
+pub async fn start_with(edit: impl FnOnce(&mut TestConfig)) -> (Upstreams, Gateway) {
+    let ups = Upstreams::start().await;
+    let mut config = TestConfig::shipped_with(&ups);
+    edit(&mut config);
+    let gw = Gateway::start(&config);
+    (ups, gw)
+}
+
 /// A running gateway process; killed when dropped.
 pub struct Gateway {
     child: Child,
@@ -202,7 +221,12 @@ impl Drop for Gateway {
         let _ = self.child.wait();
         // Every test that starts a gateway is also a log-capture test.
         if !std::thread::panicking() {
-            let logs = format!("{}\n{}", self.logs(), self.audit_lines().join("\n"));
+            let logs = format!(
+                "{}\n{}\n{}",
+                self.logs(),
+                self.stdout(),
+                self.audit_lines().join("\n")
+            );
             for address in FULL_ADDRESSES {
                 assert!(
                     !logs.contains(address),
@@ -235,7 +259,7 @@ impl Gateway {
             config.extra_files,
             config.trust,
             config.ejection_ms,
-            dir.path().join("upgrade.sock").display(),
+            dir.path().join("run").join("upgrade.sock").display(),
             dir.path().join("gateway.pid").display(),
             config.audit,
             config.extra_tables
@@ -299,6 +323,12 @@ impl Gateway {
         spawn(self.dir.path(), "upgrade.log", true)
     }
 
+    /// Where the new process of an upgrade waits for the listening sockets
+    /// (in a folder the gateway creates owner-only).
+    pub fn upgrade_sock(&self) -> PathBuf {
+        self.dir.path().join("run").join("upgrade.sock")
+    }
+
     /// The gateway process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
@@ -353,9 +383,14 @@ impl Gateway {
         (status, resp.text().await.unwrap_or_default())
     }
 
-    /// Everything the gateway printed so far.
+    /// Everything the gateway logged so far (standard error).
     pub fn logs(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("gateway.log")).unwrap_or_default()
+    }
+
+    /// Everything the gateway wrote to standard output so far.
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("gateway.log.stdout")).unwrap_or_default()
     }
 
     /// `http://` URL of `path` on the api listener.
@@ -369,8 +404,10 @@ impl Gateway {
     }
 }
 
-/// Starts the gateway binary on `dir/gateway.toml`, logging to `dir/log`.
+/// Starts the gateway binary on `dir/gateway.toml`, logging to `dir/log`
+/// (standard output, where `[audit] path = "-"` writes, to `dir/log.stdout`).
 fn spawn(dir: &Path, log: &str, upgrade: bool) -> Child {
+    let stdout = std::fs::File::create(dir.join(format!("{log}.stdout"))).expect("stdout file");
     let log = std::fs::File::create(dir.join(log)).expect("log file");
     let mut command = Command::new(binary());
     command
@@ -382,7 +419,7 @@ fn spawn(dir: &Path, log: &str, upgrade: bool) -> Child {
     }
     command
         .env("RUST_LOG", "info")
-        .stdout(log.try_clone().expect("log"))
+        .stdout(stdout)
         .stderr(log)
         .stdin(Stdio::null())
         .spawn()
@@ -420,6 +457,20 @@ pub async fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     f()
+}
+
+/// The headers `x-privacy-signature` covers, as an upstream received them:
+/// the stamped contract headers in arrival order, the signature left out.
+pub fn signed_headers(r: &Recorded) -> Vec<(String, String)> {
+    r.headers
+        .iter()
+        .filter(|(n, _)| {
+            (n.starts_with("x-privacy-") && n != "x-privacy-signature")
+                || n == "x-zero-data-retention"
+                || n == "x-forwarded-for"
+        })
+        .cloned()
+        .collect()
 }
 
 /// The decision id the gateway returned to the client.
