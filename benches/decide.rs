@@ -45,7 +45,7 @@ use privacy_gateway::evaluate::{evaluate, Refusal, RequestHead};
 use privacy_gateway::identity::IdentityError;
 use privacy_gateway::policy::{
     self, Capability, CapabilitySet, Consents, PlanClass, PoolCatalog, PoolProfile, Product,
-    RegionId, RequestFacts, SubprocessorSet,
+    ProductSet, RegionId, RequestFacts, RouteConstraint, SubprocessorSet,
 };
 
 fn main() {
@@ -80,11 +80,7 @@ fn shipped_catalog() -> PoolCatalog {
         for c in capabilities {
             set.insert(*c);
         }
-        PoolProfile {
-            subprocessor,
-            region,
-            capabilities: set,
-        }
+        PoolProfile::new(subprocessor, region, set)
     };
     use Capability::*;
     PoolCatalog::new(vec![
@@ -94,11 +90,23 @@ fn shipped_catalog() -> PoolCatalog {
             &[Chat, Embeddings, FineTuning, Feedback, Connector],
         ), // azure-sweden
         pool(GCP, EU, &[Chat, Embeddings, Feedback, Connector]), // gcp-ireland
-        pool(GCP, US, &[Chat, Embeddings]),                      // gcp-us
-        pool(CEREBRAS, US, &[Chat]),                             // cerebras
-        pool(BLACK_FOREST_LABS, US, &[ImageGeneration]),         // black-forest-labs
+        PoolProfile {
+            priority: 1,
+            ..pool(GCP, US, &[Chat, Embeddings])
+        }, // gcp-us
+        PoolProfile {
+            priority: 1,
+            ..pool(CEREBRAS, US, &[Chat])
+        }, // cerebras
+        PoolProfile {
+            retains_input: Some(std::time::Duration::from_secs(15 * 86_400)),
+            ..pool(BLACK_FOREST_LABS, US, &[ImageGeneration])
+        }, // black-forest-labs
         pool(BRAVE, US, &[WebSearch]),                           // brave
-        pool(E2B, US, &[CodeInterpreter]),                       // e2b
+        PoolProfile {
+            products: ProductSet::only(Product::Chat),
+            ..pool(E2B, US, &[CodeInterpreter])
+        }, // e2b
     ])
 }
 
@@ -147,7 +155,13 @@ fn bench_decide(c: &mut Criterion) {
     // The eu-only case must exercise both removal branches.
     let d = policy::decide(&pools, &cases[2].1);
     assert_eq!(d.route.candidates.iter().collect::<Vec<_>>(), [0]);
-    assert!(!d.route.removed_opt_out.is_empty() && !d.route.removed_residency.is_empty());
+    assert!(
+        !d.route
+            .removed
+            .by(RouteConstraint::SubprocessorOptOut)
+            .is_empty()
+            && !d.route.removed.by(RouteConstraint::Residency).is_empty()
+    );
 
     let mut group = c.benchmark_group("decide");
     for (name, facts) in &cases {

@@ -11,9 +11,7 @@ use crate::client_ip::{client_address, ClientIpError, ClientPrefix};
 use crate::config::Snapshot;
 use crate::geo::CountryCode;
 use crate::identity::{self, Caller, Credentials, IdentityError};
-use crate::policy::{
-    self, Basis, Capability, Consents, Decision, PlanClass, Product, RequestFacts,
-};
+use crate::policy::{self, Capability, Consents, Decision, PlanClass, Product, RequestFacts};
 use crate::routing::PoolUpstream;
 use crate::stamp::{self, StampInput};
 
@@ -207,18 +205,6 @@ impl Refusal {
             ),
         }
     }
-}
-
-/// The basis ids of the constraints that removed pools, for a 451 answer.
-pub fn route_constraints(decision: &Decision) -> Vec<Basis> {
-    let mut out = Vec::new();
-    if !decision.route.removed_opt_out.is_empty() {
-        out.push(Basis::SubprocessorOptOut);
-    }
-    if !decision.route.removed_residency.is_empty() {
-        out.push(Basis::Residency);
-    }
-    out
 }
 
 /// Decides one request under `snapshot`.

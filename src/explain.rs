@@ -9,8 +9,8 @@ use serde_json::{json, Map, Value};
 use thiserror::Error;
 
 use crate::config::Snapshot;
-use crate::evaluate::{evaluate, route_constraints, Admission, Refusal, RequestHead};
-use crate::policy::{Basis, Product};
+use crate::evaluate::{evaluate, Admission, Refusal, RequestHead};
+use crate::policy::Product;
 
 /// A request described on the command line.
 #[derive(Clone, Debug)]
@@ -113,8 +113,11 @@ pub fn explain(snapshot: &Snapshot, request: &DescribedRequest) -> Result<Value,
             );
             if let Refusal::NoPermittedRoute(admission) = &refusal {
                 describe(snapshot, admission, &mut out);
-                let constraints: Vec<_> = route_constraints(&admission.decision)
-                    .iter()
+                let constraints: Vec<_> = admission
+                    .decision
+                    .route
+                    .removed
+                    .constraints()
                     .map(|b| b.as_str())
                     .collect();
                 out.insert("constraints".into(), json!(constraints));
@@ -129,14 +132,12 @@ pub fn explain(snapshot: &Snapshot, request: &DescribedRequest) -> Result<Value,
 fn describe(snapshot: &Snapshot, a: &Admission, out: &mut Map<String, Value>) {
     let d = &a.decision;
     let pool_name = |i: usize| snapshot.upstreams.pool(i).map_or("?", |p| p.name.as_str());
-    let removed: Vec<Value> = [
-        (Basis::SubprocessorOptOut, d.route.removed_opt_out),
-        (Basis::Residency, d.route.removed_residency),
-    ]
-    .into_iter()
-    .flat_map(|(basis, set)| set.iter().map(move |i| (basis, i)))
-    .map(|(basis, i)| json!({ "pool": pool_name(i), "basis": basis.as_str() }))
-    .collect();
+    let removed: Vec<Value> = d
+        .route
+        .removed
+        .pools()
+        .map(|(i, basis)| json!({ "pool": pool_name(i), "basis": basis.as_str() }))
+        .collect();
     let fields = json!({
         "account": a.account,
         "product": a.product.as_str(),

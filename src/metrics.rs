@@ -279,18 +279,10 @@ impl Metrics {
         ] {
             self.decisions.with_label_values(&[part, basis]).inc();
         }
-        for (reason, set) in [
-            (
-                crate::policy::Basis::SubprocessorOptOut,
-                d.route.removed_opt_out,
-            ),
-            (crate::policy::Basis::Residency, d.route.removed_residency),
-        ] {
-            for pool in set.iter() {
-                self.routes_removed
-                    .with_label_values(&[reason.as_str(), &pool_names(pool)])
-                    .inc();
-            }
+        for (pool, reason) in d.route.removed.pools() {
+            self.routes_removed
+                .with_label_values(&[reason.as_str(), &pool_names(pool)])
+                .inc();
         }
         for disagreement in admission.shadow_disagreements() {
             self.shadow_disagreements

@@ -14,7 +14,7 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{ErrorSource, ErrorType};
 
 use crate::config::{Snapshot, SnapshotHandle};
-use crate::evaluate::{evaluate, route_constraints, Admission, Refusal, RequestHead};
+use crate::evaluate::{evaluate, Admission, Refusal, RequestHead};
 use crate::lifecycle::{InFlight, Lifecycle};
 use crate::metrics::EndpointCounters;
 use crate::observe::{Completed, Observers};
@@ -129,8 +129,11 @@ async fn respond_json(
 /// What a 451 or 503 names: the capability and the account's constraints
 /// that narrowed its pools (never another customer's data).
 fn route_refusal_detail(admission: &Admission) -> serde_json::Value {
-    let constraints: Vec<&str> = route_constraints(&admission.decision)
-        .iter()
+    let constraints: Vec<&str> = admission
+        .decision
+        .route
+        .removed
+        .constraints()
         .map(|b| b.as_str())
         .collect();
     serde_json::json!({

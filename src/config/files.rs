@@ -251,6 +251,18 @@ pub struct PoolEntry {
     /// Share of traffic relative to the other candidate pools (default 1).
     #[serde(default)]
     pub weight: Option<u32>,
+    /// The products the pool may serve, `api` and/or `chat` (default both):
+    /// a subprocessor engaged for one product's purpose serves only that one.
+    #[serde(default)]
+    pub products: Option<Vec<String>>,
+    /// How long the subprocessor keeps input, e.g. `"15d"`, when it keeps any:
+    /// a `zdr` request never goes to such a pool.
+    #[serde(default)]
+    pub retains_input: Option<String>,
+    /// Tier, lower first (default 0): a higher tier is used only while every
+    /// candidate address of the lower tiers is down (EU first).
+    #[serde(default)]
+    pub priority: Option<u32>,
     /// `http://host:port` or `https://host:port` endpoints, each a string
     /// or `{ url = "...", weight = N }`.
     pub addresses: Vec<AddressEntry>,

@@ -9,8 +9,11 @@ mod decide;
 mod facts;
 
 pub use basis::Basis;
-pub use decide::{decide, Decision, GeoUse, Retention, RouteDecision, Training};
+pub use decide::{
+    decide, Decision, GeoUse, RemovedPools, Retention, RouteConstraint, RouteDecision, Served,
+    Training,
+};
 pub use facts::{
     Capability, CapabilitySet, Consents, PlanClass, PoolCatalog, PoolProfile, PoolSet, Product,
-    RegionId, RequestFacts, SubprocessorSet, MAX_POOLS, MAX_SUBPROCESSORS,
+    ProductSet, RegionId, RequestFacts, SubprocessorSet, Tier, MAX_POOLS, MAX_SUBPROCESSORS,
 };
