@@ -235,11 +235,12 @@ impl ProxyHttp for PrivacyProxy {
         _session: &mut Session,
         ctx: &mut Self::CTX,
     ) -> Result<Box<HttpPeer>> {
-        let candidates = ctx.admitted()?.decision.route.candidates;
+        let route = ctx.admitted()?.decision.route;
         ctx.upstream_started.get_or_insert_with(Instant::now);
         let upstreams = &ctx.snapshot.upstreams;
+        let tiers = route.tiers(&ctx.snapshot.pools).map(|t| t.pools);
         let target = upstreams
-            .choose(candidates, &ctx.tried)
+            .choose(tiers, &ctx.tried)
             .ok_or_else(|| Error::explain(NO_PERMITTED_ENDPOINT, "no permitted endpoint left"))?;
         let peer = upstreams
             .peer(target)

@@ -33,8 +33,20 @@ fn per_pool(ups: &Upstreams) -> HashMap<String, usize> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_subprocessor_opt_out_is_never_routed_to() {
+    // The opted-out subprocessor (cerebras) is in the US tier: point the EU
+    // pools at closed ports so that tier serves, and cerebras is the only
+    // other pool there.
     let ups = Upstreams::start().await;
-    let gw = Gateway::start(&TestConfig::shipped_with(&ups));
+    let mut addresses = ups.addresses();
+    for pool in ["azure-sweden", "gcp-ireland"] {
+        addresses.insert(
+            pool.into(),
+            vec![format!("http://127.0.0.1:{}", free_port())],
+        );
+    }
+    let mut config = TestConfig::shipped_with(&ups);
+    config.pools = support::pools_with_addresses(&addresses);
+    let gw = Gateway::start(&config);
     let statuses = send_chat(&gw, "demo-api-no-cerebras", 200).await;
     assert!(statuses.iter().all(|s| *s == StatusCode::OK));
     let counts = per_pool(&ups);
@@ -42,7 +54,7 @@ async fn a_subprocessor_opt_out_is_never_routed_to() {
         counts["cerebras"], 0,
         "an opted-out subprocessor got traffic: {counts:?}"
     );
-    assert_eq!(counts.values().sum::<usize>(), 200);
+    assert_eq!(counts["gcp-us"], 200, "{counts:?}");
 
     // A plain paid account does reach cerebras, by weight.
     let statuses = send_chat(&gw, "demo-api-paid", 100).await;
@@ -212,17 +224,19 @@ async fn pools_and_the_addresses_inside_a_pool_share_traffic_by_weight() {
     config.pools = toml::to_string(&pools).expect("pools");
     let gw = Gateway::start(&config);
 
-    let statuses = send_chat(&gw, "demo-api-paid", 500).await;
+    let statuses = send_chat(&gw, "demo-api-paid", 600).await;
     assert!(statuses.iter().all(|s| *s == StatusCode::OK));
     let counts = per_pool(&ups);
     let azure = counts["azure-sweden"] + second.requests().len();
-    // Pool weights 2:1:1:1 over 500 requests; addresses 3:1 inside azure-sweden.
-    assert!(near(azure, 200, 10), "azure-sweden {azure}: {counts:?}");
-    for pool in ["gcp-ireland", "gcp-us", "cerebras"] {
-        assert!(near(counts[pool], 100, 10), "{pool}: {counts:?}");
+    // Only the EU tier serves while it is up (spec §4, EU first): pool
+    // weights 2:1 over 600 requests; addresses 3:1 inside azure-sweden.
+    assert!(near(azure, 400, 10), "azure-sweden {azure}: {counts:?}");
+    assert!(near(counts["gcp-ireland"], 200, 10), "{counts:?}");
+    for pool in ["gcp-us", "cerebras"] {
+        assert_eq!(counts[pool], 0, "{pool} is a higher tier: {counts:?}");
     }
     assert!(
-        near(counts["azure-sweden"], 150, 10) && near(second.requests().len(), 50, 10),
+        near(counts["azure-sweden"], 300, 10) && near(second.requests().len(), 100, 10),
         "{counts:?} second {}",
         second.requests().len()
     );
