@@ -8,9 +8,9 @@ use prometheus::{
 };
 
 use crate::config::Snapshot;
-use crate::evaluate::Admission;
-use crate::policy::Capability;
+use crate::policy::{Capability, Product};
 use crate::routing::Upstreams;
+use crate::view::DecisionView;
 
 /// One upstream address's counters, resolved when a snapshot is installed,
 /// so that counting an attempt is one atomic increment on the request path.
@@ -37,6 +37,9 @@ pub struct Metrics {
     pub shadow_disagreements: IntCounterVec,
     /// Pools removed from a request's candidates, by reason and pool.
     pub routes_removed: IntCounterVec,
+    /// Requests served from a tier above their lowest candidate tier (spec
+    /// §4, `7/eu-first-exception`), by capability.
+    pub eu_first_exceptions: IntCounterVec,
     /// Time from the first upstream attempt to the end of the response.
     pub upstream_seconds: Histogram,
     /// Time the gateway itself added (total minus upstream).
@@ -125,6 +128,12 @@ impl Metrics {
             "Pools removed from a request's candidates, by reason (basis) and pool.",
             &["reason", "pool"],
         );
+        let eu_first_exceptions = counter_vec(
+            &r,
+            "privacy_gateway_eu_first_exceptions_total",
+            "Requests served from a tier above their lowest candidate tier (7/eu-first-exception), by capability.",
+            &["capability"],
+        );
         let upstream_seconds = histogram(
             &r,
             "privacy_gateway_upstream_seconds",
@@ -196,6 +205,7 @@ impl Metrics {
             decisions,
             shadow_disagreements,
             routes_removed,
+            eu_first_exceptions,
             upstream_seconds,
             overhead_seconds,
             reloads,
@@ -264,34 +274,40 @@ impl Metrics {
         self.policy_version.with_label_values(&[version]).set(1);
     }
 
-    /// Counts what the decision of one admitted request said.
-    pub fn record_decision(
-        &self,
-        admission: &Admission,
-        pool_names: impl Fn(usize) -> String,
-        shadow: &str,
-    ) {
-        let d = &admission.decision;
+    /// Counts one finished request from its view: the same names the audit
+    /// line and `explain` show. `listener_product` labels requests refused
+    /// before any account was known.
+    pub fn record_request(&self, view: &DecisionView<'_>, listener_product: Product) {
+        let status = view.status.to_string();
+        let Some(d) = &view.decision else {
+            self.requests
+                .with_label_values(&[listener_product.as_str(), "-", "-", "-", &status])
+                .inc();
+            return;
+        };
+        self.requests
+            .with_label_values(&[d.product, d.plan, d.capability, d.training, &status])
+            .inc();
         for (part, basis) in [
-            ("training", d.training_basis.as_str()),
-            ("retention", d.retention_basis.as_str()),
-            ("geo", d.geo.basis.as_str()),
+            ("training", d.training_basis),
+            ("retention", d.retention_basis),
+            ("geo", d.geo_basis),
         ] {
             self.decisions.with_label_values(&[part, basis]).inc();
         }
-        for (pool, reason) in d.route.removed.pools() {
+        for removed in &d.removed_pools {
             self.routes_removed
-                .with_label_values(&[reason.as_str(), &pool_names(pool)])
+                .with_label_values(&[removed.basis, removed.pool])
                 .inc();
         }
-        for disagreement in admission.shadow_disagreements() {
+        for note in &d.shadow {
             self.shadow_disagreements
-                .with_label_values(&[
-                    shadow,
-                    disagreement.field,
-                    disagreement.enforced,
-                    disagreement.shadow,
-                ])
+                .with_label_values(&[note.rules, note.field, note.enforced, note.shadow])
+                .inc();
+        }
+        if view.served.is_some_and(|s| s.tier_basis.is_some()) {
+            self.eu_first_exceptions
+                .with_label_values(&[d.capability])
                 .inc();
         }
     }

@@ -409,7 +409,7 @@ impl ProxyHttp for PrivacyProxy {
             admission: ctx.admission.as_ref(),
             status: session.response_written().map_or(0, |r| r.status.as_u16()),
             error_code: ctx.error_code,
-            pool: ctx.target.and_then(|t| ctx.snapshot.upstreams.pool(t.pool)),
+            pool: ctx.target.map(|t| t.pool),
             total: now.saturating_duration_since(ctx.started),
             upstream: ctx
                 .upstream_started

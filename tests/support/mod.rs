@@ -473,6 +473,21 @@ pub fn signed_headers(r: &Recorded) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The value of one series (e.g. `name{label="v"}`) in Prometheus text; 0 when absent.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map_or(0.0, |v| v.trim().parse().expect("a metric value"))
+}
+
+/// The audit lines written so far, as JSON.
+pub fn audit_json(gw: &Gateway) -> Vec<serde_json::Value> {
+    gw.audit_lines()
+        .iter()
+        .map(|l| serde_json::from_str(l).expect("an audit line is JSON"))
+        .collect()
+}
+
 /// The decision id the gateway returned to the client.
 pub fn decision_id(resp: &reqwest::Response) -> Option<String> {
     resp.headers()
