@@ -85,7 +85,7 @@ fn the_shipped_example_is_valid() {
         "8 routes",
         "6 plans",
         "7 pools",
-        "14 accounts",
+        "16 accounts",
     ] {
         assert!(stdout.contains(part), "{part} missing from: {stdout}");
     }

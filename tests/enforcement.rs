@@ -1,6 +1,7 @@
 //! Through the real proxy: every training and retention row of the spec
-//! (§1, §2), the client address (§3), the header contract (§6), what a client
-//! can never decide (§7) and the answers the gateway gives itself (§8).
+//! (spec §1, spec §2), the client address (spec §3), the header contract
+//! (spec §6), what a client can never decide (spec §7) and the answers the
+//! gateway gives itself (spec §8).
 
 mod support;
 
@@ -126,10 +127,46 @@ async fn t2_connector_content_is_never_trained_on() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn t2w_web_search_output_is_never_trained_on() {
+    let s = setup().await;
+    let (pool, r) = s
+        .forwarded(
+            On::Chat,
+            Some("demo-chat-free"),
+            "/v1/tools/web_search",
+            &[],
+        )
+        .await;
+    assert_eq!(pool, "brave");
+    assert_decision(&r, "denied", "2.3/third-party", "account-lifetime");
+    let (_, r) = s
+        .forwarded(On::Chat, None, "/v1/tools/web_search", &[])
+        .await;
+    assert_decision(&r, "denied", "2.3/third-party", "conversation");
+    let (_, r) = s
+        .forwarded(On::Api, Some("demo-api-free"), "/v1/tools/web_search", &[])
+        .await;
+    assert_decision(&r, "denied", "2.3/third-party", "30d");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn t3_paid_api_is_never_trained_on() {
     let s = setup().await;
     let (_, r) = s.forwarded(On::Api, Some("demo-api-paid"), CHAT, &[]).await;
     assert_decision(&r, "denied", "3.4.2/paid", "30d");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tz_zero_data_retention_leaves_nothing_to_train_on() {
+    let s = setup().await;
+    let (_, r) = s
+        .forwarded(On::Api, Some("demo-api-free-zdr"), CHAT, &[])
+        .await;
+    assert_decision(&r, "denied", "5/zdr", "zdr");
+    assert_eq!(r.header("x-privacy-account"), Some("acct-api-free-zdr"));
+    // The same plan without zdr is trained on (T5).
+    let (_, r) = s.forwarded(On::Api, Some("demo-api-free"), CHAT, &[]).await;
+    assert_decision(&r, "allowed", "3.4.2/free", "30d");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -157,6 +194,17 @@ async fn t6_team_opt_in_allows_training() {
         .forwarded(On::Chat, Some("demo-chat-team-optin"), CHAT, &[])
         .await;
     assert_decision(&r, "allowed", "3.4.3/team-opt-in", "account-lifetime");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn t6_an_objection_beats_a_team_opt_in() {
+    let s = setup().await;
+    for path in [CHAT, "/v1/feedback"] {
+        let (_, r) = s
+            .forwarded(On::Chat, Some("demo-chat-team-objected"), path, &[])
+            .await;
+        assert_decision(&r, "denied", "3.4.3/team", "account-lifetime");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
