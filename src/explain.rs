@@ -149,9 +149,13 @@ pub fn explain(snapshot: &Snapshot, request: &DescribedRequest) -> Result<Value,
         Err(refusal) => {
             let mut view = view.refused(Some(refusal.code()));
             let mut candidate_tiers = Vec::new();
-            if let Refusal::NoPermittedRoute(admission) = refusal {
-                view = view.admitted(admission);
-                candidate_tiers = self::candidate_tiers(snapshot, admission);
+            match refusal {
+                Refusal::NoPermittedRoute(admission) => {
+                    view = view.admitted(admission);
+                    candidate_tiers = self::candidate_tiers(snapshot, admission);
+                }
+                Refusal::ConsentRecordInvalid(q) => view = view.quarantined(q),
+                _ => {}
             }
             Explained {
                 view,

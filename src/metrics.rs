@@ -3,8 +3,8 @@
 
 use prometheus::core::Collector;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::config::Snapshot;
@@ -48,6 +48,8 @@ pub struct Metrics {
     pub reloads: IntCounterVec,
     /// The policy version serving now (value 1, version as label).
     pub policy_version: IntGaugeVec,
+    /// Account lines quarantined in the consent snapshot serving now.
+    pub accounts_quarantined: IntGauge,
     /// Audit lines dropped because the writer fell behind.
     pub audit_dropped: IntCounter,
     /// Attempts by pool and address.
@@ -190,6 +192,15 @@ impl Metrics {
         let _ = r.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ));
+        let quarantined = "privacy_gateway_accounts_quarantined";
+        let accounts_quarantined = registered(
+            &r,
+            quarantined,
+            IntGauge::new(
+                quarantined,
+                "Account lines of the serving consent snapshot that are quarantined (answered 403).",
+            ),
+        );
         let dropped = "privacy_gateway_audit_lines_dropped_total";
         let audit_dropped = registered(
             &r,
@@ -210,6 +221,7 @@ impl Metrics {
             overhead_seconds,
             reloads,
             policy_version,
+            accounts_quarantined,
             audit_dropped,
             pool_attempts,
             pool_errors,
@@ -268,10 +280,14 @@ impl Metrics {
         }
     }
 
-    /// Marks `version` as the one serving.
-    pub fn set_policy_version(&self, version: &str) {
+    /// Marks `snapshot` as the one serving: its policy version and quarantine.
+    pub fn set_serving(&self, snapshot: &Snapshot) {
         self.policy_version.reset();
-        self.policy_version.with_label_values(&[version]).set(1);
+        self.policy_version
+            .with_label_values(&[&snapshot.policy_version])
+            .set(1);
+        self.accounts_quarantined
+            .set(snapshot.accounts.quarantined().len() as i64);
     }
 
     /// Counts one finished request from its view: the same names the audit

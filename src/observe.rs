@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use crate::audit::{self, AuditLog, AuditRecord};
-use crate::config::Snapshot;
+use crate::config::{Quarantined, Snapshot};
 use crate::evaluate::Admission;
 use crate::metrics::Metrics;
 use crate::policy::Product;
@@ -34,6 +34,8 @@ pub struct Completed<'a> {
     pub listener_product: Product,
     /// The decision, when one was made.
     pub admission: Option<&'a Admission>,
+    /// The caller's quarantined consent record, when that was the answer.
+    pub quarantine: Option<&'a Quarantined>,
     /// The status answered (0 when no answer was written).
     pub status: u16,
     /// `error.code` when the gateway answered itself.
@@ -65,6 +67,7 @@ impl Observers {
             snapshot,
             listener_product,
             admission,
+            quarantine,
             status,
             error_code,
             pool,
@@ -78,6 +81,9 @@ impl Observers {
         };
         let mut view =
             DecisionView::new(snapshot, decision_id, request, status).refused(error_code);
+        if let Some(q) = quarantine {
+            view = view.quarantined(q);
+        }
         if let Some(a) = admission {
             view = view.admitted(a);
         }

@@ -13,7 +13,7 @@ use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{ErrorSource, ErrorType};
 
-use crate::config::{Snapshot, SnapshotHandle};
+use crate::config::{Quarantined, Snapshot, SnapshotHandle};
 use crate::evaluate::{evaluate, Admission, Refusal, RequestHead};
 use crate::lifecycle::{InFlight, Lifecycle};
 use crate::metrics::EndpointCounters;
@@ -69,6 +69,8 @@ pub struct RequestCtx {
     /// The one snapshot this request is decided and forwarded under.
     snapshot: Arc<Snapshot>,
     admission: Option<Admission>,
+    /// The caller's quarantined consent record, when that was the answer.
+    quarantine: Option<Quarantined>,
     /// Targets already attempted; retries never repeat one.
     tried: Vec<Target>,
     target: Option<Target>,
@@ -180,6 +182,7 @@ impl ProxyHttp for PrivacyProxy {
             decision_id: uuid::Uuid::now_v7().simple().to_string(),
             snapshot: self.snapshots.current(),
             admission: None,
+            quarantine: None,
             tried: Vec::new(),
             target: None,
             error_code: None,
@@ -221,8 +224,10 @@ impl ProxyHttp for PrivacyProxy {
                 let body = error_body(refusal.code(), &refusal.message(), &ctx.decision_id, extra);
                 ctx.error_code = Some(refusal.code());
                 let status = refusal.status();
-                if let Refusal::NoPermittedRoute(admission) = refusal {
-                    ctx.admission = Some(*admission);
+                match refusal {
+                    Refusal::NoPermittedRoute(admission) => ctx.admission = Some(*admission),
+                    Refusal::ConsentRecordInvalid(q) => ctx.quarantine = Some(*q),
+                    _ => {}
                 }
                 respond_json(session, status, &ctx.decision_id, body).await?;
                 Ok(true)
@@ -407,6 +412,7 @@ impl ProxyHttp for PrivacyProxy {
             snapshot: &ctx.snapshot,
             listener_product: self.listener_product,
             admission: ctx.admission.as_ref(),
+            quarantine: ctx.quarantine.as_ref(),
             status: session.response_written().map_or(0, |r| r.status.as_u16()),
             error_code: ctx.error_code,
             pool: ctx.target.map(|t| t.pool),

@@ -5,7 +5,7 @@
 
 use serde::Serialize;
 
-use crate::config::Snapshot;
+use crate::config::{Quarantined, Snapshot};
 use crate::evaluate::Admission;
 use crate::policy::Product;
 
@@ -32,6 +32,9 @@ pub struct DecisionView<'a> {
     /// `error.code` when the gateway answered itself.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<&'a str>,
+    /// The caller's quarantined consent record (403 `consent_record_invalid`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quarantine: Option<QuarantineView<'a>>,
     /// The decision, when one was made.
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub decision: Option<DecidedView<'a>>,
@@ -44,6 +47,18 @@ pub struct DecisionView<'a> {
     /// The snapshot the request was decided under.
     #[serde(skip)]
     snapshot: &'a Snapshot,
+}
+
+/// A quarantined account line, as a request that named it sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct QuarantineView<'a> {
+    /// The line's account id, when it has a usable one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub account: Option<&'a str>,
+    /// Its line in the accounts file.
+    pub line: u32,
+    /// Why it is quarantined.
+    pub reason: &'a str,
 }
 
 /// The decision's fields.
@@ -146,6 +161,7 @@ impl<'a> DecisionView<'a> {
             policy_version: &snapshot.policy_version,
             status,
             error: None,
+            quarantine: None,
             decision: None,
             served: None,
             admission: None,
@@ -156,6 +172,16 @@ impl<'a> DecisionView<'a> {
     /// The gateway answered itself with `code`.
     pub fn refused(mut self, code: Option<&'a str>) -> Self {
         self.error = code;
+        self
+    }
+
+    /// The caller's consent record is quarantined.
+    pub fn quarantined(mut self, q: &'a Quarantined) -> Self {
+        self.quarantine = Some(QuarantineView {
+            account: q.id.as_deref(),
+            line: q.line,
+            reason: &q.reason,
+        });
         self
     }
 

@@ -264,40 +264,48 @@ async fn t11_individual_and_anonymous_chat_are_trained_on_by_default() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn t0_an_account_with_an_unknown_plan_is_refused_at_load_not_trained_on() {
+async fn t0_an_account_with_an_unknown_plan_is_quarantined_never_trained_on() {
     // The table's fail-closed row is reached only by a plan the rules do not
-    // know; the loader refuses such an account, so it can never be forwarded
-    // as trainable. (The row itself is tested on the pure decision in policy_rows.)
-    let ups = Upstreams::start().await;
-    let mut config = TestConfig::shipped_with(&ups);
-    extra_account(
-        &mut config,
-        r#"{"id":"acct-enterprise","product":"api","plan":"enterprise"}"#,
-    );
-    let dir = tempfile::tempdir().expect("tempdir");
-    for (name, text) in [
-        ("rules.toml", &config.rules),
-        ("pools.toml", &config.pools),
-        ("accounts.jsonl", &config.accounts),
-    ] {
-        std::fs::write(dir.path().join(name), text).expect("write");
+    // know; such an account line is quarantined (spec §8): its requests are
+    // answered 403 and nothing is forwarded, nor is any decision guessed.
+    // (The row itself is tested on the pure decision in policy_rows.)
+    let s = setup_with(|c| {
+        c.trust.push_str("trusted_proxies = [\"127.45.0.0/16\"]\n");
+        extra_account(
+            c,
+            &format!(
+                r#"{{"id":"acct-enterprise","product":"api","plan":"enterprise","api_key_sha256":["{}"]}}"#,
+                key_hash("test-enterprise")
+            ),
+        )
+    })
+    .await;
+    for on in [On::Api, On::Chat] {
+        let resp = client()
+            .post(s.url(on, CHAT))
+            .bearer_auth("test-enterprise")
+            .body("{}")
+            .send()
+            .await
+            .expect("request");
+        let body = refusal(resp, StatusCode::FORBIDDEN, "consent_record_invalid").await;
+        assert!(!body.to_string().contains("test-enterprise"), "{body}");
     }
-    std::fs::write(
-        dir.path().join("gateway.toml"),
-        "[[listener]]\naddress = \"127.0.0.1:1\"\nproduct = \"api\"\n[files]\nrules = \"rules.toml\"\npools = \"pools.toml\"\naccounts = \"accounts.jsonl\"\n",
-    )
-    .expect("write");
-    let out = std::process::Command::new(support::binary())
-        .args(["check", "--config"])
-        .arg(dir.path().join("gateway.toml"))
-        .output()
-        .expect("run check");
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    // Named by a trusted front service, it is refused the same way.
+    let resp = client()
+        .post(s.url(On::Chat, CHAT))
+        .header("x-authenticated-account", "acct-enterprise")
+        .body("{}")
+        .send()
+        .await
+        .expect("request");
+    refusal(resp, StatusCode::FORBIDDEN, "consent_record_invalid").await;
     assert!(
-        stderr.contains("plan `enterprise` is not defined"),
-        "{stderr}"
+        s.ups.all_requests().is_empty(),
+        "a quarantined account was forwarded"
     );
+    // Everyone else is served.
+    s.forwarded(On::Api, Some("demo-api-paid"), CHAT, &[]).await;
 }
 
 // ---- spec §2: retention, one test per row ----

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 
 use super::account_lines::compile_accounts;
-use super::diagnostics::{parse_toml, read, ConfigError, ConfigErrors, FileErrors};
+use super::diagnostics::{parse_toml, read, short_hash, ConfigError, ConfigErrors, FileErrors};
 use super::files::{GatewayFile, PoolsFile, RulesFile};
 use super::gateway::compile_gateway;
 use super::pools::compile_pools;
@@ -146,7 +146,9 @@ pub fn load(
         prefix_lengths: rules.prefix_lengths,
         plan_count: rules.plans.len(),
         shadow: rules.shadow,
-        accounts,
+        accounts: accounts.store,
+        accounts_path,
+        consent_revision: accounts.revision,
         geo,
         trusted_proxies: gateway.trusted_proxies,
         identity_header: gateway.identity_header,
@@ -175,5 +177,5 @@ fn revision(parts: &[&[u8]]) -> String {
         h.update((part.len() as u64).to_le_bytes());
         h.update(part);
     }
-    hex::encode(h.finalize())[..7].to_string()
+    short_hash(h)
 }
