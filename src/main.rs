@@ -350,7 +350,10 @@ fn check(config_path: &Path, files_only: bool, strict: bool) -> ExitCode {
                 snapshot.accounts.len(),
                 quarantined.len(),
                 snapshot.consent_revision,
-                if snapshot.geo.is_some() { "on" } else { "off" },
+                snapshot
+                    .geo
+                    .as_ref()
+                    .map_or_else(|| "off".to_string(), |g| format!("on (built {})", g.build_epoch())),
             );
             if strict && !quarantined.is_empty() {
                 eprintln!(

@@ -64,6 +64,12 @@ impl SigningKey {
     pub fn new(bytes: Vec<u8>) -> Self {
         SigningKey(bytes)
     }
+
+    /// A keyed id of the key: the HMAC of a fixed label. It changes with the
+    /// key and reveals nothing of it; the policy version is built from it.
+    pub fn key_id(&self) -> String {
+        sign(self, &[("privacy-gateway key id", String::new())])
+    }
 }
 
 impl std::fmt::Debug for SigningKey {

@@ -27,6 +27,10 @@ pub struct DecisionView<'a> {
     pub listener: &'static str,
     /// What decides: rules, pools, trust, signing, decision tables.
     pub policy_version: &'a str,
+    /// Content hash of the accounts file (the consent snapshot) it was decided under.
+    pub consent_revision: &'a str,
+    /// Build epoch of the geo database, `null` when none is configured.
+    pub geo_revision: Option<u64>,
     /// Status answered (or, for `explain`, that would be).
     pub status: u16,
     /// `error.code` when the gateway answered itself.
@@ -159,6 +163,8 @@ impl<'a> DecisionView<'a> {
             path: recorded_path(request.path),
             listener: request.listener.as_str(),
             policy_version: &snapshot.policy_version,
+            consent_revision: &snapshot.consent_revision,
+            geo_revision: snapshot.geo.as_ref().map(|g| g.build_epoch()),
             status,
             error: None,
             quarantine: None,

@@ -91,6 +91,86 @@ fn the_shipped_example_is_valid() {
     }
 }
 
+/// The `policy` and `consents` revisions `check` prints.
+fn revisions(out: &Output) -> (String, String) {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let field = |name: &str| {
+        stdout
+            .split(", ")
+            .find_map(|part| part.strip_prefix(name))
+            .or_else(|| stdout.strip_prefix(&format!("ok: {name}")))
+            .and_then(|rest| rest.split([',', ' ']).next())
+            .unwrap_or_else(|| panic!("no {name} in {stdout}"))
+            .to_string()
+    };
+    (field("policy "), field("consents "))
+}
+
+#[test]
+fn the_policy_version_covers_trust_identity_and_signing_and_not_the_consents() {
+    let (base, consents) = revisions(&check_with(|_| {}));
+    let changed = |edit: &dyn Fn(&Path)| revisions(&check_with(edit));
+    // Trusting every peer lets any client claim any identity: a new version.
+    let (v, c) = changed(&|d| {
+        replace_in(
+            d,
+            "gateway.toml",
+            "trusted_proxies = []",
+            "trusted_proxies = [\"0.0.0.0/0\"]",
+        )
+    });
+    assert_ne!(v, base, "trusted_proxies");
+    assert_eq!(c, consents);
+    let (v, _) = changed(&|d| {
+        replace_in(
+            d,
+            "gateway.toml",
+            "identity_header = \"x-authenticated-account\"",
+            "identity_header = \"x-user\"",
+        )
+    });
+    assert_ne!(v, base, "identity_header");
+    // Signing on, and another key: each a new version, the key never shown.
+    let signed = |key: &'static str| {
+        move |d: &Path| {
+            std::fs::write(d.join("signing.key"), key).expect("write key");
+            replace_in(
+                d,
+                "gateway.toml",
+                "# key_file = \"signing.key\"",
+                "key_file = \"signing.key\"",
+            );
+        }
+    };
+    let one = check_with(signed("first-signing-key-0123456789"));
+    let (v1, _) = revisions(&one);
+    let (v2, _) = changed(&signed("second-signing-key-0123456789"));
+    assert!(v1 != base && v2 != base && v1 != v2, "{base} {v1} {v2}");
+    assert!(!String::from_utf8_lossy(&one.stdout).contains("first-signing-key"));
+    // A consent change is the consent revision's, not the policy's.
+    let (v, c) = changed(&|d| {
+        replace_in(
+            d,
+            "accounts.jsonl",
+            "\"plan\": \"pro\", \"api_key_sha256\"",
+            "\"plan\": \"pro\", \"training_opt_out\": true, \"api_key_sha256\"",
+        )
+    });
+    assert_eq!(v, base, "accounts are not policy");
+    assert_ne!(
+        c, consents,
+        "the consent revision follows the accounts file"
+    );
+    // The rules file counts as before.
+    let (v, _) = changed(&|d| replace_in(d, "rules.toml", "ipv4_prefix = 24", "ipv4_prefix = 16"));
+    assert_ne!(v, base, "rules");
+}
+
 #[test]
 fn an_unparsable_pools_file_names_its_line() {
     let mut line = 0;

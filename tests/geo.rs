@@ -396,6 +396,51 @@ async fn without_a_geo_file_the_gateway_serves_and_stamps_no_country() {
     }
 }
 
+// ---- spec §8: the geo revision ----
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_geo_revision_is_the_databases_build_epoch_in_audit_and_explain() {
+    let built = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_764_201_600);
+    let mut writer = Writer::builder("GeoLite2-Country")
+        .build_epoch(built)
+        .build();
+    writer
+        .insert(
+            "198.51.100.0/24".parse::<IpNet>().expect("net"),
+            &geoip2("FR"),
+        )
+        .expect("insert");
+    let s = setup(Some(writer.to_bytes().expect("mmdb"))).await;
+    s.forwarded(Some("demo-chat-pro"), FR_CLIENT, &[]).await;
+    let mut lines = Vec::new();
+    assert!(
+        support::eventually(std::time::Duration::from_secs(5), || {
+            lines = support::audit_json(&s.gw);
+            !lines.is_empty()
+        })
+        .await
+    );
+    assert_eq!(lines[0]["geo_revision"], 1_764_201_600u64);
+    assert_eq!(lines[0]["country"], "FR");
+    let out = std::process::Command::new(support::binary())
+        .args([
+            "explain",
+            "--path",
+            CHAT,
+            "--listener",
+            "chat",
+            "--client-ip",
+            FR_CLIENT,
+        ])
+        .arg("--config")
+        .arg(s.gw.dir.path().join("gateway.toml"))
+        .output()
+        .expect("explain");
+    let explained: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(explained["geo_revision"], 1_764_201_600u64);
+    assert_eq!(explained["consent_revision"], lines[0]["consent_revision"]);
+}
+
 // ---- spec §8: a bad geo file ----
 
 /// Writes a configuration folder using `geo` as its country database and

@@ -297,6 +297,8 @@ async fn every_request_writes_one_audit_line_without_address_key_or_body() {
         "ts",
         "decision_id",
         "policy_version",
+        "consent_revision",
+        "geo_revision",
         "account",
         "product",
         "plan",
@@ -321,9 +323,19 @@ async fn every_request_writes_one_audit_line_without_address_key_or_body() {
     assert_eq!(first["training_basis"], "3.4.2/paid");
     assert_eq!(first["client_prefix"], "127.45.67.0/24");
     assert_eq!(first["status"], 200);
+    assert_eq!(first["tier"], 0);
+    assert!(first["geo_revision"].is_null(), "no geo database: {first}");
+    let consents = first["consent_revision"]
+        .as_str()
+        .expect("consent revision");
+    assert_eq!(consents.len(), 7);
     let second: serde_json::Value = serde_json::from_str(&lines[1]).expect("JSON line");
     assert_eq!(second["status"], 401);
     assert_eq!(second["error"], "unknown_api_key");
+    // Every line names the revisions it was decided under, refused or not.
+    for field in ["policy_version", "consent_revision", "geo_revision"] {
+        assert_eq!(second[field], first[field], "{field}");
+    }
     let all = lines.join("\n");
     for secret in [
         "BODY-SECRET-7f3a",

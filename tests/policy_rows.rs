@@ -1282,6 +1282,126 @@ fn removed_pools_name_each_pool_once_under_its_first_constraint() {
 }
 
 // ---------------------------------------------------------------------------
+// The version of the decision tables (part of x-privacy-policy-version)
+// ---------------------------------------------------------------------------
+
+/// Each released version of the decision tables with the fingerprint of what
+/// `decide` answers under it. A change to the tables changes the fingerprint:
+/// bump `policy::DECISION_TABLES` and add a line; never edit an old one.
+const DECISION_TABLES_HISTORY: &[(&str, &str)] = &[(
+    "e2",
+    "1b5a857bf0aacae5aea3d433cd712f12f74d07f1d44e9d3b836842e25b620f35",
+)];
+
+/// SHA-256 over `decide`'s answer for every combination of facts, on the
+/// spec catalogue and on the same pools without their edition-2 terms.
+fn decision_tables_fingerprint() -> String {
+    use sha2::{Digest, Sha256};
+    let plain = PoolCatalog::new(
+        (0..spec_catalog().len())
+            .map(|i| {
+                let p = spec_catalog().get(i).expect("pool").clone();
+                PoolProfile::new(p.subprocessor, p.region, p.capabilities)
+            })
+            .collect(),
+    );
+    let opt_out_sets = [
+        vec![],
+        vec![SP_CEREBRAS],
+        vec![SP_GCP],
+        vec![SP_AZURE],
+        vec![SP_BFL, SP_BRAVE, SP_E2B],
+    ];
+    let mut hash = Sha256::new();
+    let mut out = Vec::with_capacity(64);
+    for catalog in [spec_catalog(), plain] {
+        for product in [Product::Api, Product::Chat] {
+            for plan in std::iter::once(None).chain(ALL_PLANS.map(Some)) {
+                for capability in Capability::ALL {
+                    for gpc in [false, true] {
+                        for bits in 0..32u8 {
+                            for residency in [None, Some(EU), Some(US)] {
+                                for opt_outs in &opt_out_sets {
+                                    let consents = Consents {
+                                        training_opt_out: bits & 1 != 0,
+                                        training_opt_in: bits & 2 != 0,
+                                        zdr: bits & 4 != 0,
+                                        ip_personalization_opt_out: bits & 8 != 0,
+                                        restricted: bits & 16 != 0,
+                                        subprocessor_opt_outs: subprocessors(opt_outs),
+                                        residency,
+                                    };
+                                    let facts = RequestFacts {
+                                        product,
+                                        plan,
+                                        consents: &consents,
+                                        capability,
+                                        global_privacy_control: gpc,
+                                    };
+                                    let d = decide(&catalog, &facts);
+                                    out.clear();
+                                    for text in [
+                                        d.training.as_str(),
+                                        d.training_basis.as_str(),
+                                        d.retention.as_str(),
+                                        d.retention_basis.as_str(),
+                                        d.geo.basis.as_str(),
+                                    ] {
+                                        out.extend_from_slice(text.as_bytes());
+                                        out.push(0);
+                                    }
+                                    out.push(u8::from(d.geo.lookup));
+                                    out.push(u8::from(d.forward_client_prefix));
+                                    for t in d.route.tiers(&catalog) {
+                                        out.extend(t.priority.to_le_bytes());
+                                        out.extend(t.pools.iter().map(|i| i as u8));
+                                        out.push(0xff);
+                                    }
+                                    for (i, basis) in d.route.removed.pools() {
+                                        out.push(i as u8);
+                                        out.extend_from_slice(basis.as_str().as_bytes());
+                                    }
+                                    hash.update((out.len() as u32).to_le_bytes());
+                                    hash.update(&out);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    hex::encode(hash.finalize())
+}
+
+#[test]
+fn decision_tables_version_names_what_decide_does() {
+    let fingerprint = decision_tables_fingerprint();
+    let version = privacy_gateway::policy::DECISION_TABLES;
+    let known = DECISION_TABLES_HISTORY
+        .iter()
+        .find(|(_, f)| *f == fingerprint)
+        .map(|(v, _)| *v);
+    assert_eq!(
+        known,
+        Some(version),
+        "decide() now answers differently from decision tables {version:?}: bump \
+         policy::DECISION_TABLES (it is part of x-privacy-policy-version) and add \
+         (new version, \"{fingerprint}\") to DECISION_TABLES_HISTORY"
+    );
+    let versions: BTreeSet<&str> = DECISION_TABLES_HISTORY.iter().map(|(v, _)| *v).collect();
+    assert_eq!(
+        versions.len(),
+        DECISION_TABLES_HISTORY.len(),
+        "one line per version"
+    );
+    assert_eq!(
+        DECISION_TABLES_HISTORY.last().map(|(v, _)| *v),
+        Some(version)
+    );
+}
+
+// ---------------------------------------------------------------------------
 // Properties
 // ---------------------------------------------------------------------------
 

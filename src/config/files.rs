@@ -118,8 +118,9 @@ pub struct FilesEntry {
     pub geo: Option<PathBuf>,
 }
 
-/// `[trust]`.
-#[derive(Debug, Default, Deserialize)]
+/// `[trust]`. Serialised whole into the policy version: every trust and
+/// identity setting can change a decision.
+#[derive(Debug, Default, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrustEntry {
     /// Trusted proxies: CIDR networks or single addresses, e.g. `["10.0.0.0/8", "192.0.2.7"]`.
