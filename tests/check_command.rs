@@ -227,18 +227,37 @@ fn a_pool_with_unknown_products_or_a_bad_retention_is_refused() {
 }
 
 #[test]
-fn a_prefix_length_out_of_range_is_refused() {
-    let mut line = 0;
-    let out = check_with(|d| {
-        replace_in(d, "rules.toml", "ipv4_prefix = 24", "ipv4_prefix = 33");
-        line = line_of(d, "rules.toml", "ipv4_prefix = 33");
-    });
-    assert_refused(
-        &out,
-        "rules.toml",
-        Some(line),
-        "ipv4_prefix must be 0 to 32",
-    );
+fn a_prefix_length_that_is_more_than_a_part_of_the_address_is_refused() {
+    // Spec §3 (e2): /32 or /128 would forward the whole address.
+    for (from, to, message) in [
+        (
+            "ipv4_prefix = 24",
+            "ipv4_prefix = 25",
+            "ipv4_prefix must be 0 to 24",
+        ),
+        (
+            "ipv4_prefix = 24",
+            "ipv4_prefix = 32",
+            "ipv4_prefix must be 0 to 24",
+        ),
+        (
+            "ipv6_prefix = 48",
+            "ipv6_prefix = 49",
+            "ipv6_prefix must be 0 to 48",
+        ),
+        (
+            "ipv6_prefix = 48",
+            "ipv6_prefix = 128",
+            "ipv6_prefix must be 0 to 48",
+        ),
+    ] {
+        let mut line = 0;
+        let out = check_with(|d| {
+            replace_in(d, "rules.toml", from, to);
+            line = line_of(d, "rules.toml", to);
+        });
+        assert_refused(&out, "rules.toml", Some(line), message);
+    }
 }
 
 #[test]

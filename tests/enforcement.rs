@@ -680,6 +680,51 @@ async fn an_ipv4_mapped_address_is_treated_as_ipv4() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn an_ipv6_address_carrying_an_ipv4_client_is_truncated_as_that_client() {
+    // 6to4, NAT64 and Teredo forms of 203.0.113.77, from a trusted proxy:
+    // truncated as IPv6, their /48 (6to4) would be the whole IPv4 address.
+    let s = setup_with(|c| c.trust.push_str("trusted_proxies = [\"127.45.0.0/16\"]\n")).await;
+    for carrier in [
+        "2002:cb00:714d::1",
+        "2002:cb00:714d:1234::abcd",
+        "64:ff9b::cb00:714d",
+        "[64:ff9b::cb00:714d]:443",
+        "2001:0:4136:e378:8000:63bf:34ff:8eb2",
+    ] {
+        let (_, r) = s
+            .forwarded(
+                On::Chat,
+                Some("demo-chat-pro"),
+                CHAT,
+                &[("x-forwarded-for", carrier)],
+            )
+            .await;
+        assert_eq!(
+            r.header("x-forwarded-for"),
+            Some("203.0.113.0"),
+            "{carrier}"
+        );
+        assert_eq!(
+            r.header("x-privacy-client-prefix"),
+            Some("203.0.113.0/24"),
+            "{carrier}"
+        );
+    }
+    let bytes = String::from_utf8_lossy(&s.ups.all_bytes()).into_owned();
+    for part in [
+        "2002:",
+        "cb00",
+        "714d",
+        "ff9b",
+        "34ff",
+        "8eb2",
+        "203.0.113.77",
+    ] {
+        assert!(!bytes.contains(part), "{part} reached upstream");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn ip_personalization_opt_out_forwards_no_part_of_the_address() {
     let s = setup().await;
     let (_, r) = s

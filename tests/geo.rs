@@ -223,6 +223,36 @@ async fn flat_country_code_layout_stamps_the_country() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn the_country_of_a_6to4_nat64_or_teredo_client_is_that_of_its_ipv4_address() {
+    // Without the aliases a MaxMind file may carry, these resolve only if the
+    // gateway looks them up as the IPv4 client they embed (spec §3).
+    let db = mmdb_with(
+        Ipv4Aliasing::Disabled,
+        &[
+            ("198.51.100.0/24", geoip2("FR")),
+            ("2002::/16", geoip2("US")),
+            ("2001::/32", geoip2("US")),
+            ("64:ff9b::/96", geoip2("US")),
+        ],
+    );
+    let s = setup(Some(db)).await;
+    // 198.51.100.23 is c633:6417; inverted (Teredo) 39cc:9be8.
+    for carrier in [
+        "2002:c633:6417::1",
+        "64:ff9b::c633:6417",
+        "2001:0:4136:e378:8000:63bf:39cc:9be8",
+    ] {
+        let r = s.forwarded(Some("demo-chat-pro"), carrier, &[]).await;
+        assert_eq!(
+            r.header_values("x-privacy-country"),
+            vec!["FR"],
+            "country of {carrier}: {r:?}"
+        );
+        assert_eq!(r.header("x-privacy-client-prefix"), Some("198.51.100.0/24"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn ipv6_and_ipv4_mapped_client_addresses_are_looked_up() {
     // Without the IPv4 aliases in the file, a mapped address resolves only if
     // the gateway looks it up as the IPv4 address it is.

@@ -195,10 +195,10 @@ pub struct ShadowEntry {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClientIpEntry {
-    /// IPv4 prefix length, 0 to 32 (default 24).
+    /// IPv4 prefix length, 0 to 24 (default 24).
     #[serde(default)]
     pub ipv4_prefix: Option<Spanned<u8>>,
-    /// IPv6 prefix length, 0 to 128 (default 48).
+    /// IPv6 prefix length, 0 to 48 (default 48).
     #[serde(default)]
     pub ipv6_prefix: Option<Spanned<u8>>,
 }

@@ -206,13 +206,19 @@ pub struct Gateway {
 
 /// Full client addresses the tests send from or claim; none may ever appear
 /// in a log or audit line of the gateway.
-pub const FULL_ADDRESSES: [&str; 6] = [
+pub const FULL_ADDRESSES: [&str; 10] = [
     CLIENT_V4,
     "198.51.100.23",
     "198.51.100.200",
     "203.0.113.77",
     "2001:db8:1234:5678::abcd",
     "127.45.1.1",
+    // 203.0.113.77 carried by 6to4, NAT64 and Teredo addresses (spec §3).
+    "2002:cb00:714d",
+    "64:ff9b::cb00:714d",
+    "34ff:8eb2",
+    // 198.51.100.23 over 6to4.
+    "2002:c633:6417",
 ];
 
 impl Drop for Gateway {
