@@ -37,8 +37,8 @@ pub struct Metrics {
     pub shadow_disagreements: IntCounterVec,
     /// Pools removed from a request's candidates, by reason and pool.
     pub routes_removed: IntCounterVec,
-    /// Requests served from a tier above their lowest candidate tier (spec
-    /// §4, `7/eu-first-exception`), by capability.
+    /// Requests served from a tier above their lowest candidate tier
+    /// (`7/eu-first-exception`, spec §4), by capability.
     pub eu_first_exceptions: IntCounterVec,
     /// Time from the first upstream attempt to the end of the response.
     pub upstream_seconds: Histogram,

@@ -1,4 +1,4 @@
-//! The header contract with upstream services (spec §6, §7): what a client
+//! The header contract with upstream services (spec §6 and spec §7): what a client
 //! may never send, what the gateway stamps, and the signature over it.
 
 use hmac::{Hmac, Mac};
