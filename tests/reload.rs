@@ -145,20 +145,27 @@ fn accounts_with_chat_free_opted_out() -> String {
     accounts.replace(line, &opted_out)
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn an_opt_out_in_a_new_accounts_file_applies_without_a_restart_or_a_failed_request() {
-    let ups = Upstreams::start().await;
-    let gw = Gateway::start(&TestConfig::shipped_with(&ups));
+/// A request loop as `demo-chat-free` on the chat listener, once `n` of its
+/// requests were trained on (the account has not opted out yet).
+async fn chat_free_loop(gw: &Gateway, n: usize) -> RequestLoop {
     let run = RequestLoop::start(
         gw.chat_url("/v1/chat/completions"),
         Some("demo-chat-free"),
         false,
     );
-    run.advance(20).await;
+    run.advance(n).await;
     assert_eq!(
         run.last().and_then(|o| o.training).as_deref(),
         Some("allowed")
     );
+    run
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_opt_out_in_a_new_accounts_file_applies_without_a_restart_or_a_failed_request() {
+    let ups = Upstreams::start().await;
+    let gw = Gateway::start(&TestConfig::shipped_with(&ups));
+    let run = chat_free_loop(&gw, 20).await;
 
     gw.replace_file("accounts.jsonl", &accounts_with_chat_free_opted_out());
     let applied = eventually(Duration::from_secs(10), || {
@@ -267,16 +274,7 @@ async fn a_configmap_symlink_swap_is_picked_up() {
     let mut config = TestConfig::shipped_with(&ups);
     config.configmap_layout = true;
     let gw = Gateway::start(&config);
-    let run = RequestLoop::start(
-        gw.chat_url("/v1/chat/completions"),
-        Some("demo-chat-free"),
-        false,
-    );
-    run.advance(10).await;
-    assert_eq!(
-        run.last().and_then(|o| o.training).as_deref(),
-        Some("allowed")
-    );
+    let run = chat_free_loop(&gw, 10).await;
 
     let accounts = accounts_with_chat_free_opted_out();
     gw.configmap_swap(
@@ -379,16 +377,7 @@ async fn a_graceful_upgrade_under_load_loses_no_request() {
 async fn a_bad_account_line_quarantines_that_account_while_every_other_line_applies() {
     let ups = Upstreams::start().await;
     let gw = Gateway::start(&TestConfig::shipped_with(&ups));
-    let run = RequestLoop::start(
-        gw.chat_url("/v1/chat/completions"),
-        Some("demo-chat-free"),
-        false,
-    );
-    run.advance(10).await;
-    assert_eq!(
-        run.last().and_then(|o| o.training).as_deref(),
-        Some("allowed")
-    );
+    let run = chat_free_loop(&gw, 10).await;
     let c = client();
     let paid = gw.api_url("/v1/chat/completions");
     assert_eq!(support::post_as(&c, &paid, "demo-api-paid").await, 200);

@@ -33,11 +33,9 @@ fn per_pool(ups: &Upstreams) -> HashMap<String, usize> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_subprocessor_opt_out_is_never_routed_to() {
-    // The opted-out subprocessor (cerebras) is in the US tier: point the EU
-    // pools at closed ports so that tier serves, and cerebras is the only
-    // other pool there.
+/// A gateway whose EU pools point at ports nobody listens on, the other
+/// pools at their echoes.
+async fn eu_pools_on_closed_ports() -> (Upstreams, Gateway) {
     let ups = Upstreams::start().await;
     let mut addresses = ups.addresses();
     for pool in ["azure-sweden", "gcp-ireland"] {
@@ -49,6 +47,15 @@ async fn a_subprocessor_opt_out_is_never_routed_to() {
     let mut config = TestConfig::shipped_with(&ups);
     config.pools = support::pools_with_addresses(&addresses);
     let gw = Gateway::start(&config);
+    (ups, gw)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_subprocessor_opt_out_is_never_routed_to() {
+    // The opted-out subprocessor (cerebras) is in the US tier: point the EU
+    // pools at closed ports so that tier serves, and cerebras is the only
+    // other pool there.
+    let (ups, gw) = eu_pools_on_closed_ports().await;
     let statuses = send_chat(&gw, "demo-api-no-cerebras", 200).await;
     assert!(statuses.iter().all(|s| *s == StatusCode::OK));
     let counts = per_pool(&ups);
@@ -87,42 +94,58 @@ async fn eu_residency_stays_in_the_eu_and_stamps_the_pool_used() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn no_permitted_pool_at_all_is_a_451_naming_capability_and_constraint() {
-    let ups = Upstreams::start().await;
-    let gw = Gateway::start(&TestConfig::shipped_with(&ups));
+/// Sends `POST path` as `key` on the api listener and expects a 451 naming
+/// `capability` and exactly `constraints`, with nothing forwarded anywhere.
+async fn assert_no_permitted_route(
+    gw: &Gateway,
+    ups: &Upstreams,
+    path: &str,
+    key: &str,
+    capability: &str,
+    constraints: &[&str],
+) {
+    let before = ups.all_requests().len();
     let resp = client()
-        .post(gw.api_url("/v1/images/generations"))
-        .bearer_auth("demo-api-eu-only")
+        .post(gw.api_url(path))
+        .bearer_auth(key)
         .body("{}")
         .send()
         .await
         .expect("request");
     assert_eq!(resp.status(), StatusCode::UNAVAILABLE_FOR_LEGAL_REASONS);
     let body: serde_json::Value = resp.json().await.expect("json");
-    assert_eq!(body["error"]["code"], "no_permitted_route");
-    assert_eq!(body["error"]["capability"], "image_generation");
+    assert_eq!(body["error"]["code"], "no_permitted_route", "{body}");
+    assert_eq!(body["error"]["capability"], capability, "{body}");
     assert_eq!(
         body["error"]["constraints"],
-        serde_json::json!(["7/residency"])
+        serde_json::json!(constraints),
+        "{body}"
     );
-    assert!(ups.all_requests().is_empty());
+    assert_eq!(
+        ups.all_requests().len(),
+        before,
+        "{key} {path} was forwarded"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_permitted_pool_at_all_is_a_451_naming_capability_and_constraint() {
+    let ups = Upstreams::start().await;
+    let gw = Gateway::start(&TestConfig::shipped_with(&ups));
+    assert_no_permitted_route(
+        &gw,
+        &ups,
+        "/v1/images/generations",
+        "demo-api-eu-only",
+        "image_generation",
+        &["7/residency"],
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn when_every_permitted_pool_is_down_it_is_a_503_and_never_a_forbidden_pool() {
-    let ups = Upstreams::start().await;
-    let mut addresses = ups.addresses();
-    // The eu pools point at ports nobody listens on.
-    for pool in ["azure-sweden", "gcp-ireland"] {
-        addresses.insert(
-            pool.into(),
-            vec![format!("http://127.0.0.1:{}", free_port())],
-        );
-    }
-    let mut config = TestConfig::shipped_with(&ups);
-    config.pools = support::pools_with_addresses(&addresses);
-    let gw = Gateway::start(&config);
+    let (ups, gw) = eu_pools_on_closed_ports().await;
 
     let statuses = send_chat(&gw, "demo-api-eu-only", 20).await;
     assert!(
@@ -329,22 +352,15 @@ async fn audited(gw: &Gateway, n: usize) -> Vec<serde_json::Value> {
 async fn route_6_purpose_api_code_interpreter_is_a_451_and_le_chat_reaches_e2b() {
     let ups = Upstreams::start().await;
     let gw = Gateway::start(&TestConfig::shipped_with(&ups));
-    let resp = client()
-        .post(gw.api_url("/v1/tools/code_interpreter"))
-        .bearer_auth("demo-api-paid")
-        .body("{}")
-        .send()
-        .await
-        .expect("request");
-    assert_eq!(resp.status(), StatusCode::UNAVAILABLE_FOR_LEGAL_REASONS);
-    let body: serde_json::Value = resp.json().await.expect("json");
-    assert_eq!(body["error"]["code"], "no_permitted_route");
-    assert_eq!(body["error"]["capability"], "code_interpreter");
-    assert_eq!(
-        body["error"]["constraints"],
-        serde_json::json!(["6/purpose"])
-    );
-    assert!(ups.all_requests().is_empty(), "an api request reached e2b");
+    assert_no_permitted_route(
+        &gw,
+        &ups,
+        "/v1/tools/code_interpreter",
+        "demo-api-paid",
+        "code_interpreter",
+        &["6/purpose"],
+    )
+    .await;
     // Le Chat's code interpreter is what E2B is engaged for.
     let (pool, _) = support::forward(
         &ups,
@@ -365,18 +381,16 @@ async fn route_6_purpose_api_code_interpreter_is_a_451_and_le_chat_reaches_e2b()
 async fn route_5_zdr_image_generation_is_a_451_and_never_reaches_black_forest_labs() {
     let ups = Upstreams::start().await;
     let gw = Gateway::start(&TestConfig::shipped_with(&ups));
-    let c = client();
     for key in ["demo-api-zdr", "demo-api-free-zdr"] {
-        let resp = c
-            .post(gw.api_url("/v1/images/generations"))
-            .bearer_auth(key)
-            .body("{}")
-            .send()
-            .await
-            .expect("request");
-        assert_eq!(resp.status(), StatusCode::UNAVAILABLE_FOR_LEGAL_REASONS);
-        let body: serde_json::Value = resp.json().await.expect("json");
-        assert_eq!(body["error"]["constraints"], serde_json::json!(["5/zdr"]));
+        assert_no_permitted_route(
+            &gw,
+            &ups,
+            "/v1/images/generations",
+            key,
+            "image_generation",
+            &["5/zdr"],
+        )
+        .await;
     }
     assert!(
         ups.pool("black-forest-labs").requests().is_empty(),
