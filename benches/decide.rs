@@ -1,5 +1,5 @@
 //! Cost of the decision, of a whole request evaluation against a consent
-//! snapshot of 1,000,000 accounts (and the shipped 14, for the ratio), and of
+//! snapshot of 1,000,000 accounts (and the shipped 16, for the ratio), and of
 //! (re)loading that snapshot.
 //!
 //! ```text
@@ -12,7 +12,7 @@
 //! - `decide`: the pure [`policy::decide`] for three representative facts.
 //! - `evaluate_1m_accounts`: [`evaluate`] of a request head carrying a known
 //!   API key and an unknown one (the 401 path), against the 1M snapshot
-//!   (`big`) and the shipped 14-account one (`shipped_14`). The big
+//!   (`big`) and the shipped 16-account one (`shipped`). The big
 //!   benchmark cycles through 2^20 random-ish accounts, so lookups land all
 //!   over the table; `big_hot64` cycles through 64 of them, which shows what
 //!   of the difference is cache misses rather than the table's size.
@@ -360,9 +360,9 @@ fn bench_evaluate(c: &mut Criterion, big: &Big) {
     let mut group = c.benchmark_group("evaluate_1m_accounts");
     bench_keys(&mut group, "known_key/big", &big.snapshot, &big_known);
     bench_keys(&mut group, "known_key/big_hot64", &big.snapshot, &big_hot);
-    bench_keys(&mut group, "known_key/shipped_14", &shipped, &shipped_known);
+    bench_keys(&mut group, "known_key/shipped", &shipped, &shipped_known);
     bench_keys(&mut group, "unknown_key/big", &big.snapshot, &unknown);
-    bench_keys(&mut group, "unknown_key/shipped_14", &shipped, &unknown);
+    bench_keys(&mut group, "unknown_key/shipped", &shipped, &unknown);
     group.finish();
 }
 
@@ -399,7 +399,7 @@ fn bench_load(c: &mut Criterion, big: &Big) {
         })
     });
     let shipped = shipped_dir().join("gateway.toml");
-    group.bench_function("config_load/shipped_14", |b| {
+    group.bench_function("config_load/shipped", |b| {
         b.iter_with_large_drop(|| config::load(&shipped, &LoadOptions::default()).expect("load"))
     });
     group.finish();

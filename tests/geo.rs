@@ -381,6 +381,18 @@ async fn no_country_without_consent_ip_opt_out_gpc_or_restriction() {
     );
     let (lookup, _, country) = s.geo_decision(Some("demo-chat-restricted"), FR_CLIENT, &[]);
     assert!(!lookup && country.is_none(), "restricted: no lookup");
+    // Spec §3 (e2): the skipped lookup names the more specific reason.
+    let mut restricted = None;
+    assert!(
+        support::eventually(std::time::Duration::from_secs(5), || {
+            restricted = support::audit_json(&s.gw)
+                .into_iter()
+                .find(|l| l["account"] == "acct-chat-restricted");
+            restricted.is_some()
+        })
+        .await
+    );
+    assert_eq!(restricted.expect("audit line")["geo_basis"], "8/limitation");
 
     let bytes = s.upstream_text();
     assert!(
