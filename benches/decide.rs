@@ -1,5 +1,5 @@
 //! Cost of the decision, of a whole request evaluation against a consent
-//! snapshot of 1,000,000 accounts (and the shipped 14, for the ratio), and of
+//! snapshot of 1,000,000 accounts (and the shipped 16, for the ratio), and of
 //! (re)loading that snapshot.
 //!
 //! ```text
@@ -12,7 +12,7 @@
 //! - `decide`: the pure [`policy::decide`] for three representative facts.
 //! - `evaluate_1m_accounts`: [`evaluate`] of a request head carrying a known
 //!   API key and an unknown one (the 401 path), against the 1M snapshot
-//!   (`big`) and the shipped 14-account one (`shipped_14`). The big
+//!   (`big`) and the shipped 16-account one (`shipped`). The big
 //!   benchmark cycles through 2^20 random-ish accounts, so lookups land all
 //!   over the table; `big_hot64` cycles through 64 of them, which shows what
 //!   of the difference is cache misses rather than the table's size.
@@ -45,7 +45,7 @@ use privacy_gateway::evaluate::{evaluate, Refusal, RequestHead};
 use privacy_gateway::identity::IdentityError;
 use privacy_gateway::policy::{
     self, Capability, CapabilitySet, Consents, PlanClass, PoolCatalog, PoolProfile, Product,
-    RegionId, RequestFacts, SubprocessorSet,
+    ProductSet, RegionId, RequestFacts, RouteConstraint, SubprocessorSet,
 };
 
 fn main() {
@@ -80,11 +80,7 @@ fn shipped_catalog() -> PoolCatalog {
         for c in capabilities {
             set.insert(*c);
         }
-        PoolProfile {
-            subprocessor,
-            region,
-            capabilities: set,
-        }
+        PoolProfile::new(subprocessor, region, set)
     };
     use Capability::*;
     PoolCatalog::new(vec![
@@ -94,11 +90,23 @@ fn shipped_catalog() -> PoolCatalog {
             &[Chat, Embeddings, FineTuning, Feedback, Connector],
         ), // azure-sweden
         pool(GCP, EU, &[Chat, Embeddings, Feedback, Connector]), // gcp-ireland
-        pool(GCP, US, &[Chat, Embeddings]),                      // gcp-us
-        pool(CEREBRAS, US, &[Chat]),                             // cerebras
-        pool(BLACK_FOREST_LABS, US, &[ImageGeneration]),         // black-forest-labs
+        PoolProfile {
+            priority: 1,
+            ..pool(GCP, US, &[Chat, Embeddings])
+        }, // gcp-us
+        PoolProfile {
+            priority: 1,
+            ..pool(CEREBRAS, US, &[Chat])
+        }, // cerebras
+        PoolProfile {
+            retains_input: Some(std::time::Duration::from_secs(15 * 86_400)),
+            ..pool(BLACK_FOREST_LABS, US, &[ImageGeneration])
+        }, // black-forest-labs
         pool(BRAVE, US, &[WebSearch]),                           // brave
-        pool(E2B, US, &[CodeInterpreter]),                       // e2b
+        PoolProfile {
+            products: ProductSet::only(Product::Chat),
+            ..pool(E2B, US, &[CodeInterpreter])
+        }, // e2b
     ])
 }
 
@@ -147,7 +155,13 @@ fn bench_decide(c: &mut Criterion) {
     // The eu-only case must exercise both removal branches.
     let d = policy::decide(&pools, &cases[2].1);
     assert_eq!(d.route.candidates.iter().collect::<Vec<_>>(), [0]);
-    assert!(!d.route.removed_opt_out.is_empty() && !d.route.removed_residency.is_empty());
+    assert!(
+        !d.route
+            .removed
+            .by(RouteConstraint::SubprocessorOptOut)
+            .is_empty()
+            && !d.route.removed.by(RouteConstraint::Residency).is_empty()
+    );
 
     let mut group = c.benchmark_group("decide");
     for (name, facts) in &cases {
@@ -346,9 +360,9 @@ fn bench_evaluate(c: &mut Criterion, big: &Big) {
     let mut group = c.benchmark_group("evaluate_1m_accounts");
     bench_keys(&mut group, "known_key/big", &big.snapshot, &big_known);
     bench_keys(&mut group, "known_key/big_hot64", &big.snapshot, &big_hot);
-    bench_keys(&mut group, "known_key/shipped_14", &shipped, &shipped_known);
+    bench_keys(&mut group, "known_key/shipped", &shipped, &shipped_known);
     bench_keys(&mut group, "unknown_key/big", &big.snapshot, &unknown);
-    bench_keys(&mut group, "unknown_key/shipped_14", &shipped, &unknown);
+    bench_keys(&mut group, "unknown_key/shipped", &shipped, &unknown);
     group.finish();
 }
 
@@ -385,7 +399,7 @@ fn bench_load(c: &mut Criterion, big: &Big) {
         })
     });
     let shipped = shipped_dir().join("gateway.toml");
-    group.bench_function("config_load/shipped_14", |b| {
+    group.bench_function("config_load/shipped", |b| {
         b.iter_with_large_drop(|| config::load(&shipped, &LoadOptions::default()).expect("load"))
     });
     group.finish();

@@ -15,6 +15,8 @@ use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use prometheus::IntCounter;
 
+use crate::view::DecisionView;
+
 /// Where audit lines go.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum AuditTarget {
@@ -237,126 +239,21 @@ impl BackgroundService for AuditService {
     }
 }
 
-/// One audit line. Holds the client prefix, never the address, and never a
-/// request or response body.
+/// One audit line: the request's [`DecisionView`] (the fields `explain`
+/// prints, by construction) between its time and its durations. Holds the
+/// client prefix, never the address, and never a request or response body.
 #[derive(Debug, serde::Serialize)]
 pub struct AuditRecord<'a> {
     /// When the request ended, RFC 3339 UTC.
     pub ts: String,
-    /// The request's decision id.
-    pub decision_id: &'a str,
-    /// Its method, path and listener: what `explain` needs to rebuild the
-    /// decision. The path is cut at 256 bytes; the query string is never
-    /// recorded (it may carry personal data, and no decision reads it).
-    pub method: &'a str,
-    /// See `method`.
-    pub path: &'a str,
-    /// Product of the listener that accepted it (`explain --listener`).
-    pub listener: &'a str,
-    /// Rules it was decided under.
-    pub policy_version: &'a str,
-    /// HTTP status answered.
-    pub status: u16,
-    /// `error.code` when the gateway answered itself.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<&'a str>,
-    /// The decision, when one was made.
-    #[serde(flatten, skip_serializing_if = "Option::is_none")]
-    pub decision: Option<AuditDecision<'a>>,
-    /// Pool that answered.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub pool: Option<&'a str>,
-    /// Its subprocessor.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub subprocessor: Option<&'a str>,
+    /// What was decided and where it went.
+    #[serde(flatten)]
+    pub view: &'a DecisionView<'a>,
     /// Milliseconds from the first upstream attempt to the end.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub upstream_ms: Option<f64>,
     /// Milliseconds in all.
     pub total_ms: f64,
-}
-
-/// The decision part of an audit line.
-#[derive(Debug, serde::Serialize)]
-pub struct AuditDecision<'a> {
-    /// Account id or `anonymous`.
-    pub account: &'a str,
-    /// `api` or `chat`.
-    pub product: &'a str,
-    /// Plan name.
-    pub plan: &'a str,
-    /// Capability.
-    pub capability: &'a str,
-    /// `allowed` or `denied`.
-    pub training: &'a str,
-    /// Its basis.
-    pub training_basis: &'a str,
-    /// Retention class.
-    pub retention: &'a str,
-    /// Its basis.
-    pub retention_basis: &'a str,
-    /// Basis of the country lookup decision.
-    pub geo_basis: &'a str,
-    /// Country, when looked up and found.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub country: Option<String>,
-    /// The truncated client address.
-    pub client_prefix: String,
-    /// Where shadow rules would have decided otherwise.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub shadow: Vec<ShadowNote>,
-}
-
-/// One shadow disagreement in an audit line.
-#[derive(Debug, serde::Serialize)]
-pub struct ShadowNote {
-    /// The shadow rule set.
-    pub rules: String,
-    /// What differs.
-    pub field: &'static str,
-    /// Enforced basis.
-    pub enforced: &'static str,
-    /// Shadow basis.
-    pub shadow: &'static str,
-}
-
-impl<'a> AuditDecision<'a> {
-    /// The decision part for `admission`, with `shadow_name`'s disagreements.
-    pub fn of(admission: &'a crate::evaluate::Admission, shadow_name: Option<&str>) -> Self {
-        let d = &admission.decision;
-        AuditDecision {
-            account: &admission.account,
-            product: admission.product.as_str(),
-            plan: &admission.plan,
-            capability: admission.capability.as_str(),
-            training: d.training.as_str(),
-            training_basis: d.training_basis.as_str(),
-            retention: d.retention.as_str(),
-            retention_basis: d.retention_basis.as_str(),
-            geo_basis: d.geo.basis.as_str(),
-            country: admission.country.map(|c| c.to_string()),
-            client_prefix: admission.client_prefix.to_string(),
-            shadow: admission
-                .shadow_disagreements()
-                .into_iter()
-                .map(|x| ShadowNote {
-                    rules: shadow_name.unwrap_or("shadow").to_string(),
-                    field: x.field,
-                    enforced: x.enforced,
-                    shadow: x.shadow,
-                })
-                .collect(),
-        }
-    }
-}
-
-/// `path` cut to at most 256 bytes, on a character boundary.
-pub fn recorded_path(path: &str) -> &str {
-    let mut end = path.len().min(256);
-    while !path.is_char_boundary(end) {
-        end -= 1;
-    }
-    &path[..end]
 }
 
 /// The current time as RFC 3339 UTC with milliseconds.

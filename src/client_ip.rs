@@ -2,7 +2,7 @@
 //! and the truncated prefix that is all the rest of the system ever sees.
 
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
 use thiserror::Error;
@@ -37,7 +37,10 @@ pub enum ClientIpError {
 /// trusted proxy (Envoy's `xff_num_trusted_hops` semantics, by network).
 ///
 /// `forwarded_for` holds every `X-Forwarded-For` field value in arrival order.
-/// IPv4-mapped IPv6 addresses are returned as IPv4.
+/// An IPv6 address that carries an IPv4 client (IPv4-mapped, 6to4, NAT64,
+/// Teredo) is returned as that IPv4 address (spec §3), for truncation and
+/// country alike. Trust is decided on the addresses as they arrive: an
+/// embedded address never makes a hop trusted.
 pub fn client_address<'a>(
     peer: IpAddr,
     forwarded_for: impl DoubleEndedIterator<Item = &'a [u8]>,
@@ -45,7 +48,7 @@ pub fn client_address<'a>(
 ) -> Result<IpAddr, ClientIpError> {
     let peer = peer.to_canonical();
     if !trusted.contains(peer) {
-        return Ok(peer);
+        return Ok(embedded_client(peer));
     }
     let mut client = peer;
     for value in forwarded_for.rev() {
@@ -58,12 +61,37 @@ pub fn client_address<'a>(
             let hop = parse_hop(entry).ok_or(ClientIpError::MalformedForwardedFor)?;
             client = hop;
             if !trusted.contains(hop) {
-                return Ok(hop);
+                return Ok(embedded_client(hop));
             }
         }
     }
     // Every hop was trusted: the left-most is the best we know.
-    Ok(client)
+    Ok(embedded_client(client))
+}
+
+/// The IPv4 client an IPv6 address carries (spec §3): IPv4-mapped
+/// (`::ffff:0:0/96`), 6to4 (`2002::/16`, bits 16-47), the NAT64 well-known
+/// prefix (`64:ff9b::/96`, the last 32 bits) and Teredo (`2001::/32`, the
+/// last 32 bits inverted). Truncated as IPv6, the `/48` of a 6to4 address
+/// would be the whole IPv4 address.
+pub fn embedded_ipv4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
+    let o = ip.octets();
+    let last = || Ipv4Addr::new(o[12], o[13], o[14], o[15]);
+    match ip.segments() {
+        [0, 0, 0, 0, 0, 0xffff, _, _] => Some(last()),
+        [0x2002, ..] => Some(Ipv4Addr::new(o[2], o[3], o[4], o[5])),
+        [0x64, 0xff9b, 0, 0, 0, 0, _, _] => Some(last()),
+        [0x2001, 0, ..] => Some(Ipv4Addr::from(!u32::from(last()))),
+        _ => None,
+    }
+}
+
+/// `ip`, or the IPv4 client it carries.
+fn embedded_client(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => embedded_ipv4(v6).map_or(ip, IpAddr::V4),
+        IpAddr::V4(_) => ip,
+    }
 }
 
 /// One `X-Forwarded-For` entry: an address, optionally bracketed and with a port.
@@ -179,5 +207,45 @@ mod tests {
         assert_eq!(v6.to_string(), "2001:db8:1234::/48");
         let mapped = ClientPrefix::new("::ffff:203.0.113.77".parse().unwrap(), l);
         assert_eq!(mapped, v4);
+    }
+
+    #[test]
+    fn ipv6_addresses_that_carry_an_ipv4_client_are_that_client() {
+        let client: Ipv4Addr = "203.0.113.77".parse().unwrap();
+        for carrier in [
+            "::ffff:203.0.113.77",
+            "2002:cb00:714d::1",                    // 6to4
+            "2002:cb00:714d:1234:5678::abcd",       // 6to4, any subnet and host
+            "64:ff9b::cb00:714d",                   // NAT64 well-known prefix
+            "2001:0:4136:e378:8000:63bf:34ff:8eb2", // Teredo: last 32 bits inverted
+        ] {
+            let ip: Ipv6Addr = carrier.parse().unwrap();
+            assert_eq!(embedded_ipv4(ip), Some(client), "{carrier}");
+        }
+        for plain in [
+            "2001:db8::1",
+            "2001:db8:1234:5678::abcd",
+            "64:ff9b:1::1",
+            "::1",
+        ] {
+            let ip: Ipv6Addr = plain.parse().unwrap();
+            assert_eq!(embedded_ipv4(ip), None, "{plain}");
+        }
+    }
+
+    #[test]
+    fn an_embedded_client_is_truncated_as_ipv4_but_never_trusted_as_one() {
+        let l = PrefixLengths::default();
+        // Untrusted peer over 6to4: the /24 of its IPv4, not the /48 that holds all of it.
+        let peer: IpAddr = "2002:cb00:714d::1".parse().unwrap();
+        let none: [&[u8]; 0] = [];
+        let client = client_address(peer, none.into_iter(), &trusted()).unwrap();
+        assert_eq!(client, "203.0.113.77".parse::<IpAddr>().unwrap());
+        assert_eq!(ClientPrefix::new(client, l).to_string(), "203.0.113.0/24");
+        // A 6to4 hop embedding a trusted IPv4 (10.0.0.1) is still the client,
+        // not a trusted hop to skip over.
+        let xff: [&[u8]; 1] = [b"198.51.100.7, 2002:a00:1::1"];
+        let client = client_address("10.9.9.9".parse().unwrap(), xff.into_iter(), &trusted());
+        assert_eq!(client, Ok("10.0.0.1".parse().unwrap()));
     }
 }

@@ -8,12 +8,10 @@ use std::net::IpAddr;
 use http::{HeaderMap, Method};
 
 use crate::client_ip::{client_address, ClientIpError, ClientPrefix};
-use crate::config::Snapshot;
+use crate::config::{Quarantined, Snapshot};
 use crate::geo::CountryCode;
 use crate::identity::{self, Caller, Credentials, IdentityError};
-use crate::policy::{
-    self, Basis, Capability, Consents, Decision, PlanClass, Product, RequestFacts,
-};
+use crate::policy::{self, Capability, Consents, Decision, PlanClass, Product, RequestFacts};
 use crate::routing::PoolUpstream;
 use crate::stamp::{self, StampInput};
 
@@ -172,6 +170,8 @@ pub enum Refusal {
     UnknownRoute,
     /// The account's constraints leave no pool for the capability (451).
     NoPermittedRoute(Box<Admission>),
+    /// The account's line in the consent snapshot is quarantined (403).
+    ConsentRecordInvalid(Box<Quarantined>),
 }
 
 impl Refusal {
@@ -182,6 +182,7 @@ impl Refusal {
             Refusal::ClientIp(_) => 400,
             Refusal::UnknownRoute => 404,
             Refusal::NoPermittedRoute(_) => 451,
+            Refusal::ConsentRecordInvalid(_) => 403,
         }
     }
 
@@ -192,6 +193,7 @@ impl Refusal {
             Refusal::ClientIp(_) => "malformed_forwarded_for",
             Refusal::UnknownRoute => "unknown_route",
             Refusal::NoPermittedRoute(_) => "no_permitted_route",
+            Refusal::ConsentRecordInvalid(_) => "consent_record_invalid",
         }
     }
 
@@ -205,20 +207,11 @@ impl Refusal {
                 "the account's privacy settings leave no permitted pool for capability `{}`",
                 a.capability
             ),
+            Refusal::ConsentRecordInvalid(_) => {
+                "the account's consent record could not be understood; nothing is forwarded until it is fixed".into()
+            }
         }
     }
-}
-
-/// The basis ids of the constraints that removed pools, for a 451 answer.
-pub fn route_constraints(decision: &Decision) -> Vec<Basis> {
-    let mut out = Vec::new();
-    if !decision.route.removed_opt_out.is_empty() {
-        out.push(Basis::SubprocessorOptOut);
-    }
-    if !decision.route.removed_residency.is_empty() {
-        out.push(Basis::Residency);
-    }
-    out
 }
 
 /// Decides one request under `snapshot`.
@@ -247,12 +240,9 @@ pub fn evaluate(snapshot: &Snapshot, head: &RequestHead<'_>) -> Result<Admission
     let caller = identity::resolve(&snapshot.accounts, head.listener_product, credentials)
         .map_err(Refusal::Identity)?;
 
-    let capability = snapshot
-        .routes
-        .capability(head.method, head.path)
-        .ok_or(Refusal::UnknownRoute)?;
-
+    // A quarantined consent record is answered before anything is decided for it.
     let (account, plan, product, plan_class, consents) = match caller {
+        Caller::Quarantined(q) => return Err(Refusal::ConsentRecordInvalid(Box::new(q.clone()))),
         Caller::Account(a) => (&*a.id, &*a.plan, a.product, a.plan_class, &a.consents),
         Caller::Anonymous => (
             "anonymous",
@@ -262,6 +252,11 @@ pub fn evaluate(snapshot: &Snapshot, head: &RequestHead<'_>) -> Result<Admission
             &Consents::NONE,
         ),
     };
+    let capability = snapshot
+        .routes
+        .capability(head.method, head.path)
+        .ok_or(Refusal::UnknownRoute)?;
+
     let facts = RequestFacts {
         product,
         plan: Some(plan_class),
@@ -280,7 +275,7 @@ pub fn evaluate(snapshot: &Snapshot, head: &RequestHead<'_>) -> Result<Admission
         };
         let plan = match caller {
             Caller::Account(a) => rules.plans.get(a.product, &a.plan),
-            Caller::Anonymous => Some(PlanClass::ChatAnonymous),
+            Caller::Quarantined(_) | Caller::Anonymous => Some(PlanClass::ChatAnonymous),
         };
         let shadow_decision = capability.map(|capability| {
             policy::decide(

@@ -5,12 +5,14 @@
 use std::net::IpAddr;
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
+use serde::Serialize;
 use serde_json::{json, Map, Value};
 use thiserror::Error;
 
 use crate::config::Snapshot;
-use crate::evaluate::{evaluate, route_constraints, Admission, Refusal, RequestHead};
-use crate::policy::{Basis, Product};
+use crate::evaluate::{evaluate, Admission, Refusal, RequestHead};
+use crate::policy::Product;
+use crate::view::{pool_name, DecisionView, RequestLine};
 
 /// A request described on the command line.
 #[derive(Clone, Debug)]
@@ -58,6 +60,34 @@ pub fn add_header(headers: &mut HeaderMap, text: &str) -> Result<(), ExplainErro
     Ok(())
 }
 
+/// What `explain` prints: the request's [`DecisionView`] (the fields of its
+/// audit line, by construction) and what only a described request shows.
+#[derive(Debug, Serialize)]
+struct Explained<'a> {
+    #[serde(flatten)]
+    view: DecisionView<'a>,
+    /// `forward` or `answer`.
+    action: &'static str,
+    /// The sentence a refused client reads.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message: Option<String>,
+    /// The `x-forwarded-for` value stamped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    forwarded_for: Option<String>,
+    /// The candidates by tier, lowest first: the order routing tries them in.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    candidate_tiers: Vec<TierView<'a>>,
+    /// The headers stamped upstream, in contract order.
+    headers: Map<String, Value>,
+}
+
+/// One tier of candidates.
+#[derive(Debug, Serialize)]
+struct TierView<'a> {
+    priority: u32,
+    pools: Vec<&'a str>,
+}
+
 /// The decision on `request` under `snapshot`, as JSON.
 pub fn explain(snapshot: &Snapshot, request: &DescribedRequest) -> Result<Value, ExplainError> {
     let mut headers = request.headers.clone();
@@ -78,88 +108,79 @@ pub fn explain(snapshot: &Snapshot, request: &DescribedRequest) -> Result<Value,
         .decision_id
         .clone()
         .unwrap_or_else(|| uuid::Uuid::now_v7().simple().to_string());
-    let mut out = Map::new();
-    out.insert("decision_id".into(), json!(decision_id));
-    out.insert("policy_version".into(), json!(snapshot.policy_version));
-    match evaluate(snapshot, &head) {
+    let outcome = evaluate(snapshot, &head);
+    let status = outcome.as_ref().map_or_else(Refusal::status, |_| 200);
+    let request_line = RequestLine {
+        method: request.method.as_str(),
+        path,
+        listener: request.listener_product,
+    };
+    let view = DecisionView::new(snapshot, &decision_id, request_line, status);
+    let explained = match &outcome {
         Ok(admission) => {
-            out.insert("status".into(), json!(200));
-            out.insert("action".into(), json!("forward"));
-            describe(snapshot, &admission, &mut out);
-            let candidates = admission.decision.route.candidates;
+            let route = &admission.decision.route;
             let pool_index = match &request.pool {
-                None => candidates.iter().next(),
-                Some(name) => candidates
+                None => route
+                    .tiers(&snapshot.pools)
+                    .next()
+                    .and_then(|t| t.pools.iter().next()),
+                Some(name) => route
+                    .candidates
                     .iter()
                     .find(|&i| snapshot.upstreams.pool(i).is_some_and(|p| &p.name == name)),
             }
             .ok_or_else(|| ExplainError::Pool(request.pool.clone().unwrap_or_default()))?;
-            if let Some(pool) = snapshot.upstreams.pool(pool_index) {
-                out.insert("pool".into(), json!(pool.name));
-                let stamped: Map<String, Value> = admission
+            let stamped = snapshot.upstreams.pool(pool_index).map(|pool| {
+                admission
                     .upstream_headers(snapshot, &decision_id, pool)
                     .into_iter()
                     .map(|(n, v)| (n.to_string(), json!(v)))
-                    .collect();
-                out.insert("headers".into(), Value::Object(stamped));
+                    .collect()
+            });
+            Explained {
+                view: view.admitted(admission).served_by(pool_index),
+                action: "forward",
+                message: None,
+                forwarded_for: forwarded_for(admission),
+                candidate_tiers: candidate_tiers(snapshot, admission),
+                headers: stamped.unwrap_or_default(),
             }
         }
         Err(refusal) => {
-            out.insert("status".into(), json!(refusal.status()));
-            out.insert("action".into(), json!("answer"));
-            out.insert(
-                "error".into(),
-                json!({ "code": refusal.code(), "message": refusal.message() }),
-            );
-            if let Refusal::NoPermittedRoute(admission) = &refusal {
-                describe(snapshot, admission, &mut out);
-                let constraints: Vec<_> = route_constraints(&admission.decision)
-                    .iter()
-                    .map(|b| b.as_str())
-                    .collect();
-                out.insert("constraints".into(), json!(constraints));
+            let mut view = view.refused(Some(refusal.code()));
+            let mut candidate_tiers = Vec::new();
+            match refusal {
+                Refusal::NoPermittedRoute(admission) => {
+                    view = view.admitted(admission);
+                    candidate_tiers = self::candidate_tiers(snapshot, admission);
+                }
+                Refusal::ConsentRecordInvalid(q) => view = view.quarantined(q),
+                _ => {}
             }
-            out.insert("headers".into(), json!({}));
+            Explained {
+                view,
+                action: "answer",
+                message: Some(refusal.message()),
+                forwarded_for: None,
+                candidate_tiers,
+                headers: Map::new(),
+            }
         }
-    }
-    Ok(Value::Object(out))
+    };
+    Ok(serde_json::to_value(&explained).expect("a view serialises: every key is a string"))
 }
 
-/// The decision's fields, shared by forwarded and 451 answers.
-fn describe(snapshot: &Snapshot, a: &Admission, out: &mut Map<String, Value>) {
-    let d = &a.decision;
-    let pool_name = |i: usize| snapshot.upstreams.pool(i).map_or("?", |p| p.name.as_str());
-    let removed: Vec<Value> = [
-        (Basis::SubprocessorOptOut, d.route.removed_opt_out),
-        (Basis::Residency, d.route.removed_residency),
-    ]
-    .into_iter()
-    .flat_map(|(basis, set)| set.iter().map(move |i| (basis, i)))
-    .map(|(basis, i)| json!({ "pool": pool_name(i), "basis": basis.as_str() }))
-    .collect();
-    let fields = json!({
-        "account": a.account,
-        "product": a.product.as_str(),
-        "plan": a.plan,
-        "capability": a.capability.as_str(),
-        "training": d.training.as_str(),
-        "training_basis": d.training_basis.as_str(),
-        "retention": d.retention.as_str(),
-        "retention_basis": d.retention_basis.as_str(),
-        "geo_basis": d.geo.basis.as_str(),
-        "country": a.country.map(|c| c.to_string()),
-        "forwarded_for": a.forwarded_prefix().map(|p| p.address().to_string()),
-        "client_prefix": a.forwarded_prefix().map(|p| p.to_string()),
-        "candidate_pools": d.route.candidates.iter().map(pool_name).collect::<Vec<_>>(),
-        "removed_pools": removed,
-        "shadow": snapshot.shadow.as_ref().map(|s| json!({
-            "rules": s.name,
-            "disagreements": a.shadow_disagreements().iter().map(|x| json!({
-                "field": x.field, "enforced": x.enforced, "shadow": x.shadow,
-            })).collect::<Vec<_>>(),
-        })),
-    });
-    if let Value::Object(fields) = fields {
-        out.extend(fields);
-    }
+fn forwarded_for(a: &Admission) -> Option<String> {
+    a.forwarded_prefix().map(|p| p.address().to_string())
+}
+
+fn candidate_tiers<'a>(snapshot: &'a Snapshot, a: &Admission) -> Vec<TierView<'a>> {
+    a.decision
+        .route
+        .tiers(&snapshot.pools)
+        .map(|t| TierView {
+            priority: t.priority,
+            pools: t.pools.iter().map(|i| pool_name(snapshot, i)).collect(),
+        })
+        .collect()
 }

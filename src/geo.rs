@@ -83,6 +83,12 @@ impl GeoDb {
         Ok(GeoDb { reader })
     }
 
+    /// When the database was built (seconds since the Unix epoch, from its
+    /// metadata): its revision in audit lines and `explain` (spec §8).
+    pub fn build_epoch(&self) -> u64 {
+        self.reader.metadata().build_epoch
+    }
+
     /// The country of `ip`, if the database knows it. Lookup errors count as
     /// "unknown": a country is a convenience, never a reason to fail a request.
     pub fn country(&self, ip: IpAddr) -> Option<CountryCode> {

@@ -2,7 +2,7 @@
 
 use thiserror::Error;
 
-use crate::config::{Account, AccountStore};
+use crate::config::{Account, AccountStore, Quarantined, Record};
 use crate::policy::Product;
 
 /// The caller of one request.
@@ -10,8 +10,20 @@ use crate::policy::Product;
 pub enum Caller<'s> {
     /// A known account.
     Account(&'s Account),
+    /// An account whose line in the consent snapshot is quarantined: no
+    /// decision is guessed for it (spec §8).
+    Quarantined(&'s Quarantined),
     /// No credentials, on a listener whose product allows it (Le Chat).
     Anonymous,
+}
+
+impl<'s> From<Record<'s>> for Caller<'s> {
+    fn from(record: Record<'s>) -> Self {
+        match record {
+            Record::Account(a) => Caller::Account(a),
+            Record::Quarantined(q) => Caller::Quarantined(q),
+        }
+    }
 }
 
 /// Why the caller could not be established; each is answered with `401`.
@@ -63,7 +75,7 @@ pub fn resolve<'s>(
         let id = std::str::from_utf8(id).map_err(|_| IdentityError::UnknownAccount)?;
         return accounts
             .by_id(id.trim())
-            .map(Caller::Account)
+            .map(Caller::from)
             .ok_or(IdentityError::UnknownAccount);
     }
     match credentials.authorization {
@@ -71,7 +83,7 @@ pub fn resolve<'s>(
             let key = bearer_token(value).ok_or(IdentityError::MalformedAuthorization)?;
             accounts
                 .by_api_key(key)
-                .map(Caller::Account)
+                .map(Caller::from)
                 .ok_or(IdentityError::UnknownApiKey)
         }
         None if listener_product == Product::Chat => Ok(Caller::Anonymous),

@@ -17,6 +17,7 @@
 //! - [`proxy`]: the Pingora `ProxyHttp` adapter.
 //! - [`reload`]: file watching and `SIGHUP` -> validated snapshot swap.
 //! - [`observe`]: a finished request -> metrics, access line, audit record.
+//! - [`view`]: one serialisable view of a decision, for `explain`, audit, access line and metrics.
 //! - [`metrics`], [`audit`], [`admin`]: what happened, for operators and the privacy team.
 //! - [`server`]: assembles Pingora services from the settings.
 //! - [`lifecycle`]: listening sockets bound up front; upgrades and stops that lose no request.
@@ -48,3 +49,4 @@ pub mod reload;
 pub mod routing;
 pub mod server;
 pub mod stamp;
+pub mod view;

@@ -16,7 +16,7 @@ use privacy_gateway::lifecycle::{self, Lifecycle};
 use privacy_gateway::metrics::Metrics;
 use privacy_gateway::observe::Observers;
 use privacy_gateway::policy::Product;
-use privacy_gateway::reload::Reloader;
+use privacy_gateway::reload::{self, Reloader};
 use privacy_gateway::server::Launch;
 use privacy_gateway::{logging, preflight, server};
 
@@ -49,9 +49,9 @@ enum Command {
         #[arg(long, short, default_value = "config/gateway.toml")]
         config: PathBuf,
     },
-    /// Load and validate the configuration without serving, and check that
-    /// this host has what `run` needs (writable audit and pid paths, a
-    /// private upgrade socket folder).
+    /// Load and validate the configuration without serving, list quarantined
+    /// account lines, and check that this host has what `run` needs
+    /// (writable audit and pid paths, a private upgrade socket folder).
     Check {
         /// Path to gateway.toml.
         #[arg(long, short)]
@@ -59,6 +59,9 @@ enum Command {
         /// Check the files only, not this host (e.g. on a build machine).
         #[arg(long)]
         files_only: bool,
+        /// Also fail (exit 1) when an account line is quarantined.
+        #[arg(long)]
+        strict: bool,
     },
     /// Print the full decision for a described request as JSON, sending nothing.
     Explain {
@@ -109,7 +112,11 @@ fn main() -> ExitCode {
             Launch { upgrade, daemon },
         ),
         Command::Demo { config } => demo(&config),
-        Command::Check { config, files_only } => check(&config, files_only),
+        Command::Check {
+            config,
+            files_only,
+            strict,
+        } => check(&config, files_only, strict),
         Command::HashKey => hash_key(),
         Command::Explain {
             config,
@@ -176,7 +183,6 @@ fn run(config_path: &Path, options: LoadOptions, banner: Vec<String>, launch: La
         return ExitCode::from(2);
     }
     let metrics = Arc::new(Metrics::new());
-    metrics.set_policy_version(&snapshot.policy_version);
     metrics.attach_counters(&mut snapshot.upstreams);
     let audit = match &settings.audit {
         None => None,
@@ -205,7 +211,13 @@ fn run(config_path: &Path, options: LoadOptions, banner: Vec<String>, launch: La
             }
         }
     };
-    tracing::info!(policy_version = %snapshot.policy_version, accounts = snapshot.accounts.len(), "configuration loaded");
+    tracing::info!(
+        policy_version = %snapshot.policy_version,
+        consent_revision = %snapshot.consent_revision,
+        accounts = snapshot.accounts.len(),
+        "configuration loaded"
+    );
+    reload::announce(&snapshot, &metrics);
     let handle = Arc::new(SnapshotHandle::new(snapshot));
     let reloader = Arc::new(Reloader::new(
         config_path.to_path_buf(),
@@ -312,7 +324,7 @@ fn demo(config_path: &Path) -> ExitCode {
     )
 }
 
-fn check(config_path: &Path, files_only: bool) -> ExitCode {
+fn check(config_path: &Path, files_only: bool, strict: bool) -> ExitCode {
     match config::load(config_path, &LoadOptions::default()) {
         Ok((settings, snapshot)) => {
             let problems = if files_only {
@@ -324,16 +336,32 @@ fn check(config_path: &Path, files_only: bool) -> ExitCode {
                 eprintln!("{}", config::ConfigErrors(problems));
                 return ExitCode::from(1);
             }
+            let quarantined = snapshot.quarantine_report();
+            for q in &quarantined {
+                eprintln!("{q}");
+            }
             println!(
-                "ok: policy {}, {} listeners, {} routes, {} plans, {} pools, {} accounts, geo {}",
+                "ok: policy {}, {} listeners, {} routes, {} plans, {} pools, {} accounts ({} quarantined), consents {}, geo {}",
                 snapshot.policy_version,
                 settings.listeners.len(),
                 snapshot.routes.len(),
                 snapshot.plan_count,
                 snapshot.upstreams.pools().len(),
                 snapshot.accounts.len(),
-                if snapshot.geo.is_some() { "on" } else { "off" },
+                quarantined.len(),
+                snapshot.consent_revision,
+                snapshot
+                    .geo
+                    .as_ref()
+                    .map_or_else(|| "off".to_string(), |g| format!("on (built {})", g.build_epoch())),
             );
+            if strict && !quarantined.is_empty() {
+                eprintln!(
+                    "--strict: {} account line(s) quarantined",
+                    quarantined.len()
+                );
+                return ExitCode::from(1);
+            }
             ExitCode::SUCCESS
         }
         Err(errors) => {

@@ -3,14 +3,14 @@
 
 use prometheus::core::Collector;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::config::Snapshot;
-use crate::evaluate::Admission;
-use crate::policy::Capability;
+use crate::policy::{Capability, Product};
 use crate::routing::Upstreams;
+use crate::view::DecisionView;
 
 /// One upstream address's counters, resolved when a snapshot is installed,
 /// so that counting an attempt is one atomic increment on the request path.
@@ -37,6 +37,9 @@ pub struct Metrics {
     pub shadow_disagreements: IntCounterVec,
     /// Pools removed from a request's candidates, by reason and pool.
     pub routes_removed: IntCounterVec,
+    /// Requests served from a tier above their lowest candidate tier
+    /// (`7/eu-first-exception`, spec §4), by capability.
+    pub eu_first_exceptions: IntCounterVec,
     /// Time from the first upstream attempt to the end of the response.
     pub upstream_seconds: Histogram,
     /// Time the gateway itself added (total minus upstream).
@@ -45,6 +48,8 @@ pub struct Metrics {
     pub reloads: IntCounterVec,
     /// The policy version serving now (value 1, version as label).
     pub policy_version: IntGaugeVec,
+    /// Account lines quarantined in the consent snapshot serving now.
+    pub accounts_quarantined: IntGauge,
     /// Audit lines dropped because the writer fell behind.
     pub audit_dropped: IntCounter,
     /// Attempts by pool and address.
@@ -125,6 +130,12 @@ impl Metrics {
             "Pools removed from a request's candidates, by reason (basis) and pool.",
             &["reason", "pool"],
         );
+        let eu_first_exceptions = counter_vec(
+            &r,
+            "privacy_gateway_eu_first_exceptions_total",
+            "Requests served from a tier above their lowest candidate tier (7/eu-first-exception), by capability.",
+            &["capability"],
+        );
         let upstream_seconds = histogram(
             &r,
             "privacy_gateway_upstream_seconds",
@@ -181,6 +192,15 @@ impl Metrics {
         let _ = r.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ));
+        let quarantined = "privacy_gateway_accounts_quarantined";
+        let accounts_quarantined = registered(
+            &r,
+            quarantined,
+            IntGauge::new(
+                quarantined,
+                "Account lines of the serving consent snapshot that are quarantined (answered 403).",
+            ),
+        );
         let dropped = "privacy_gateway_audit_lines_dropped_total";
         let audit_dropped = registered(
             &r,
@@ -196,10 +216,12 @@ impl Metrics {
             decisions,
             shadow_disagreements,
             routes_removed,
+            eu_first_exceptions,
             upstream_seconds,
             overhead_seconds,
             reloads,
             policy_version,
+            accounts_quarantined,
             audit_dropped,
             pool_attempts,
             pool_errors,
@@ -258,48 +280,50 @@ impl Metrics {
         }
     }
 
-    /// Marks `version` as the one serving.
-    pub fn set_policy_version(&self, version: &str) {
+    /// Marks `snapshot` as the one serving: its policy version and quarantine.
+    pub fn set_serving(&self, snapshot: &Snapshot) {
         self.policy_version.reset();
-        self.policy_version.with_label_values(&[version]).set(1);
+        self.policy_version
+            .with_label_values(&[&snapshot.policy_version])
+            .set(1);
+        self.accounts_quarantined
+            .set(snapshot.accounts.quarantined().len() as i64);
     }
 
-    /// Counts what the decision of one admitted request said.
-    pub fn record_decision(
-        &self,
-        admission: &Admission,
-        pool_names: impl Fn(usize) -> String,
-        shadow: &str,
-    ) {
-        let d = &admission.decision;
+    /// Counts one finished request from its view: the same names the audit
+    /// line and `explain` show. `listener_product` labels requests refused
+    /// before any account was known.
+    pub fn record_request(&self, view: &DecisionView<'_>, listener_product: Product) {
+        let status = view.status.to_string();
+        let Some(d) = &view.decision else {
+            self.requests
+                .with_label_values(&[listener_product.as_str(), "-", "-", "-", &status])
+                .inc();
+            return;
+        };
+        self.requests
+            .with_label_values(&[d.product, d.plan, d.capability, d.training, &status])
+            .inc();
         for (part, basis) in [
-            ("training", d.training_basis.as_str()),
-            ("retention", d.retention_basis.as_str()),
-            ("geo", d.geo.basis.as_str()),
+            ("training", d.training_basis),
+            ("retention", d.retention_basis),
+            ("geo", d.geo_basis),
         ] {
             self.decisions.with_label_values(&[part, basis]).inc();
         }
-        for (reason, set) in [
-            (
-                crate::policy::Basis::SubprocessorOptOut,
-                d.route.removed_opt_out,
-            ),
-            (crate::policy::Basis::Residency, d.route.removed_residency),
-        ] {
-            for pool in set.iter() {
-                self.routes_removed
-                    .with_label_values(&[reason.as_str(), &pool_names(pool)])
-                    .inc();
-            }
+        for removed in &d.removed_pools {
+            self.routes_removed
+                .with_label_values(&[removed.basis, removed.pool])
+                .inc();
         }
-        for disagreement in admission.shadow_disagreements() {
+        for note in &d.shadow {
             self.shadow_disagreements
-                .with_label_values(&[
-                    shadow,
-                    disagreement.field,
-                    disagreement.enforced,
-                    disagreement.shadow,
-                ])
+                .with_label_values(&[note.rules, note.field, note.enforced, note.shadow])
+                .inc();
+        }
+        if view.served.is_some_and(|s| s.tier_basis.is_some()) {
+            self.eu_first_exceptions
+                .with_label_values(&[d.capability])
                 .inc();
         }
     }

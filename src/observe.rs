@@ -4,12 +4,12 @@
 
 use std::time::Duration;
 
-use crate::audit::{self, AuditDecision, AuditLog, AuditRecord};
-use crate::config::Snapshot;
+use crate::audit::{self, AuditLog, AuditRecord};
+use crate::config::{Quarantined, Snapshot};
 use crate::evaluate::Admission;
 use crate::metrics::Metrics;
 use crate::policy::Product;
-use crate::routing::PoolUpstream;
+use crate::view::{DecisionView, RequestLine};
 
 /// Where the proxy reports what it did: metrics and, when configured, the audit log.
 pub struct Observers {
@@ -34,12 +34,14 @@ pub struct Completed<'a> {
     pub listener_product: Product,
     /// The decision, when one was made.
     pub admission: Option<&'a Admission>,
+    /// The caller's quarantined consent record, when that was the answer.
+    pub quarantine: Option<&'a Quarantined>,
     /// The status answered (0 when no answer was written).
     pub status: u16,
     /// `error.code` when the gateway answered itself.
     pub error_code: Option<&'static str>,
-    /// The pool of the last attempt.
-    pub pool: Option<&'a PoolUpstream>,
+    /// The pool (index) of the last attempt.
+    pub pool: Option<usize>,
     /// From the start of the request to now.
     pub total: Duration,
     /// From the first upstream attempt to now.
@@ -56,7 +58,7 @@ impl Observers {
         }
     }
 
-    /// Counts, logs and audits one finished request.
+    /// Counts, logs and audits one finished request, all from one view of it.
     pub fn request_done(&self, done: &Completed<'_>) {
         let Completed {
             decision_id,
@@ -65,63 +67,53 @@ impl Observers {
             snapshot,
             listener_product,
             admission,
+            quarantine,
             status,
             error_code,
             pool,
             total,
             upstream,
         } = *done;
-        let shadow_name = snapshot.shadow.as_ref().map(|s| s.name.as_str());
+        let request = RequestLine {
+            method,
+            path,
+            listener: listener_product,
+        };
+        let mut view =
+            DecisionView::new(snapshot, decision_id, request, status).refused(error_code);
+        if let Some(q) = quarantine {
+            view = view.quarantined(q);
+        }
+        if let Some(a) = admission {
+            view = view.admitted(a);
+        }
+        if let Some(pool) = pool {
+            view = view.served_by(pool);
+        }
         let metrics = &self.metrics;
-        let status_label = status.to_string();
-        match admission {
-            Some(a) => {
-                metrics
-                    .requests
-                    .with_label_values(&[
-                        a.product.as_str(),
-                        &a.plan,
-                        a.capability.as_str(),
-                        a.decision.training.as_str(),
-                        &status_label,
-                    ])
-                    .inc();
-                let upstreams = &snapshot.upstreams;
-                metrics.record_decision(
-                    a,
-                    |i| {
-                        upstreams
-                            .pool(i)
-                            .map_or_else(String::new, |p| p.name.clone())
-                    },
-                    shadow_name.unwrap_or(""),
-                );
-                tracing::info!(
-                    target: "access",
-                    decision_id = %decision_id,
-                    status,
-                    account = %a.account,
-                    capability = %a.capability,
-                    training_basis = %a.decision.training_basis,
-                    retention_basis = %a.decision.retention_basis,
-                    pool = pool.map_or("-", |p| p.name.as_str()),
-                    client_prefix = %a.client_prefix,
-                    total_us = total.as_micros() as u64,
-                );
-            }
-            None => {
-                metrics
-                    .requests
-                    .with_label_values(&[listener_product.as_str(), "-", "-", "-", &status_label])
-                    .inc();
-                tracing::info!(
-                    target: "access",
-                    decision_id = %decision_id,
-                    status,
-                    error = error_code.unwrap_or("-"),
-                    total_us = total.as_micros() as u64,
-                );
-            }
+        metrics.record_request(&view, listener_product);
+        match &view.decision {
+            Some(d) => tracing::info!(
+                target: "access",
+                decision_id = %decision_id,
+                status,
+                error = view.error.unwrap_or("-"),
+                account = %d.account,
+                capability = %d.capability,
+                training_basis = %d.training_basis,
+                retention_basis = %d.retention_basis,
+                pool = view.served.map_or("-", |s| s.pool),
+                tier_basis = view.served.and_then(|s| s.tier_basis).unwrap_or("-"),
+                client_prefix = d.client_prefix.as_deref().unwrap_or("-"),
+                total_us = total.as_micros() as u64,
+            ),
+            None => tracing::info!(
+                target: "access",
+                decision_id = %decision_id,
+                status,
+                error = view.error.unwrap_or("-"),
+                total_us = total.as_micros() as u64,
+            ),
         }
         if let Some(upstream) = upstream {
             metrics.upstream_seconds.observe(upstream.as_secs_f64());
@@ -134,16 +126,7 @@ impl Observers {
         if let Some(audit) = &self.audit {
             let record = AuditRecord {
                 ts: audit::timestamp(),
-                decision_id,
-                method,
-                path: audit::recorded_path(path),
-                listener: listener_product.as_str(),
-                policy_version: &snapshot.policy_version,
-                status,
-                error: error_code,
-                decision: admission.map(|a| AuditDecision::of(a, shadow_name)),
-                pool: pool.map(|p| p.name.as_str()),
-                subprocessor: pool.map(|p| p.subprocessor.as_str()),
+                view: &view,
                 upstream_ms: upstream.map(|d| d.as_secs_f64() * 1000.0),
                 total_ms: total.as_secs_f64() * 1000.0,
             };

@@ -13,8 +13,8 @@ use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{ErrorSource, ErrorType};
 
-use crate::config::{Snapshot, SnapshotHandle};
-use crate::evaluate::{evaluate, route_constraints, Admission, Refusal, RequestHead};
+use crate::config::{Quarantined, Snapshot, SnapshotHandle};
+use crate::evaluate::{evaluate, Admission, Refusal, RequestHead};
 use crate::lifecycle::{InFlight, Lifecycle};
 use crate::metrics::EndpointCounters;
 use crate::observe::{Completed, Observers};
@@ -69,6 +69,8 @@ pub struct RequestCtx {
     /// The one snapshot this request is decided and forwarded under.
     snapshot: Arc<Snapshot>,
     admission: Option<Admission>,
+    /// The caller's quarantined consent record, when that was the answer.
+    quarantine: Option<Quarantined>,
     /// Targets already attempted; retries never repeat one.
     tried: Vec<Target>,
     target: Option<Target>,
@@ -129,8 +131,11 @@ async fn respond_json(
 /// What a 451 or 503 names: the capability and the account's constraints
 /// that narrowed its pools (never another customer's data).
 fn route_refusal_detail(admission: &Admission) -> serde_json::Value {
-    let constraints: Vec<&str> = route_constraints(&admission.decision)
-        .iter()
+    let constraints: Vec<&str> = admission
+        .decision
+        .route
+        .removed
+        .constraints()
         .map(|b| b.as_str())
         .collect();
     serde_json::json!({
@@ -177,6 +182,7 @@ impl ProxyHttp for PrivacyProxy {
             decision_id: uuid::Uuid::now_v7().simple().to_string(),
             snapshot: self.snapshots.current(),
             admission: None,
+            quarantine: None,
             tried: Vec::new(),
             target: None,
             error_code: None,
@@ -218,8 +224,10 @@ impl ProxyHttp for PrivacyProxy {
                 let body = error_body(refusal.code(), &refusal.message(), &ctx.decision_id, extra);
                 ctx.error_code = Some(refusal.code());
                 let status = refusal.status();
-                if let Refusal::NoPermittedRoute(admission) = refusal {
-                    ctx.admission = Some(*admission);
+                match refusal {
+                    Refusal::NoPermittedRoute(admission) => ctx.admission = Some(*admission),
+                    Refusal::ConsentRecordInvalid(q) => ctx.quarantine = Some(*q),
+                    _ => {}
                 }
                 respond_json(session, status, &ctx.decision_id, body).await?;
                 Ok(true)
@@ -232,11 +240,12 @@ impl ProxyHttp for PrivacyProxy {
         _session: &mut Session,
         ctx: &mut Self::CTX,
     ) -> Result<Box<HttpPeer>> {
-        let candidates = ctx.admitted()?.decision.route.candidates;
+        let route = ctx.admitted()?.decision.route;
         ctx.upstream_started.get_or_insert_with(Instant::now);
         let upstreams = &ctx.snapshot.upstreams;
+        let tiers = route.tiers(&ctx.snapshot.pools).map(|t| t.pools);
         let target = upstreams
-            .choose(candidates, &ctx.tried)
+            .choose(tiers, &ctx.tried)
             .ok_or_else(|| Error::explain(NO_PERMITTED_ENDPOINT, "no permitted endpoint left"))?;
         let peer = upstreams
             .peer(target)
@@ -403,9 +412,10 @@ impl ProxyHttp for PrivacyProxy {
             snapshot: &ctx.snapshot,
             listener_product: self.listener_product,
             admission: ctx.admission.as_ref(),
+            quarantine: ctx.quarantine.as_ref(),
             status: session.response_written().map_or(0, |r| r.status.as_u16()),
             error_code: ctx.error_code,
-            pool: ctx.target.and_then(|t| ctx.snapshot.upstreams.pool(t.pool)),
+            pool: ctx.target.map(|t| t.pool),
             total: now.saturating_duration_since(ctx.started),
             upstream: ctx
                 .upstream_started

@@ -117,11 +117,12 @@ impl Reloader {
                 *seen = fingerprint(&snapshot.sources);
                 tracing::info!(
                     policy_version = %snapshot.policy_version,
+                    consent_revision = %snapshot.consent_revision,
                     accounts = snapshot.accounts.len(),
                     load_ms = started.elapsed().as_millis() as u64,
                     "configuration reloaded"
                 );
-                self.metrics.set_policy_version(&snapshot.policy_version);
+                announce(&snapshot, &self.metrics);
                 self.snapshots.replace(snapshot);
                 self.metrics.reloads.with_label_values(&["success"]).inc();
                 Ok(ReloadOutcome::Swapped)
@@ -134,6 +135,25 @@ impl Reloader {
                 Err(errors)
             }
         }
+    }
+}
+
+/// Most quarantined lines logged one by one per load; `check` lists them all.
+const QUARANTINE_LOG_LINES: usize = 20;
+
+/// Reports a snapshot about to serve: its version and quarantine in the
+/// metrics, and each quarantined account line in the log as `file:line`.
+pub fn announce(snapshot: &config::Snapshot, metrics: &Metrics) {
+    metrics.set_serving(snapshot);
+    let quarantined = snapshot.quarantine_report();
+    for q in quarantined.iter().take(QUARANTINE_LOG_LINES) {
+        tracing::warn!("{q}");
+    }
+    if quarantined.len() > QUARANTINE_LOG_LINES {
+        tracing::warn!(
+            quarantined = quarantined.len(),
+            "more account lines are quarantined; `privacy-gateway check` lists them all"
+        );
     }
 }
 

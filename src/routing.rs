@@ -1,6 +1,6 @@
 //! The upstream side of the pools: their addresses, and the choice of one
-//! among the pools the decision permitted. The choice never leaves the
-//! permitted set, whatever fails.
+//! among the pools the decision permitted, lowest priority tier first. The
+//! choice never leaves the permitted set, whatever fails.
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -273,11 +273,26 @@ impl Upstreams {
         candidates.iter().any(|i| self.open_weight(i, tried) > 0)
     }
 
+    /// Chooses a target from the first of `tiers` (the candidates by
+    /// priority, lowest first: [`crate::policy::RouteDecision::tiers`]) that
+    /// still has a usable address: a higher tier only when every address of
+    /// the lower ones is unhealthy or already in `tried` (spec §4, EU first).
+    /// `None` when no permitted address is left in any tier: the caller
+    /// answers 503 and never looks further.
+    pub fn choose(
+        &self,
+        tiers: impl IntoIterator<Item = PoolSet>,
+        tried: &[Target],
+    ) -> Option<Target> {
+        tiers
+            .into_iter()
+            .find_map(|pools| self.choose_in(pools, tried))
+    }
+
     /// Chooses a target among `candidates`: weighted across pools, then
     /// weighted round robin across a pool's addresses, skipping addresses
-    /// that are unhealthy or already in `tried`. `None` when no permitted
-    /// address is left: the caller answers 503 and never looks further.
-    pub fn choose(&self, candidates: PoolSet, tried: &[Target]) -> Option<Target> {
+    /// that are unhealthy or already in `tried`.
+    fn choose_in(&self, candidates: PoolSet, tried: &[Target]) -> Option<Target> {
         let open_weight = |pool: usize| self.open_weight(pool, tried);
         let total: usize = candidates.iter().map(open_weight).sum();
         if total == 0 {
@@ -377,7 +392,7 @@ mod tests {
         candidates.insert(1);
         let mut counts = [0; 3];
         for _ in 0..400 {
-            counts[ups.choose(candidates, &[]).unwrap().pool] += 1;
+            counts[ups.choose([candidates], &[]).unwrap().pool] += 1;
         }
         assert_eq!(counts, [300, 100, 0]);
     }
@@ -387,10 +402,10 @@ mod tests {
         let ups = Upstreams::new(vec![pool("a", 1, &[1, 2])], UpstreamTimeouts::default());
         let mut candidates = PoolSet::EMPTY;
         candidates.insert(0);
-        let first = ups.choose(candidates, &[]).unwrap();
-        let second = ups.choose(candidates, &[first]).unwrap();
+        let first = ups.choose([candidates], &[]).unwrap();
+        let second = ups.choose([candidates], &[first]).unwrap();
         assert_ne!(first, second);
-        assert_eq!(ups.choose(candidates, &[first, second]), None);
+        assert_eq!(ups.choose([candidates], &[first, second]), None);
     }
 
     #[test]
@@ -407,7 +422,7 @@ mod tests {
             endpoint: 0,
         });
         for _ in 0..20 {
-            let t = ups.choose(candidates, &[]).unwrap();
+            let t = ups.choose([candidates], &[]).unwrap();
             assert_ne!(
                 t,
                 Target {
@@ -425,6 +440,42 @@ mod tests {
             endpoint: 0,
         });
         assert!(!ups.pool(0).unwrap().is_available());
-        assert_eq!(ups.choose(candidates, &[]), None);
+        assert_eq!(ups.choose([candidates], &[]), None);
+    }
+
+    #[test]
+    fn the_lowest_tier_with_a_usable_address_is_used_and_tried_addresses_fall_through() {
+        let ups = Upstreams::new(
+            vec![
+                pool("eu", 1, &[1]),
+                pool("us", 1, &[2]),
+                pool("other", 1, &[3]),
+            ],
+            UpstreamTimeouts::default(),
+        );
+        let set = |i: usize| {
+            let mut s = PoolSet::EMPTY;
+            s.insert(i);
+            s
+        };
+        let tiers = [set(0), set(1)];
+        for _ in 0..10 {
+            assert_eq!(ups.choose(tiers, &[]).map(|t| t.pool), Some(0));
+        }
+        // A refused attempt in the first tier moves the retry to the next.
+        let first = ups.choose(tiers, &[]).unwrap();
+        assert_eq!(ups.choose(tiers, &[first]).map(|t| t.pool), Some(1));
+        // An ejected first tier sends everything to the next, never outside.
+        ups.eject(first);
+        for _ in 0..10 {
+            assert_eq!(ups.choose(tiers, &[]).map(|t| t.pool), Some(1));
+        }
+        ups.eject(Target {
+            pool: 1,
+            endpoint: 0,
+        });
+        assert_eq!(ups.choose(tiers, &[]), None);
+        assert!(!ups.has_choice(set(0).union(set(1)), &[]));
+        assert!(ups.has_choice(set(2), &[]));
     }
 }

@@ -1,4 +1,4 @@
-//! The header contract with upstream services (spec §6, §7): what a client
+//! The header contract with upstream services (spec §6 and spec §7): what a client
 //! may never send, what the gateway stamps, and the signature over it.
 
 use hmac::{Hmac, Mac};
@@ -63,6 +63,12 @@ impl SigningKey {
     /// Wraps raw key bytes.
     pub fn new(bytes: Vec<u8>) -> Self {
         SigningKey(bytes)
+    }
+
+    /// A keyed id of the key: the HMAC of a fixed label. It changes with the
+    /// key and reveals nothing of it; the policy version is built from it.
+    pub fn key_id(&self) -> String {
+        sign(self, &[("privacy-gateway key id", String::new())])
     }
 }
 

@@ -85,10 +85,90 @@ fn the_shipped_example_is_valid() {
         "8 routes",
         "6 plans",
         "7 pools",
-        "14 accounts",
+        "16 accounts (0 quarantined)",
     ] {
         assert!(stdout.contains(part), "{part} missing from: {stdout}");
     }
+}
+
+/// The `policy` and `consents` revisions `check` prints.
+fn revisions(out: &Output) -> (String, String) {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let field = |name: &str| {
+        stdout
+            .split(", ")
+            .find_map(|part| part.strip_prefix(name))
+            .or_else(|| stdout.strip_prefix(&format!("ok: {name}")))
+            .and_then(|rest| rest.split([',', ' ']).next())
+            .unwrap_or_else(|| panic!("no {name} in {stdout}"))
+            .to_string()
+    };
+    (field("policy "), field("consents "))
+}
+
+#[test]
+fn the_policy_version_covers_trust_identity_and_signing_and_not_the_consents() {
+    let (base, consents) = revisions(&check_with(|_| {}));
+    let changed = |edit: &dyn Fn(&Path)| revisions(&check_with(edit));
+    // Trusting every peer lets any client claim any identity: a new version.
+    let (v, c) = changed(&|d| {
+        replace_in(
+            d,
+            "gateway.toml",
+            "trusted_proxies = []",
+            "trusted_proxies = [\"0.0.0.0/0\"]",
+        )
+    });
+    assert_ne!(v, base, "trusted_proxies");
+    assert_eq!(c, consents);
+    let (v, _) = changed(&|d| {
+        replace_in(
+            d,
+            "gateway.toml",
+            "identity_header = \"x-authenticated-account\"",
+            "identity_header = \"x-user\"",
+        )
+    });
+    assert_ne!(v, base, "identity_header");
+    // Signing on, and another key: each a new version, the key never shown.
+    let signed = |key: &'static str| {
+        move |d: &Path| {
+            std::fs::write(d.join("signing.key"), key).expect("write key");
+            replace_in(
+                d,
+                "gateway.toml",
+                "# key_file = \"signing.key\"",
+                "key_file = \"signing.key\"",
+            );
+        }
+    };
+    let one = check_with(signed("first-signing-key-0123456789"));
+    let (v1, _) = revisions(&one);
+    let (v2, _) = changed(&signed("second-signing-key-0123456789"));
+    assert!(v1 != base && v2 != base && v1 != v2, "{base} {v1} {v2}");
+    assert!(!String::from_utf8_lossy(&one.stdout).contains("first-signing-key"));
+    // A consent change is the consent revision's, not the policy's.
+    let (v, c) = changed(&|d| {
+        replace_in(
+            d,
+            "accounts.jsonl",
+            "\"plan\": \"pro\", \"api_key_sha256\"",
+            "\"plan\": \"pro\", \"training_opt_out\": true, \"api_key_sha256\"",
+        )
+    });
+    assert_eq!(v, base, "accounts are not policy");
+    assert_ne!(
+        c, consents,
+        "the consent revision follows the accounts file"
+    );
+    // The rules file counts as before.
+    let (v, _) = changed(&|d| replace_in(d, "rules.toml", "ipv4_prefix = 24", "ipv4_prefix = 16"));
+    assert_ne!(v, base, "rules");
 }
 
 #[test]
@@ -117,18 +197,67 @@ fn an_unknown_field_is_refused() {
 }
 
 #[test]
-fn a_prefix_length_out_of_range_is_refused() {
+fn a_pool_with_unknown_products_or_a_bad_retention_is_refused() {
     let mut line = 0;
     let out = check_with(|d| {
-        replace_in(d, "rules.toml", "ipv4_prefix = 24", "ipv4_prefix = 33");
-        line = line_of(d, "rules.toml", "ipv4_prefix = 33");
+        replace_in(
+            d,
+            "pools.toml",
+            "products = [\"chat\"]",
+            "products = [\"le-chat\"]",
+        );
+        line = line_of(d, "pools.toml", "name = \"e2b\"") - 1;
+    });
+    assert_refused(&out, "pools.toml", Some(line), "unknown product `le-chat`");
+    let out = check_with(|d| {
+        replace_in(
+            d,
+            "pools.toml",
+            "retains_input = \"15d\"",
+            "retains_input = \"a fortnight\"",
+        );
+        line = line_of(d, "pools.toml", "name = \"black-forest-labs\"") - 1;
     });
     assert_refused(
         &out,
-        "rules.toml",
+        "pools.toml",
         Some(line),
-        "ipv4_prefix must be 0 to 32",
+        "retains_input `a fortnight` must be a duration",
     );
+}
+
+#[test]
+fn a_prefix_length_that_is_more_than_a_part_of_the_address_is_refused() {
+    // Spec §3 (e2): /32 or /128 would forward the whole address.
+    for (from, to, message) in [
+        (
+            "ipv4_prefix = 24",
+            "ipv4_prefix = 25",
+            "ipv4_prefix must be 0 to 24",
+        ),
+        (
+            "ipv4_prefix = 24",
+            "ipv4_prefix = 32",
+            "ipv4_prefix must be 0 to 24",
+        ),
+        (
+            "ipv6_prefix = 48",
+            "ipv6_prefix = 49",
+            "ipv6_prefix must be 0 to 48",
+        ),
+        (
+            "ipv6_prefix = 48",
+            "ipv6_prefix = 128",
+            "ipv6_prefix must be 0 to 48",
+        ),
+    ] {
+        let mut line = 0;
+        let out = check_with(|d| {
+            replace_in(d, "rules.toml", from, to);
+            line = line_of(d, "rules.toml", to);
+        });
+        assert_refused(&out, "rules.toml", Some(line), message);
+    }
 }
 
 #[test]
@@ -189,81 +318,120 @@ fn a_capability_with_no_pool_is_refused() {
     );
 }
 
-fn account_error(line_text: &str, message: &str) {
-    let mut line = 0;
-    let out = check_with(|d| {
-        let path = d.join("accounts.jsonl");
-        let mut text = std::fs::read_to_string(&path).expect("read");
-        text.push_str(line_text);
-        text.push('\n');
-        line = text.lines().count();
-        std::fs::write(&path, text).expect("write");
-    });
-    assert_refused(&out, "accounts.jsonl", Some(line), message);
+/// Appends `line_text` to the shipped accounts file and runs `check` (with
+/// `extra` arguments); returns the output and the appended line's number.
+fn check_with_account_line(line_text: &str, extra: &[&str]) -> (Output, usize) {
+    let command: Vec<&str> = ["check", "--files-only"]
+        .into_iter()
+        .chain(extra.iter().copied())
+        .collect();
+    let out = run_with(&command, |d| append_account(d, line_text));
+    let line = support::shipped("accounts.jsonl").lines().count() + 1;
+    (out, line)
+}
+
+/// A JSON line the gateway cannot fully understand quarantines its account
+/// (spec §8): `check` lists it with file:line and still exits 0, the other
+/// accounts count; with `--strict` it exits 1.
+fn account_quarantined(line_text: &str, message: &str) {
+    let (out, line) = check_with_account_line(line_text, &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "quarantine is not an error: {stderr}");
+    let location = format!("accounts.jsonl:{line}: account quarantined");
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.contains(&location) && l.contains(message)),
+        "expected `{location}...{message}` in:\n{stderr}"
+    );
+    assert!(
+        stdout.contains("(1 quarantined)") || stdout.contains("(2 quarantined)"),
+        "{stdout}"
+    );
+    let (strict, _) = check_with_account_line(line_text, &["--strict"]);
+    assert_eq!(
+        strict.status.code(),
+        Some(1),
+        "--strict fails on a quarantine"
+    );
 }
 
 #[test]
 fn an_account_key_hash_must_be_64_hex_digits() {
-    account_error(
+    account_quarantined(
         r#"{"id":"a1","product":"api","plan":"paid","api_key_sha256":["abc"]}"#,
         "64 hex digits",
     );
 }
 
 #[test]
-fn a_duplicate_account_is_refused() {
-    account_error(
-        r#"{"id":"acct-api-paid","product":"api","plan":"paid"}"#,
-        "already defined",
+fn a_duplicate_account_id_quarantines_both_lines() {
+    let text = r#"{"id":"acct-api-paid","product":"api","plan":"paid"}"#;
+    account_quarantined(text, "account id is also defined on line");
+    let (out, line) = check_with_account_line(text, &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let first = support::shipped("accounts.jsonl")
+        .lines()
+        .position(|l| l.contains("\"acct-api-paid\""))
+        .expect("demo line")
+        + 1;
+    assert!(
+        stderr.contains(&format!(
+            "accounts.jsonl:{first}: account quarantined (its requests are answered 403 consent_record_invalid): account id is also defined on line {line}"
+        )),
+        "{stderr}"
     );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("15 accounts (2 quarantined)"));
 }
 
 #[test]
-fn an_account_on_an_undefined_plan_is_refused() {
-    account_error(
+fn a_key_hash_shared_by_two_accounts_quarantines_both() {
+    let paid_hash = support::shipped("accounts.jsonl")
+        .lines()
+        .find(|l| l.contains("\"acct-api-paid\""))
+        .and_then(|l| l.split('"').find(|part| part.len() == 64))
+        .expect("the demo paid key hash")
+        .to_string();
+    let text = format!(
+        r#"{{"id":"acct-copy","product":"api","plan":"free","api_key_sha256":["{paid_hash}"]}}"#
+    );
+    account_quarantined(&text, "an API key hash is also listed on line");
+    let (out, _) = check_with_account_line(&text, &[]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("15 accounts (2 quarantined)"));
+}
+
+#[test]
+fn an_account_on_an_undefined_plan_is_quarantined() {
+    account_quarantined(
         r#"{"id":"a2","product":"chat","plan":"enterprise"}"#,
         "plan `enterprise` is not defined",
     );
 }
 
 #[test]
-fn an_account_opting_out_of_an_undefined_subprocessor_is_refused() {
-    account_error(
+fn an_account_opting_out_of_an_undefined_subprocessor_is_quarantined() {
+    account_quarantined(
         r#"{"id":"a3","product":"api","plan":"paid","subprocessor_opt_outs":["nobody"]}"#,
         "subprocessor `nobody` is not used by any pool (known: azure, gcp, cerebras, black-forest-labs, brave, e2b)",
     );
 }
 
 #[test]
-fn an_account_with_an_undefined_residency_is_refused() {
-    account_error(
+fn an_account_with_an_undefined_residency_is_quarantined() {
+    account_quarantined(
         r#"{"id":"a4","product":"api","plan":"paid","residency":"mars"}"#,
         "residency `mars` is not the region of any pool (known: eu, us)",
     );
 }
 
 #[test]
-fn an_unparsable_account_line_is_refused() {
-    account_error(r#"{"id":"a5","product":"api","#, "EOF");
-}
-
-#[test]
-fn an_unknown_account_field_is_refused_at_its_file_line_only() {
-    let out = check_with(|d| {
-        append_account(
-            d,
-            r#"{"id":"a6","product":"api","plan":"paid","zdr_please":true}"#,
-        )
-    });
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let line = support::shipped("accounts.jsonl").lines().count() + 1;
-    assert_refused(
-        &out,
-        "accounts.jsonl",
-        Some(line),
-        "unknown field `zdr_please`",
-    );
+fn an_unknown_account_field_is_quarantined() {
+    let text = r#"{"id":"a6","product":"api","plan":"paid","zdr_please":true}"#;
+    account_quarantined(text, "unknown field `zdr_please`");
     // The file's line says where; serde's "line 1 column 52" would only mislead.
+    let (out, _) = check_with_account_line(text, &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("column"), "{stderr}");
 }
 
@@ -454,4 +622,29 @@ fn an_upgrade_socket_folder_others_can_enter_is_refused() {
     let out = run_with(&["run"], edit);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("is open to others"));
+}
+
+#[test]
+fn a_flag_the_product_does_not_have_is_quarantined() {
+    account_quarantined(
+        r#"{"id":"a7","product":"chat","plan":"pro","zdr":true}"#,
+        "zdr applies to api accounts only",
+    );
+    account_quarantined(
+        r#"{"id":"a8","product":"api","plan":"free","training_opt_in":true}"#,
+        "training_opt_in applies to team plans only",
+    );
+}
+
+#[test]
+fn a_torn_account_line_rejects_the_whole_file() {
+    for torn in [
+        r#"{"id":"a5","product":"api","#,
+        "[1, 2]",
+        "\"acct\"",
+        "not json",
+    ] {
+        let (out, line) = check_with_account_line(torn, &[]);
+        assert_refused(&out, "accounts.jsonl", Some(line), "not a JSON object");
+    }
 }

@@ -1,6 +1,7 @@
 //! Through the real proxy: every training and retention row of the spec
-//! (§1, §2), the client address (§3), the header contract (§6), what a client
-//! can never decide (§7) and the answers the gateway gives itself (§8).
+//! (spec §1, spec §2), the client address (spec §3), the header contract
+//! (spec §6), what a client can never decide (spec §7) and the answers the
+//! gateway gives itself (spec §8).
 
 mod support;
 
@@ -126,10 +127,46 @@ async fn t2_connector_content_is_never_trained_on() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn t2w_web_search_output_is_never_trained_on() {
+    let s = setup().await;
+    let (pool, r) = s
+        .forwarded(
+            On::Chat,
+            Some("demo-chat-free"),
+            "/v1/tools/web_search",
+            &[],
+        )
+        .await;
+    assert_eq!(pool, "brave");
+    assert_decision(&r, "denied", "2.3/third-party", "account-lifetime");
+    let (_, r) = s
+        .forwarded(On::Chat, None, "/v1/tools/web_search", &[])
+        .await;
+    assert_decision(&r, "denied", "2.3/third-party", "conversation");
+    let (_, r) = s
+        .forwarded(On::Api, Some("demo-api-free"), "/v1/tools/web_search", &[])
+        .await;
+    assert_decision(&r, "denied", "2.3/third-party", "30d");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn t3_paid_api_is_never_trained_on() {
     let s = setup().await;
     let (_, r) = s.forwarded(On::Api, Some("demo-api-paid"), CHAT, &[]).await;
     assert_decision(&r, "denied", "3.4.2/paid", "30d");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tz_zero_data_retention_leaves_nothing_to_train_on() {
+    let s = setup().await;
+    let (_, r) = s
+        .forwarded(On::Api, Some("demo-api-free-zdr"), CHAT, &[])
+        .await;
+    assert_decision(&r, "denied", "5/zdr", "zdr");
+    assert_eq!(r.header("x-privacy-account"), Some("acct-api-free-zdr"));
+    // The same plan without zdr is trained on (T5).
+    let (_, r) = s.forwarded(On::Api, Some("demo-api-free"), CHAT, &[]).await;
+    assert_decision(&r, "allowed", "3.4.2/free", "30d");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -157,6 +194,17 @@ async fn t6_team_opt_in_allows_training() {
         .forwarded(On::Chat, Some("demo-chat-team-optin"), CHAT, &[])
         .await;
     assert_decision(&r, "allowed", "3.4.3/team-opt-in", "account-lifetime");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn t6_an_objection_beats_a_team_opt_in() {
+    let s = setup().await;
+    for path in [CHAT, "/v1/feedback"] {
+        let (_, r) = s
+            .forwarded(On::Chat, Some("demo-chat-team-objected"), path, &[])
+            .await;
+        assert_decision(&r, "denied", "3.4.3/team", "account-lifetime");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -216,40 +264,48 @@ async fn t11_individual_and_anonymous_chat_are_trained_on_by_default() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn t0_an_account_with_an_unknown_plan_is_refused_at_load_not_trained_on() {
+async fn t0_an_account_with_an_unknown_plan_is_quarantined_never_trained_on() {
     // The table's fail-closed row is reached only by a plan the rules do not
-    // know; the loader refuses such an account, so it can never be forwarded
-    // as trainable. (The row itself is tested on the pure decision in policy_rows.)
-    let ups = Upstreams::start().await;
-    let mut config = TestConfig::shipped_with(&ups);
-    extra_account(
-        &mut config,
-        r#"{"id":"acct-enterprise","product":"api","plan":"enterprise"}"#,
-    );
-    let dir = tempfile::tempdir().expect("tempdir");
-    for (name, text) in [
-        ("rules.toml", &config.rules),
-        ("pools.toml", &config.pools),
-        ("accounts.jsonl", &config.accounts),
-    ] {
-        std::fs::write(dir.path().join(name), text).expect("write");
+    // know; such an account line is quarantined (spec §8): its requests are
+    // answered 403 and nothing is forwarded, nor is any decision guessed.
+    // (The row itself is tested on the pure decision in policy_rows.)
+    let s = setup_with(|c| {
+        c.trust.push_str("trusted_proxies = [\"127.45.0.0/16\"]\n");
+        extra_account(
+            c,
+            &format!(
+                r#"{{"id":"acct-enterprise","product":"api","plan":"enterprise","api_key_sha256":["{}"]}}"#,
+                key_hash("test-enterprise")
+            ),
+        )
+    })
+    .await;
+    for on in [On::Api, On::Chat] {
+        let resp = client()
+            .post(s.url(on, CHAT))
+            .bearer_auth("test-enterprise")
+            .body("{}")
+            .send()
+            .await
+            .expect("request");
+        let body = refusal(resp, StatusCode::FORBIDDEN, "consent_record_invalid").await;
+        assert!(!body.to_string().contains("test-enterprise"), "{body}");
     }
-    std::fs::write(
-        dir.path().join("gateway.toml"),
-        "[[listener]]\naddress = \"127.0.0.1:1\"\nproduct = \"api\"\n[files]\nrules = \"rules.toml\"\npools = \"pools.toml\"\naccounts = \"accounts.jsonl\"\n",
-    )
-    .expect("write");
-    let out = std::process::Command::new(support::binary())
-        .args(["check", "--config"])
-        .arg(dir.path().join("gateway.toml"))
-        .output()
-        .expect("run check");
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    // Named by a trusted front service, it is refused the same way.
+    let resp = client()
+        .post(s.url(On::Chat, CHAT))
+        .header("x-authenticated-account", "acct-enterprise")
+        .body("{}")
+        .send()
+        .await
+        .expect("request");
+    refusal(resp, StatusCode::FORBIDDEN, "consent_record_invalid").await;
     assert!(
-        stderr.contains("plan `enterprise` is not defined"),
-        "{stderr}"
+        s.ups.all_requests().is_empty(),
+        "a quarantined account was forwarded"
     );
+    // Everyone else is served.
+    s.forwarded(On::Api, Some("demo-api-paid"), CHAT, &[]).await;
 }
 
 // ---- spec §2: retention, one test per row ----
@@ -621,6 +677,51 @@ async fn an_ipv4_mapped_address_is_treated_as_ipv4() {
         !bytes.contains("198.51.100.23"),
         "the full address reached upstream"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_ipv6_address_carrying_an_ipv4_client_is_truncated_as_that_client() {
+    // 6to4, NAT64 and Teredo forms of 203.0.113.77, from a trusted proxy:
+    // truncated as IPv6, their /48 (6to4) would be the whole IPv4 address.
+    let s = setup_with(|c| c.trust.push_str("trusted_proxies = [\"127.45.0.0/16\"]\n")).await;
+    for carrier in [
+        "2002:cb00:714d::1",
+        "2002:cb00:714d:1234::abcd",
+        "64:ff9b::cb00:714d",
+        "[64:ff9b::cb00:714d]:443",
+        "2001:0:4136:e378:8000:63bf:34ff:8eb2",
+    ] {
+        let (_, r) = s
+            .forwarded(
+                On::Chat,
+                Some("demo-chat-pro"),
+                CHAT,
+                &[("x-forwarded-for", carrier)],
+            )
+            .await;
+        assert_eq!(
+            r.header("x-forwarded-for"),
+            Some("203.0.113.0"),
+            "{carrier}"
+        );
+        assert_eq!(
+            r.header("x-privacy-client-prefix"),
+            Some("203.0.113.0/24"),
+            "{carrier}"
+        );
+    }
+    let bytes = String::from_utf8_lossy(&s.ups.all_bytes()).into_owned();
+    for part in [
+        "2002:",
+        "cb00",
+        "714d",
+        "ff9b",
+        "34ff",
+        "8eb2",
+        "203.0.113.77",
+    ] {
+        assert!(!bytes.contains(part), "{part} reached upstream");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -223,6 +223,36 @@ async fn flat_country_code_layout_stamps_the_country() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn the_country_of_a_6to4_nat64_or_teredo_client_is_that_of_its_ipv4_address() {
+    // Without the aliases a MaxMind file may carry, these resolve only if the
+    // gateway looks them up as the IPv4 client they embed (spec §3).
+    let db = mmdb_with(
+        Ipv4Aliasing::Disabled,
+        &[
+            ("198.51.100.0/24", geoip2("FR")),
+            ("2002::/16", geoip2("US")),
+            ("2001::/32", geoip2("US")),
+            ("64:ff9b::/96", geoip2("US")),
+        ],
+    );
+    let s = setup(Some(db)).await;
+    // 198.51.100.23 is c633:6417; inverted (Teredo) 39cc:9be8.
+    for carrier in [
+        "2002:c633:6417::1",
+        "64:ff9b::c633:6417",
+        "2001:0:4136:e378:8000:63bf:39cc:9be8",
+    ] {
+        let r = s.forwarded(Some("demo-chat-pro"), carrier, &[]).await;
+        assert_eq!(
+            r.header_values("x-privacy-country"),
+            vec!["FR"],
+            "country of {carrier}: {r:?}"
+        );
+        assert_eq!(r.header("x-privacy-client-prefix"), Some("198.51.100.0/24"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn ipv6_and_ipv4_mapped_client_addresses_are_looked_up() {
     // Without the IPv4 aliases in the file, a mapped address resolves only if
     // the gateway looks it up as the IPv4 address it is.
@@ -351,6 +381,18 @@ async fn no_country_without_consent_ip_opt_out_gpc_or_restriction() {
     );
     let (lookup, _, country) = s.geo_decision(Some("demo-chat-restricted"), FR_CLIENT, &[]);
     assert!(!lookup && country.is_none(), "restricted: no lookup");
+    // Spec §3 (e2): the skipped lookup names the more specific reason.
+    let mut restricted = None;
+    assert!(
+        support::eventually(std::time::Duration::from_secs(5), || {
+            restricted = support::audit_json(&s.gw)
+                .into_iter()
+                .find(|l| l["account"] == "acct-chat-restricted");
+            restricted.is_some()
+        })
+        .await
+    );
+    assert_eq!(restricted.expect("audit line")["geo_basis"], "8/limitation");
 
     let bytes = s.upstream_text();
     assert!(
@@ -394,6 +436,51 @@ async fn without_a_geo_file_the_gateway_serves_and_stamps_no_country() {
             "{key:?}: {r:?}"
         );
     }
+}
+
+// ---- spec §8: the geo revision ----
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_geo_revision_is_the_databases_build_epoch_in_audit_and_explain() {
+    let built = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_764_201_600);
+    let mut writer = Writer::builder("GeoLite2-Country")
+        .build_epoch(built)
+        .build();
+    writer
+        .insert(
+            "198.51.100.0/24".parse::<IpNet>().expect("net"),
+            &geoip2("FR"),
+        )
+        .expect("insert");
+    let s = setup(Some(writer.to_bytes().expect("mmdb"))).await;
+    s.forwarded(Some("demo-chat-pro"), FR_CLIENT, &[]).await;
+    let mut lines = Vec::new();
+    assert!(
+        support::eventually(std::time::Duration::from_secs(5), || {
+            lines = support::audit_json(&s.gw);
+            !lines.is_empty()
+        })
+        .await
+    );
+    assert_eq!(lines[0]["geo_revision"], 1_764_201_600u64);
+    assert_eq!(lines[0]["country"], "FR");
+    let out = std::process::Command::new(support::binary())
+        .args([
+            "explain",
+            "--path",
+            CHAT,
+            "--listener",
+            "chat",
+            "--client-ip",
+            FR_CLIENT,
+        ])
+        .arg("--config")
+        .arg(s.gw.dir.path().join("gateway.toml"))
+        .output()
+        .expect("explain");
+    let explained: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(explained["geo_revision"], 1_764_201_600u64);
+    assert_eq!(explained["consent_revision"], lines[0]["consent_revision"]);
 }
 
 // ---- spec §8: a bad geo file ----

@@ -77,6 +77,8 @@ async fn explain_agrees_with_the_proxy_for_every_demo_account_and_route() {
         support::start_with(|c| c.sign_with(b"explain-test-signing-key-0123456789")).await;
     let c = client();
     let mut compared = 0;
+    let mut decision_ids = Vec::new();
+    let mut explanations = std::collections::HashMap::new();
     let mut callers: Vec<Option<String>> = demo_keys().into_iter().map(Some).collect();
     callers.push(None);
     for caller in &callers {
@@ -116,24 +118,59 @@ async fn explain_agrees_with_the_proxy_for_every_demo_account_and_route() {
             args.extend(["--decision-id", id.as_str()]);
             let all = ups.all_requests();
             let what = format!("{caller:?} {route}");
-            if status == 200 {
+            decision_ids.push(id.clone());
+            let explained = if status == 200 {
                 assert_eq!(all.len(), before + 1, "{what}");
                 let (pool, received) = ups.by_decision(&id).expect("the forwarded request");
                 args.extend(["--pool", pool.as_str()]);
                 let explained = explain(&gw, &args);
                 let received = &received;
                 assert_eq!(explained["status"], 200, "{what}");
+                assert_eq!(explained["pool"], pool.as_str(), "{what}");
                 // Same names, values and order, signature included.
                 assert_eq!(explained_headers(&explained), stamped(received), "{what}");
+                explained
             } else {
                 assert_eq!(all.len(), before, "{what}: refused requests go nowhere");
                 let explained = explain(&gw, &args);
                 assert_eq!(explained["status"], status, "{what}");
-            }
+                explained
+            };
+            explanations.insert(id, (what, explained));
             compared += 1;
         }
     }
     assert_eq!(compared, callers.len() * ROUTES.len());
+
+    // The audit line of each request is the view explain printed for it:
+    // every audit field but the time and durations, same name, same value.
+    let mut lines = Vec::new();
+    assert!(
+        support::eventually(std::time::Duration::from_secs(10), || {
+            lines = gw.audit_lines();
+            lines.len() >= decision_ids.len()
+        })
+        .await,
+        "audit lines: {}",
+        lines.len()
+    );
+    for line in &lines {
+        let audit: serde_json::Value = serde_json::from_str(line).expect("audit JSON");
+        let id = audit["decision_id"].as_str().expect("decision id");
+        let (what, explained) = &explanations[id];
+        let audit = audit.as_object().expect("object");
+        for (field, value) in audit {
+            if ["ts", "upstream_ms", "total_ms"].contains(&field.as_str()) {
+                continue;
+            }
+            assert_eq!(&explained[field], value, "{what}: audit field {field}");
+        }
+        for field in ["account", "training_basis", "status"] {
+            if explained.get(field).is_some() {
+                assert!(audit.contains_key(field), "{what}: {field} not audited");
+            }
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -150,9 +187,16 @@ async fn explain_names_removed_pools_with_their_basis() {
         ],
     );
     assert_eq!(
-        v["candidate_pools"],
-        serde_json::json!(["azure-sweden", "gcp-ireland", "gcp-us"])
+        v["candidate_tiers"],
+        serde_json::json!([
+            { "priority": 0, "pools": ["azure-sweden", "gcp-ireland"] },
+            { "priority": 1, "pools": ["gcp-us"] },
+        ])
     );
+    // The pool explain stamps by default is of the lowest tier: no exception.
+    assert_eq!(v["pool"], "azure-sweden");
+    assert_eq!(v["tier"], 0);
+    assert!(v.get("tier_basis").is_none(), "{v}");
     assert_eq!(
         v["removed_pools"],
         serde_json::json!([{ "pool": "cerebras", "basis": "6/opt-out" }])
@@ -173,6 +217,49 @@ async fn explain_names_removed_pools_with_their_basis() {
         v["removed_pools"],
         serde_json::json!([{ "pool": "black-forest-labs", "basis": "7/residency" }])
     );
+    assert!(ups.all_requests().is_empty(), "explain sends nothing");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn explain_shows_the_tier_and_names_an_eu_first_exception() {
+    let ups = Upstreams::start().await;
+    let gw = Gateway::start(&TestConfig::shipped_with(&ups));
+    let paid = "Authorization: Bearer demo-api-paid";
+    let chat = "/v1/chat/completions";
+    let v = explain(&gw, &["--path", chat, "--header", paid]);
+    assert_eq!(
+        (v["pool"].as_str(), v["tier"].as_u64()),
+        (Some("azure-sweden"), Some(0))
+    );
+    assert!(v.get("tier_basis").is_none(), "{v}");
+    // Served from the US tier, the same request would be an exception.
+    let v = explain(
+        &gw,
+        &["--path", chat, "--header", paid, "--pool", "cerebras"],
+    );
+    assert_eq!(v["tier"], 1);
+    assert_eq!(v["tier_basis"], "7/eu-first-exception");
+    assert_eq!(v["headers"]["x-privacy-pool"], "cerebras");
+    // For a us-resident account the US tier is its lowest: no exception.
+    let mut config = TestConfig::shipped_with(&ups);
+    config.accounts.push_str(&format!(
+        "{{\"id\":\"acct-us\",\"product\":\"api\",\"plan\":\"paid\",\"residency\":\"us\",\"api_key_sha256\":[\"{}\"]}}\n",
+        hex::encode(privacy_gateway::config::hash_api_key(b"test-us-only"))
+    ));
+    let us = Gateway::start(&config);
+    let v = explain(
+        &us,
+        &[
+            "--path",
+            chat,
+            "--header",
+            "Authorization: Bearer test-us-only",
+            "--pool",
+            "cerebras",
+        ],
+    );
+    assert_eq!(v["tier"], 1);
+    assert!(v.get("tier_basis").is_none(), "{v}");
     assert!(ups.all_requests().is_empty(), "explain sends nothing");
 }
 
@@ -210,6 +297,8 @@ async fn every_request_writes_one_audit_line_without_address_key_or_body() {
         "ts",
         "decision_id",
         "policy_version",
+        "consent_revision",
+        "geo_revision",
         "account",
         "product",
         "plan",
@@ -234,9 +323,19 @@ async fn every_request_writes_one_audit_line_without_address_key_or_body() {
     assert_eq!(first["training_basis"], "3.4.2/paid");
     assert_eq!(first["client_prefix"], "127.45.67.0/24");
     assert_eq!(first["status"], 200);
+    assert_eq!(first["tier"], 0);
+    assert!(first["geo_revision"].is_null(), "no geo database: {first}");
+    let consents = first["consent_revision"]
+        .as_str()
+        .expect("consent revision");
+    assert_eq!(consents.len(), 7);
     let second: serde_json::Value = serde_json::from_str(&lines[1]).expect("JSON line");
     assert_eq!(second["status"], 401);
     assert_eq!(second["error"], "unknown_api_key");
+    // Every line names the revisions it was decided under, refused or not.
+    for field in ["policy_version", "consent_revision", "geo_revision"] {
+        assert_eq!(second[field], first[field], "{field}");
+    }
     let all = lines.join("\n");
     for secret in [
         "BODY-SECRET-7f3a",

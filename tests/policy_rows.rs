@@ -1,19 +1,24 @@
 //! The pure decision, row by row: every training row (spec §1), every
-//! retention row (§2), the geo/IP rules (§3) and the routing rules (§4), plus
-//! property tests of the invariants that must hold for any facts.
+//! retention row (spec §2), the geo/IP rules (spec §3) and the routing rules
+//! (spec §4), plus property tests of the invariants that must hold for any
+//! facts. Edition-2 rows and rules are named after their ids too (T2w, TZ,
+//! route_6_purpose, route_5_zdr, route_7_eu_first...).
 //!
 //! No I/O: only `privacy_gateway::policy::decide` on hand-built facts.
 
 use std::collections::BTreeSet;
 
+use std::time::Duration;
+
 use privacy_gateway::policy::{
-    decide, Capability, CapabilitySet, Consents, Decision, PlanClass, PoolCatalog, PoolProfile,
-    PoolSet, Product, RegionId, RequestFacts, Retention, SubprocessorSet, Training,
+    decide, Basis, Capability, CapabilitySet, Consents, Decision, PlanClass, PoolCatalog,
+    PoolProfile, PoolSet, Product, ProductSet, RegionId, RequestFacts, Retention, RouteConstraint,
+    SubprocessorSet, Training,
 };
 use proptest::prelude::*;
 
 // ---------------------------------------------------------------------------
-// The spec's pool table (§4), as a catalogue.
+// The spec's pool table (spec §4), as a catalogue.
 //
 // Regions:        eu = RegionId(0), us = RegionId(1).
 // Subprocessors:  azure = 0, gcp = 1, cerebras = 2, black-forest-labs = 3,
@@ -21,11 +26,11 @@ use proptest::prelude::*;
 // Pools (index = position in the catalogue, in the order of the spec table):
 //   0 azure-sweden       azure              eu  chat, embeddings, fine_tuning, feedback, connector
 //   1 gcp-ireland        gcp                eu  chat, embeddings, feedback, connector
-//   2 gcp-us             gcp                us  chat, embeddings
-//   3 cerebras           cerebras           us  chat
-//   4 black-forest-labs  black-forest-labs  us  image_generation
+//   2 gcp-us             gcp                us  chat, embeddings          priority 1
+//   3 cerebras           cerebras           us  chat                      priority 1
+//   4 black-forest-labs  black-forest-labs  us  image_generation          retains input 15 days
 //   5 brave              brave              us  web_search
-//   6 e2b                e2b                us  code_interpreter
+//   6 e2b                e2b                us  code_interpreter          chat only
 // ---------------------------------------------------------------------------
 
 const EU: RegionId = RegionId(0);
@@ -57,14 +62,10 @@ fn caps(list: &[Capability]) -> CapabilitySet {
 }
 
 fn pool(subprocessor: usize, region: RegionId, list: &[Capability]) -> PoolProfile {
-    PoolProfile {
-        subprocessor,
-        region,
-        capabilities: caps(list),
-    }
+    PoolProfile::new(subprocessor, region, caps(list))
 }
 
-/// The catalogue of the spec's §4 table (indices documented above).
+/// The catalogue of the spec §4 table (indices documented above).
 fn spec_catalog() -> PoolCatalog {
     use Capability::*;
     PoolCatalog::new(vec![
@@ -74,11 +75,23 @@ fn spec_catalog() -> PoolCatalog {
             &[Chat, Embeddings, FineTuning, Feedback, Connector],
         ),
         pool(SP_GCP, EU, &[Chat, Embeddings, Feedback, Connector]),
-        pool(SP_GCP, US, &[Chat, Embeddings]),
-        pool(SP_CEREBRAS, US, &[Chat]),
-        pool(SP_BFL, US, &[ImageGeneration]),
+        PoolProfile {
+            priority: 1,
+            ..pool(SP_GCP, US, &[Chat, Embeddings])
+        },
+        PoolProfile {
+            priority: 1,
+            ..pool(SP_CEREBRAS, US, &[Chat])
+        },
+        PoolProfile {
+            retains_input: Some(Duration::from_secs(15 * 86_400)),
+            ..pool(SP_BFL, US, &[ImageGeneration])
+        },
         pool(SP_BRAVE, US, &[WebSearch]),
-        pool(SP_E2B, US, &[CodeInterpreter]),
+        PoolProfile {
+            products: ProductSet::only(Product::Chat),
+            ..pool(SP_E2B, US, &[CodeInterpreter])
+        },
     ])
 }
 
@@ -168,15 +181,15 @@ const ALL_PLANS: [PlanClass; 5] = [
 ];
 
 // ---------------------------------------------------------------------------
-// §1 Training
+// spec §1 Training
 // ---------------------------------------------------------------------------
 
 #[test]
 fn t0_unknown_plan_is_denied_default_deny() {
     for product in [Product::Api, Product::Chat] {
         for capability in Capability::ALL {
-            if capability == Capability::Connector {
-                continue; // T2 would match first
+            if matches!(capability, Capability::Connector | Capability::WebSearch) {
+                continue; // T2, T2w would match first
             }
             let d = run(product, None, no_consents(), capability, false);
             assert_training(&d, Training::Denied, "default-deny");
@@ -310,9 +323,60 @@ fn t2_connector_is_denied_third_party() {
 }
 
 #[test]
+fn t2w_web_search_is_denied_third_party_content() {
+    for plan in ALL_PLANS {
+        for consents in [no_consents(), opted_in()] {
+            let d = run(
+                plan.product(),
+                Some(plan),
+                consents,
+                Capability::WebSearch,
+                false,
+            );
+            assert_training(&d, Training::Denied, "2.3/third-party");
+        }
+    }
+    // Precedence: T2w beats T5 (api free), T6 (team opt-in), T8-T11 (chat).
+    let d = run(
+        Product::Api,
+        Some(PlanClass::ApiFree),
+        no_consents(),
+        Capability::WebSearch,
+        false,
+    );
+    assert_training(&d, Training::Denied, "2.3/third-party");
+    let d = run(
+        Product::Chat,
+        Some(PlanClass::ChatIndividual),
+        no_consents(),
+        Capability::WebSearch,
+        false,
+    );
+    assert_training(&d, Training::Denied, "2.3/third-party");
+    // ... and T0: web search is never trained on, known plan or not.
+    let d = run(
+        Product::Chat,
+        None,
+        no_consents(),
+        Capability::WebSearch,
+        false,
+    );
+    assert_training(&d, Training::Denied, "2.3/third-party");
+    // T1 and T2 still come first.
+    let d = run(
+        Product::Chat,
+        Some(PlanClass::ChatIndividual),
+        restricted(),
+        Capability::WebSearch,
+        false,
+    );
+    assert_training(&d, Training::Denied, "8/limitation");
+}
+
+#[test]
 fn t3_api_paid_is_denied_paid() {
     for capability in Capability::ALL {
-        if capability == Capability::Connector {
+        if matches!(capability, Capability::Connector | Capability::WebSearch) {
             continue;
         }
         let d = run(
@@ -333,6 +397,72 @@ fn t3_api_paid_is_denied_paid() {
         false,
     );
     assert_training(&d, Training::Denied, "3.4.2/paid");
+}
+
+fn zdr() -> Consents {
+    Consents {
+        zdr: true,
+        ..Consents::default()
+    }
+}
+
+#[test]
+fn tz_api_free_zdr_is_denied_zdr() {
+    for capability in [
+        Capability::Chat,
+        Capability::Embeddings,
+        Capability::Feedback,
+        Capability::FineTuning,
+    ] {
+        let d = run(
+            Product::Api,
+            Some(PlanClass::ApiFree),
+            zdr(),
+            capability,
+            false,
+        );
+        assert_training(&d, Training::Denied, "5/zdr");
+    }
+    // Precedence: T3 comes first for paid accounts, TZ beats T4 and T5.
+    let d = run(
+        Product::Api,
+        Some(PlanClass::ApiPaid),
+        zdr(),
+        Capability::Chat,
+        false,
+    );
+    assert_training(&d, Training::Denied, "3.4.2/paid");
+    let zdr_objected = Consents {
+        zdr: true,
+        training_opt_out: true,
+        ..Consents::default()
+    };
+    let d = run(
+        Product::Api,
+        Some(PlanClass::ApiFree),
+        zdr_objected,
+        Capability::Chat,
+        false,
+    );
+    assert_training(&d, Training::Denied, "5/zdr");
+    // zdr is an api flag: it does not change a chat plan's training row.
+    let d = run(
+        Product::Chat,
+        Some(PlanClass::ChatIndividual),
+        zdr(),
+        Capability::Chat,
+        false,
+    );
+    assert_training(&d, Training::Allowed, "3.4.3/default");
+    // T2 and T2w still come first.
+    let d = run(
+        Product::Api,
+        Some(PlanClass::ApiFree),
+        zdr(),
+        Capability::Connector,
+        false,
+    );
+    assert_training(&d, Training::Denied, "3.4.4/third-party");
 }
 
 #[test]
@@ -395,6 +525,30 @@ fn t6_chat_team_opt_in_is_allowed_team_opt_in() {
         false,
     );
     assert_training(&d, Training::Allowed, "3.4.3/team-opt-in");
+}
+
+#[test]
+fn t6_an_objection_beats_a_team_opt_in() {
+    // Edition 2: an objection (policy §8) beats an opt-in; T7 decides.
+    let both = Consents {
+        training_opt_in: true,
+        training_opt_out: true,
+        ..Consents::default()
+    };
+    for capability in [
+        Capability::Chat,
+        Capability::Feedback,
+        Capability::Embeddings,
+    ] {
+        let d = run(
+            Product::Chat,
+            Some(PlanClass::ChatTeam),
+            both,
+            capability,
+            false,
+        );
+        assert_training(&d, Training::Denied, "3.4.3/team");
+    }
 }
 
 #[test]
@@ -507,7 +661,7 @@ fn t11_chat_individual_and_anonymous_are_allowed_default() {
 }
 
 // ---------------------------------------------------------------------------
-// §2 Retention
+// spec §2 Retention
 // ---------------------------------------------------------------------------
 
 #[test]
@@ -695,7 +849,7 @@ fn r5_chat_account_is_account_lifetime() {
 }
 
 // ---------------------------------------------------------------------------
-// §3 Geo / IP
+// spec §3 Geo / IP
 // ---------------------------------------------------------------------------
 
 #[test]
@@ -811,8 +965,13 @@ fn forward_client_prefix_false_only_under_ip_personalization_opt_out() {
 }
 
 // ---------------------------------------------------------------------------
-// §4 Routing
+// spec §4 Routing
 // ---------------------------------------------------------------------------
+
+const OPT_OUT: RouteConstraint = RouteConstraint::SubprocessorOptOut;
+const RESIDENCY: RouteConstraint = RouteConstraint::Residency;
+const PURPOSE: RouteConstraint = RouteConstraint::Purpose;
+const ZDR: RouteConstraint = RouteConstraint::Zdr;
 
 fn route_for(consents: Consents, capability: Capability) -> Decision {
     run(
@@ -831,18 +990,26 @@ fn route_chat_candidates_are_the_four_chat_pools() {
         d.route.candidates,
         pools(&[AZURE_SWEDEN, GCP_IRELAND, GCP_US, CEREBRAS])
     );
-    assert!(d.route.removed_opt_out.is_empty());
-    assert!(d.route.removed_residency.is_empty());
+    assert!(d.route.removed.by(OPT_OUT).is_empty());
+    assert!(d.route.removed.by(RESIDENCY).is_empty());
+    assert!(d.route.removed.is_empty());
     // The single-capability pools.
     for (capability, only) in [
         (Capability::ImageGeneration, BLACK_FOREST_LABS),
         (Capability::WebSearch, BRAVE),
-        (Capability::CodeInterpreter, E2B),
         (Capability::FineTuning, AZURE_SWEDEN),
     ] {
         let d = route_for(no_consents(), capability);
         assert_eq!(d.route.candidates, pools(&[only]), "{capability}");
     }
+    let d = run(
+        Product::Chat,
+        Some(PlanClass::ChatIndividual),
+        no_consents(),
+        Capability::CodeInterpreter,
+        false,
+    );
+    assert_eq!(d.route.candidates, pools(&[E2B]));
 }
 
 #[test]
@@ -856,8 +1023,8 @@ fn route_cerebras_opt_out_removes_exactly_cerebras() {
         d.route.candidates,
         pools(&[AZURE_SWEDEN, GCP_IRELAND, GCP_US])
     );
-    assert_eq!(d.route.removed_opt_out, pools(&[CEREBRAS]));
-    assert!(d.route.removed_residency.is_empty());
+    assert_eq!(d.route.removed.by(OPT_OUT), pools(&[CEREBRAS]));
+    assert!(d.route.removed.by(RESIDENCY).is_empty());
     // Opting out of gcp removes both gcp pools.
     let no_gcp = Consents {
         subprocessor_opt_outs: subprocessors(&[SP_GCP]),
@@ -865,7 +1032,7 @@ fn route_cerebras_opt_out_removes_exactly_cerebras() {
     };
     let d = route_for(no_gcp, Capability::Chat);
     assert_eq!(d.route.candidates, pools(&[AZURE_SWEDEN, CEREBRAS]));
-    assert_eq!(d.route.removed_opt_out, pools(&[GCP_IRELAND, GCP_US]));
+    assert_eq!(d.route.removed.by(OPT_OUT), pools(&[GCP_IRELAND, GCP_US]));
 }
 
 #[test]
@@ -876,8 +1043,8 @@ fn route_residency_eu_keeps_only_eu_pools() {
     };
     let d = route_for(eu_only, Capability::Chat);
     assert_eq!(d.route.candidates, pools(&[AZURE_SWEDEN, GCP_IRELAND]));
-    assert_eq!(d.route.removed_residency, pools(&[GCP_US, CEREBRAS]));
-    assert!(d.route.removed_opt_out.is_empty());
+    assert_eq!(d.route.removed.by(RESIDENCY), pools(&[GCP_US, CEREBRAS]));
+    assert!(d.route.removed.by(OPT_OUT).is_empty());
     // And `us` likewise.
     let us_only = Consents {
         residency: Some(US),
@@ -886,7 +1053,7 @@ fn route_residency_eu_keeps_only_eu_pools() {
     let d = route_for(us_only, Capability::Chat);
     assert_eq!(d.route.candidates, pools(&[GCP_US, CEREBRAS]));
     assert_eq!(
-        d.route.removed_residency,
+        d.route.removed.by(RESIDENCY),
         pools(&[AZURE_SWEDEN, GCP_IRELAND])
     );
 }
@@ -899,8 +1066,8 @@ fn route_residency_eu_image_generation_leaves_no_candidate() {
     };
     let d = route_for(eu_only, Capability::ImageGeneration);
     assert!(d.route.candidates.is_empty(), "{d:?}");
-    assert_eq!(d.route.removed_residency, pools(&[BLACK_FOREST_LABS]));
-    assert!(d.route.removed_opt_out.is_empty());
+    assert_eq!(d.route.removed.by(RESIDENCY), pools(&[BLACK_FOREST_LABS]));
+    assert!(d.route.removed.by(OPT_OUT).is_empty());
 }
 
 #[test]
@@ -912,9 +1079,9 @@ fn route_pool_removed_by_opt_out_is_not_counted_under_residency() {
     };
     let d = route_for(eu_no_cerebras, Capability::Chat);
     assert_eq!(d.route.candidates, pools(&[AZURE_SWEDEN, GCP_IRELAND]));
-    assert_eq!(d.route.removed_opt_out, pools(&[CEREBRAS]));
-    assert_eq!(d.route.removed_residency, pools(&[GCP_US]));
-    assert!(!d.route.removed_residency.contains(CEREBRAS));
+    assert_eq!(d.route.removed.by(OPT_OUT), pools(&[CEREBRAS]));
+    assert_eq!(d.route.removed.by(RESIDENCY), pools(&[GCP_US]));
+    assert!(!d.route.removed.by(RESIDENCY).contains(CEREBRAS));
     // Opting out of an eu subprocessor under eu residency.
     let eu_no_azure = Consents {
         subprocessor_opt_outs: subprocessors(&[SP_AZURE]),
@@ -923,8 +1090,315 @@ fn route_pool_removed_by_opt_out_is_not_counted_under_residency() {
     };
     let d = route_for(eu_no_azure, Capability::FineTuning);
     assert!(d.route.candidates.is_empty());
-    assert_eq!(d.route.removed_opt_out, pools(&[AZURE_SWEDEN]));
-    assert!(d.route.removed_residency.is_empty());
+    assert_eq!(d.route.removed.by(OPT_OUT), pools(&[AZURE_SWEDEN]));
+    assert!(d.route.removed.by(RESIDENCY).is_empty());
+}
+
+#[test]
+fn route_6_purpose_code_interpreter_is_le_chat_only() {
+    // "Providing our code interpreter feature on Le Chat" (policy §6).
+    for plan in [PlanClass::ApiFree, PlanClass::ApiPaid] {
+        let d = run(
+            Product::Api,
+            Some(plan),
+            no_consents(),
+            Capability::CodeInterpreter,
+            false,
+        );
+        assert!(d.route.candidates.is_empty(), "{d:?}");
+        assert_eq!(d.route.removed.by(PURPOSE), pools(&[E2B]));
+        assert_eq!(
+            d.route.removed.constraints().collect::<Vec<_>>(),
+            [Basis::Purpose]
+        );
+    }
+    for plan in [
+        PlanClass::ChatIndividual,
+        PlanClass::ChatTeam,
+        PlanClass::ChatAnonymous,
+    ] {
+        let d = run(
+            Product::Chat,
+            Some(plan),
+            no_consents(),
+            Capability::CodeInterpreter,
+            false,
+        );
+        assert_eq!(d.route.candidates, pools(&[E2B]));
+        assert!(d.route.removed.is_empty());
+    }
+    // Purpose is applied first: an api account that also opted out of e2b
+    // is refused for the purpose, the structural reason.
+    let no_e2b = Consents {
+        subprocessor_opt_outs: subprocessors(&[SP_E2B]),
+        ..Consents::default()
+    };
+    let d = route_for(no_e2b, Capability::CodeInterpreter);
+    assert_eq!(d.route.removed.by(PURPOSE), pools(&[E2B]));
+    assert!(d.route.removed.by(OPT_OUT).is_empty());
+}
+
+#[test]
+fn route_5_zdr_never_goes_to_a_pool_that_keeps_input() {
+    // Black Forest Labs stores Input for 15 days (policy §6).
+    let d = route_for(zdr(), Capability::ImageGeneration);
+    assert!(d.route.candidates.is_empty(), "{d:?}");
+    assert_eq!(d.route.removed.by(ZDR), pools(&[BLACK_FOREST_LABS]));
+    assert_eq!(
+        d.route.removed.constraints().collect::<Vec<_>>(),
+        [Basis::Zdr]
+    );
+    // Without zdr it goes there; other zdr traffic is untouched.
+    let d = route_for(no_consents(), Capability::ImageGeneration);
+    assert_eq!(d.route.candidates, pools(&[BLACK_FOREST_LABS]));
+    let d = route_for(zdr(), Capability::Chat);
+    assert_eq!(
+        d.route.candidates,
+        pools(&[AZURE_SWEDEN, GCP_IRELAND, GCP_US, CEREBRAS])
+    );
+    // Any zdr retention counts, a restricted api account's included (R0).
+    let d = route_for(restricted(), Capability::ImageGeneration);
+    assert_eq!(d.retention, Retention::Zdr);
+    assert_eq!(d.route.removed.by(ZDR), pools(&[BLACK_FOREST_LABS]));
+    // Fine-tuning files are kept until deleted (R1), so zdr does not apply.
+    let d = route_for(zdr(), Capability::FineTuning);
+    assert_eq!(d.retention, Retention::UntilDeleted);
+    assert!(d.route.removed.by(ZDR).is_empty());
+    // Chat has no zdr retention: a chat account's flag changes no route.
+    let d = run(
+        Product::Chat,
+        Some(PlanClass::ChatIndividual),
+        zdr(),
+        Capability::ImageGeneration,
+        false,
+    );
+    assert_eq!(d.route.candidates, pools(&[BLACK_FOREST_LABS]));
+}
+
+#[test]
+fn route_7_eu_first_tiers_put_eu_pools_before_us_pools() {
+    let catalog = spec_catalog();
+    let d = route_for(no_consents(), Capability::Chat);
+    let tiers: Vec<_> = d
+        .route
+        .tiers(&catalog)
+        .map(|t| (t.priority, t.pools))
+        .collect();
+    assert_eq!(
+        tiers,
+        [
+            (0, pools(&[AZURE_SWEDEN, GCP_IRELAND])),
+            (1, pools(&[GCP_US, CEREBRAS]))
+        ]
+    );
+    // Serving from the EU tier is the rule; from the US tier, an exception.
+    for pool in [AZURE_SWEDEN, GCP_IRELAND] {
+        let served = d.route.served_by(&catalog, pool);
+        assert_eq!((served.tier, served.exception), (0, None));
+    }
+    for pool in [GCP_US, CEREBRAS] {
+        let served = d.route.served_by(&catalog, pool);
+        assert_eq!(
+            (served.tier, served.exception),
+            (1, Some(Basis::EuFirstException))
+        );
+        assert_eq!(
+            served.exception.map(Basis::as_str),
+            Some("7/eu-first-exception")
+        );
+    }
+    // Tiers hold candidates only: an opt-out removes from its tier.
+    let no_cerebras = Consents {
+        subprocessor_opt_outs: subprocessors(&[SP_CEREBRAS]),
+        ..Consents::default()
+    };
+    let d = route_for(no_cerebras, Capability::Chat);
+    let tiers: Vec<_> = d.route.tiers(&catalog).map(|t| t.pools).collect();
+    assert_eq!(
+        tiers,
+        [pools(&[AZURE_SWEDEN, GCP_IRELAND]), pools(&[GCP_US])]
+    );
+}
+
+#[test]
+fn route_7_eu_first_exception_only_above_the_lowest_candidate_tier() {
+    let catalog = spec_catalog();
+    // A us-resident account has only the priority-1 pools: that is its lowest
+    // tier, so serving from it is no exception.
+    let us_only = Consents {
+        residency: Some(US),
+        ..Consents::default()
+    };
+    let d = route_for(us_only, Capability::Chat);
+    assert_eq!(d.route.tiers(&catalog).count(), 1);
+    for pool in [GCP_US, CEREBRAS] {
+        assert_eq!(d.route.served_by(&catalog, pool).exception, None);
+    }
+    // Pools that are the only ones for their capability stay at 0.
+    for capability in [
+        Capability::ImageGeneration,
+        Capability::WebSearch,
+        Capability::FineTuning,
+    ] {
+        let d = route_for(no_consents(), capability);
+        let tiers: Vec<_> = d.route.tiers(&catalog).collect();
+        assert_eq!(tiers.len(), 1, "{capability}");
+        assert_eq!(tiers[0].priority, 0, "{capability}");
+    }
+    // No candidates, no tiers.
+    let eu_only = Consents {
+        residency: Some(EU),
+        ..Consents::default()
+    };
+    let d = route_for(eu_only, Capability::ImageGeneration);
+    assert_eq!(d.route.tiers(&catalog).count(), 0);
+}
+
+#[test]
+fn removed_pools_name_each_pool_once_under_its_first_constraint() {
+    let eu_no_cerebras_zdr = Consents {
+        subprocessor_opt_outs: subprocessors(&[SP_CEREBRAS]),
+        residency: Some(EU),
+        zdr: true,
+        ..Consents::default()
+    };
+    let d = route_for(eu_no_cerebras_zdr, Capability::Chat);
+    let named: Vec<(usize, &str)> = d
+        .route
+        .removed
+        .pools()
+        .map(|(i, b)| (i, b.as_str()))
+        .collect();
+    assert_eq!(named, [(CEREBRAS, "6/opt-out"), (GCP_US, "7/residency")]);
+    assert_eq!(
+        d.route
+            .removed
+            .constraints()
+            .map(Basis::as_str)
+            .collect::<Vec<_>>(),
+        ["6/opt-out", "7/residency"]
+    );
+    assert_eq!(d.route.removed.all(), pools(&[GCP_US, CEREBRAS]));
+}
+
+// ---------------------------------------------------------------------------
+// The version of the decision tables (part of x-privacy-policy-version)
+// ---------------------------------------------------------------------------
+
+/// Each released version of the decision tables with the fingerprint of what
+/// `decide` answers under it. A change to the tables changes the fingerprint:
+/// bump `policy::DECISION_TABLES` and add a line; never edit an old one.
+const DECISION_TABLES_HISTORY: &[(&str, &str)] = &[(
+    "e2",
+    "1b5a857bf0aacae5aea3d433cd712f12f74d07f1d44e9d3b836842e25b620f35",
+)];
+
+/// SHA-256 over `decide`'s answer for every combination of facts, on the
+/// spec catalogue and on the same pools without their edition-2 terms.
+fn decision_tables_fingerprint() -> String {
+    use sha2::{Digest, Sha256};
+    let plain = PoolCatalog::new(
+        (0..spec_catalog().len())
+            .map(|i| {
+                let p = spec_catalog().get(i).expect("pool").clone();
+                PoolProfile::new(p.subprocessor, p.region, p.capabilities)
+            })
+            .collect(),
+    );
+    let opt_out_sets = [
+        vec![],
+        vec![SP_CEREBRAS],
+        vec![SP_GCP],
+        vec![SP_AZURE],
+        vec![SP_BFL, SP_BRAVE, SP_E2B],
+    ];
+    let mut hash = Sha256::new();
+    let mut out = Vec::with_capacity(64);
+    for catalog in [spec_catalog(), plain] {
+        for product in [Product::Api, Product::Chat] {
+            for plan in std::iter::once(None).chain(ALL_PLANS.map(Some)) {
+                for capability in Capability::ALL {
+                    for gpc in [false, true] {
+                        for bits in 0..32u8 {
+                            for residency in [None, Some(EU), Some(US)] {
+                                for opt_outs in &opt_out_sets {
+                                    let consents = Consents {
+                                        training_opt_out: bits & 1 != 0,
+                                        training_opt_in: bits & 2 != 0,
+                                        zdr: bits & 4 != 0,
+                                        ip_personalization_opt_out: bits & 8 != 0,
+                                        restricted: bits & 16 != 0,
+                                        subprocessor_opt_outs: subprocessors(opt_outs),
+                                        residency,
+                                    };
+                                    let facts = RequestFacts {
+                                        product,
+                                        plan,
+                                        consents: &consents,
+                                        capability,
+                                        global_privacy_control: gpc,
+                                    };
+                                    let d = decide(&catalog, &facts);
+                                    out.clear();
+                                    for text in [
+                                        d.training.as_str(),
+                                        d.training_basis.as_str(),
+                                        d.retention.as_str(),
+                                        d.retention_basis.as_str(),
+                                        d.geo.basis.as_str(),
+                                    ] {
+                                        out.extend_from_slice(text.as_bytes());
+                                        out.push(0);
+                                    }
+                                    out.push(u8::from(d.geo.lookup));
+                                    out.push(u8::from(d.forward_client_prefix));
+                                    for t in d.route.tiers(&catalog) {
+                                        out.extend(t.priority.to_le_bytes());
+                                        out.extend(t.pools.iter().map(|i| i as u8));
+                                        out.push(0xff);
+                                    }
+                                    for (i, basis) in d.route.removed.pools() {
+                                        out.push(i as u8);
+                                        out.extend_from_slice(basis.as_str().as_bytes());
+                                    }
+                                    hash.update((out.len() as u32).to_le_bytes());
+                                    hash.update(&out);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    hex::encode(hash.finalize())
+}
+
+#[test]
+fn decision_tables_version_names_what_decide_does() {
+    let fingerprint = decision_tables_fingerprint();
+    let version = privacy_gateway::policy::DECISION_TABLES;
+    let known = DECISION_TABLES_HISTORY
+        .iter()
+        .find(|(_, f)| *f == fingerprint)
+        .map(|(v, _)| *v);
+    assert_eq!(
+        known,
+        Some(version),
+        "decide() now answers differently from decision tables {version:?}: bump \
+         policy::DECISION_TABLES (it is part of x-privacy-policy-version) and add \
+         (new version, \"{fingerprint}\") to DECISION_TABLES_HISTORY"
+    );
+    let versions: BTreeSet<&str> = DECISION_TABLES_HISTORY.iter().map(|(v, _)| *v).collect();
+    assert_eq!(
+        versions.len(),
+        DECISION_TABLES_HISTORY.len(),
+        "one line per version"
+    );
+    assert_eq!(
+        DECISION_TABLES_HISTORY.last().map(|(v, _)| *v),
+        Some(version)
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -976,24 +1450,38 @@ fn arb_capability() -> impl Strategy<Value = Capability> {
     prop::sample::select(Capability::ALL.to_vec())
 }
 
-/// An arbitrary catalogue: up to 12 pools over the same subprocessors and regions.
+fn arb_products() -> impl Strategy<Value = ProductSet> {
+    prop::sample::select(vec![
+        ProductSet::only(Product::Api),
+        ProductSet::only(Product::Chat),
+        ProductSet::BOTH,
+    ])
+}
+
+/// An arbitrary catalogue: up to 12 pools over the same subprocessors and
+/// regions, with any products, input retention and priority.
 fn arb_catalog() -> impl Strategy<Value = Vec<PoolProfile>> {
     prop::collection::vec(
-        (0usize..SUBPROCESSOR_COUNT, arb_region(), any::<u8>()).prop_map(
-            |(subprocessor, region, cap_bits)| {
-                let mut capabilities = CapabilitySet::default();
-                for (bit, c) in Capability::ALL.into_iter().enumerate() {
-                    if cap_bits & (1 << bit) != 0 {
-                        capabilities.insert(c);
+        (
+            (0usize..SUBPROCESSOR_COUNT, arb_region(), any::<u8>()),
+            (arb_products(), any::<bool>(), 0u32..3),
+        )
+            .prop_map(
+                |((subprocessor, region, cap_bits), (products, retains, priority))| {
+                    let mut capabilities = CapabilitySet::default();
+                    for (bit, c) in Capability::ALL.into_iter().enumerate() {
+                        if cap_bits & (1 << bit) != 0 {
+                            capabilities.insert(c);
+                        }
                     }
-                }
-                PoolProfile {
-                    subprocessor,
-                    region,
-                    capabilities,
-                }
-            },
-        ),
+                    PoolProfile {
+                        products,
+                        retains_input: retains.then_some(Duration::from_secs(86_400)),
+                        priority,
+                        ..PoolProfile::new(subprocessor, region, capabilities)
+                    }
+                },
+            ),
         0..12,
     )
 }
@@ -1021,17 +1509,19 @@ fn check_invariants(
     // Training is never allowed when ...
     let must_deny = consents.restricted
         || capability == Capability::Connector
+        || capability == Capability::WebSearch
         || plan.is_none()
         || plan == Some(PlanClass::ApiPaid)
-        || (plan == Some(PlanClass::ApiFree) && consents.training_opt_out)
-        || (plan == Some(PlanClass::ChatTeam) && !consents.training_opt_in);
+        || (plan == Some(PlanClass::ApiFree) && (consents.training_opt_out || consents.zdr))
+        || (plan == Some(PlanClass::ChatTeam)
+            && (!consents.training_opt_in || consents.training_opt_out));
     if must_deny {
         prop_assert_eq!(d.training, Training::Denied, "decision: {:?}", d);
     }
     // A plan of the other product is treated as unknown.
     if plan.is_some_and(|p| p.product() != product) && !consents.restricted {
         prop_assert_eq!(d.training, Training::Denied);
-        if capability != Capability::Connector {
+        if !matches!(capability, Capability::Connector | Capability::WebSearch) {
             prop_assert_eq!(d.training_basis.as_str(), "default-deny");
         }
     }
@@ -1062,35 +1552,63 @@ fn check_invariants(
     for i in r.candidates.iter() {
         let pool = catalog.get(i).expect("candidate index is in the catalogue");
         prop_assert!(pool.capabilities.contains(capability));
+        prop_assert!(pool.products.contains(product));
         prop_assert!(!consents.subprocessor_opt_outs.contains(pool.subprocessor));
         if let Some(region) = consents.residency {
             prop_assert_eq!(pool.region, region);
         }
+        if d.retention == Retention::Zdr {
+            prop_assert!(pool.retains_input.is_none());
+        }
     }
-    for i in r.removed_opt_out.iter() {
-        let pool = catalog.get(i).expect("removed index is in the catalogue");
+    let removed = |c| {
+        r.removed
+            .by(c)
+            .iter()
+            .map(|i| catalog.get(i).expect("removed index"))
+    };
+    for pool in removed(PURPOSE) {
+        prop_assert!(!pool.products.contains(product));
+    }
+    for pool in removed(OPT_OUT) {
         prop_assert!(consents.subprocessor_opt_outs.contains(pool.subprocessor));
     }
-    for i in r.removed_residency.iter() {
-        let pool = catalog.get(i).expect("removed index is in the catalogue");
+    for pool in removed(RESIDENCY) {
         prop_assert!(consents.residency.is_some_and(|reg| reg != pool.region));
     }
-    // Partition of the serving pools.
-    prop_assert_eq!(r.candidates.intersect(r.removed_opt_out), PoolSet::EMPTY);
-    prop_assert_eq!(r.candidates.intersect(r.removed_residency), PoolSet::EMPTY);
-    prop_assert_eq!(
-        r.removed_opt_out.intersect(r.removed_residency),
-        PoolSet::EMPTY
-    );
+    for pool in removed(ZDR) {
+        prop_assert!(d.retention == Retention::Zdr && pool.retains_input.is_some());
+    }
+    // The candidates and the removed sets partition the serving pools.
     let mut union = r.candidates;
-    for i in r.removed_opt_out.iter().chain(r.removed_residency.iter()) {
-        union.insert(i);
+    let mut count = r.candidates.len();
+    for c in RouteConstraint::ALL {
+        prop_assert_eq!(union.intersect(r.removed.by(c)), PoolSet::EMPTY);
+        union = union.union(r.removed.by(c));
+        count += r.removed.by(c).len();
     }
     prop_assert_eq!(union, serving);
+    prop_assert_eq!(count, serving.len());
     prop_assert_eq!(
-        r.candidates.len() + r.removed_opt_out.len() + r.removed_residency.len(),
+        r.removed.pools().count() + r.candidates.len(),
         serving.len()
     );
+    // Tiers: ascending, disjoint, together exactly the candidates; serving
+    // from any but the first is the EU-first exception.
+    let tiers: Vec<_> = r.tiers(catalog).collect();
+    prop_assert!(tiers.windows(2).all(|w| w[0].priority < w[1].priority));
+    let mut tiered = PoolSet::EMPTY;
+    for t in &tiers {
+        prop_assert!(!t.pools.is_empty());
+        prop_assert_eq!(tiered.intersect(t.pools), PoolSet::EMPTY);
+        tiered = tiered.union(t.pools);
+        for i in t.pools.iter() {
+            let served = r.served_by(catalog, i);
+            prop_assert_eq!(served.tier, t.priority);
+            prop_assert_eq!(served.exception.is_some(), t.priority > tiers[0].priority);
+        }
+    }
+    prop_assert_eq!(tiered, r.candidates);
     Ok(())
 }
 

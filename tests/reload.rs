@@ -145,20 +145,27 @@ fn accounts_with_chat_free_opted_out() -> String {
     accounts.replace(line, &opted_out)
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn an_opt_out_in_a_new_accounts_file_applies_without_a_restart_or_a_failed_request() {
-    let ups = Upstreams::start().await;
-    let gw = Gateway::start(&TestConfig::shipped_with(&ups));
+/// A request loop as `demo-chat-free` on the chat listener, once `n` of its
+/// requests were trained on (the account has not opted out yet).
+async fn chat_free_loop(gw: &Gateway, n: usize) -> RequestLoop {
     let run = RequestLoop::start(
         gw.chat_url("/v1/chat/completions"),
         Some("demo-chat-free"),
         false,
     );
-    run.advance(20).await;
+    run.advance(n).await;
     assert_eq!(
         run.last().and_then(|o| o.training).as_deref(),
         Some("allowed")
     );
+    run
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_opt_out_in_a_new_accounts_file_applies_without_a_restart_or_a_failed_request() {
+    let ups = Upstreams::start().await;
+    let gw = Gateway::start(&TestConfig::shipped_with(&ups));
+    let run = chat_free_loop(&gw, 20).await;
 
     gw.replace_file("accounts.jsonl", &accounts_with_chat_free_opted_out());
     let applied = eventually(Duration::from_secs(10), || {
@@ -267,16 +274,7 @@ async fn a_configmap_symlink_swap_is_picked_up() {
     let mut config = TestConfig::shipped_with(&ups);
     config.configmap_layout = true;
     let gw = Gateway::start(&config);
-    let run = RequestLoop::start(
-        gw.chat_url("/v1/chat/completions"),
-        Some("demo-chat-free"),
-        false,
-    );
-    run.advance(10).await;
-    assert_eq!(
-        run.last().and_then(|o| o.training).as_deref(),
-        Some("allowed")
-    );
+    let run = chat_free_loop(&gw, 10).await;
 
     let accounts = accounts_with_chat_free_opted_out();
     gw.configmap_swap(
@@ -373,4 +371,114 @@ async fn a_graceful_upgrade_under_load_loses_no_request() {
     assert!(outcomes.len() >= 80, "only {} requests ran", outcomes.len());
     drop(new);
     assert!(upgrade_log.contains("listening on"), "{upgrade_log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bad_account_line_quarantines_that_account_while_every_other_line_applies() {
+    let ups = Upstreams::start().await;
+    let gw = Gateway::start(&TestConfig::shipped_with(&ups));
+    let run = chat_free_loop(&gw, 10).await;
+    let c = client();
+    let paid = gw.api_url("/v1/chat/completions");
+    assert_eq!(support::post_as(&c, &paid, "demo-api-paid").await, 200);
+
+    // One export: demo-chat-free opts out, and demo-api-paid's line gets a
+    // plan the rules do not know.
+    let accounts = accounts_with_chat_free_opted_out();
+    let paid_line = accounts
+        .lines()
+        .find(|l| l.contains("\"acct-api-paid\""))
+        .expect("paid line");
+    let bad = accounts.replace(
+        paid_line,
+        &paid_line.replace("\"plan\": \"paid\"", "\"plan\": \"enterprise\""),
+    );
+    let bad_line = bad
+        .lines()
+        .position(|l| l.contains("enterprise"))
+        .expect("bad line")
+        + 1;
+    gw.replace_file("accounts.jsonl", &bad);
+
+    let applied = eventually(Duration::from_secs(10), || {
+        run.last().and_then(|o| o.training).as_deref() == Some("denied")
+    })
+    .await;
+    run.advance(10).await;
+    let outcomes = run.finish().await;
+    assert!(
+        applied,
+        "the opt-out beside the bad line was held back; logs:\n{}",
+        gw.logs()
+    );
+    assert_none_failed(&outcomes);
+
+    let before = ups.all_requests().len();
+    let resp = c
+        .post(&paid)
+        .bearer_auth("demo-api-paid")
+        .body("{}")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 403);
+    let body: serde_json::Value = resp.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "consent_record_invalid");
+    assert_eq!(ups.all_requests().len(), before, "nothing forwarded");
+    // Other accounts of the same file are served.
+    assert_eq!(support::post_as(&c, &paid, "demo-api-free").await, 200);
+
+    // Reported: the log names file:line, the gauge counts it, explain names it.
+    let location = format!("accounts.jsonl:{bad_line}: account quarantined");
+    assert!(
+        eventually(Duration::from_secs(5), || gw.logs().contains(&location)).await,
+        "{location} not logged:\n{}",
+        gw.logs()
+    );
+    let (_, metrics) = gw.admin_get("/metrics").await;
+    assert_eq!(
+        support::metric(&metrics, "privacy_gateway_accounts_quarantined"),
+        1.0,
+        "{metrics}"
+    );
+    assert!(metrics.contains("privacy_gateway_config_reloads_total{result=\"success\"} 1"));
+    let out = std::process::Command::new(support::binary())
+        .args(["explain", "--path", "/v1/chat/completions", "--header"])
+        .arg("Authorization: Bearer demo-api-paid")
+        .arg("--config")
+        .arg(gw.dir.path().join("gateway.toml"))
+        .output()
+        .expect("explain");
+    let explained: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(explained["status"], 403);
+    assert_eq!(explained["error"], "consent_record_invalid");
+    assert_eq!(explained["quarantine"]["account"], "acct-api-paid");
+    assert_eq!(explained["quarantine"]["line"], bad_line);
+    assert!(
+        explained["quarantine"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("plan `enterprise` is not defined")),
+        "{explained}"
+    );
+    // The audit line of the refused request names the quarantine too.
+    let audited = eventually(Duration::from_secs(5), || {
+        support::audit_json(&gw)
+            .iter()
+            .any(|l| l["status"] == 403 && l["quarantine"]["line"] == bad_line)
+    })
+    .await;
+    assert!(audited, "{:?}", gw.audit_lines());
+
+    // The fixed line applies on the next reload.
+    gw.replace_file("accounts.jsonl", &accounts);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while support::post_as(&c, &paid, "demo-api-paid").await != 200 {
+        assert!(Instant::now() < deadline, "the fixed line was not applied");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, metrics) = gw.admin_get("/metrics").await;
+    assert_eq!(
+        support::metric(&metrics, "privacy_gateway_accounts_quarantined"),
+        0.0
+    );
 }

@@ -1,6 +1,8 @@
-//! Where a request may go (spec §4), through the real proxy: subprocessor
-//! opt-outs and residency remove pools, an empty candidate set is a 451, and
-//! failing pools are retried only among the permitted ones (503 when none is left).
+//! Where a request may go (spec §4), through the real proxy: purpose,
+//! subprocessor opt-outs, residency and zdr remove pools, an empty candidate
+//! set is a 451, the EU tier serves while it is up (the US tier only as a
+//! counted exception), and failing pools are retried only among the
+//! permitted ones (503 when none is left).
 
 mod support;
 
@@ -31,10 +33,29 @@ fn per_pool(ups: &Upstreams) -> HashMap<String, usize> {
         .collect()
 }
 
+/// A gateway whose EU pools point at ports nobody listens on, the other
+/// pools at their echoes.
+async fn eu_pools_on_closed_ports() -> (Upstreams, Gateway) {
+    let ups = Upstreams::start().await;
+    let mut addresses = ups.addresses();
+    for pool in ["azure-sweden", "gcp-ireland"] {
+        addresses.insert(
+            pool.into(),
+            vec![format!("http://127.0.0.1:{}", free_port())],
+        );
+    }
+    let mut config = TestConfig::shipped_with(&ups);
+    config.pools = support::pools_with_addresses(&addresses);
+    let gw = Gateway::start(&config);
+    (ups, gw)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_subprocessor_opt_out_is_never_routed_to() {
-    let ups = Upstreams::start().await;
-    let gw = Gateway::start(&TestConfig::shipped_with(&ups));
+    // The opted-out subprocessor (cerebras) is in the US tier: point the EU
+    // pools at closed ports so that tier serves, and cerebras is the only
+    // other pool there.
+    let (ups, gw) = eu_pools_on_closed_ports().await;
     let statuses = send_chat(&gw, "demo-api-no-cerebras", 200).await;
     assert!(statuses.iter().all(|s| *s == StatusCode::OK));
     let counts = per_pool(&ups);
@@ -42,7 +63,7 @@ async fn a_subprocessor_opt_out_is_never_routed_to() {
         counts["cerebras"], 0,
         "an opted-out subprocessor got traffic: {counts:?}"
     );
-    assert_eq!(counts.values().sum::<usize>(), 200);
+    assert_eq!(counts["gcp-us"], 200, "{counts:?}");
 
     // A plain paid account does reach cerebras, by weight.
     let statuses = send_chat(&gw, "demo-api-paid", 100).await;
@@ -73,42 +94,58 @@ async fn eu_residency_stays_in_the_eu_and_stamps_the_pool_used() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn no_permitted_pool_at_all_is_a_451_naming_capability_and_constraint() {
-    let ups = Upstreams::start().await;
-    let gw = Gateway::start(&TestConfig::shipped_with(&ups));
+/// Sends `POST path` as `key` on the api listener and expects a 451 naming
+/// `capability` and exactly `constraints`, with nothing forwarded anywhere.
+async fn assert_no_permitted_route(
+    gw: &Gateway,
+    ups: &Upstreams,
+    path: &str,
+    key: &str,
+    capability: &str,
+    constraints: &[&str],
+) {
+    let before = ups.all_requests().len();
     let resp = client()
-        .post(gw.api_url("/v1/images/generations"))
-        .bearer_auth("demo-api-eu-only")
+        .post(gw.api_url(path))
+        .bearer_auth(key)
         .body("{}")
         .send()
         .await
         .expect("request");
     assert_eq!(resp.status(), StatusCode::UNAVAILABLE_FOR_LEGAL_REASONS);
     let body: serde_json::Value = resp.json().await.expect("json");
-    assert_eq!(body["error"]["code"], "no_permitted_route");
-    assert_eq!(body["error"]["capability"], "image_generation");
+    assert_eq!(body["error"]["code"], "no_permitted_route", "{body}");
+    assert_eq!(body["error"]["capability"], capability, "{body}");
     assert_eq!(
         body["error"]["constraints"],
-        serde_json::json!(["7/residency"])
+        serde_json::json!(constraints),
+        "{body}"
     );
-    assert!(ups.all_requests().is_empty());
+    assert_eq!(
+        ups.all_requests().len(),
+        before,
+        "{key} {path} was forwarded"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_permitted_pool_at_all_is_a_451_naming_capability_and_constraint() {
+    let ups = Upstreams::start().await;
+    let gw = Gateway::start(&TestConfig::shipped_with(&ups));
+    assert_no_permitted_route(
+        &gw,
+        &ups,
+        "/v1/images/generations",
+        "demo-api-eu-only",
+        "image_generation",
+        &["7/residency"],
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn when_every_permitted_pool_is_down_it_is_a_503_and_never_a_forbidden_pool() {
-    let ups = Upstreams::start().await;
-    let mut addresses = ups.addresses();
-    // The eu pools point at ports nobody listens on.
-    for pool in ["azure-sweden", "gcp-ireland"] {
-        addresses.insert(
-            pool.into(),
-            vec![format!("http://127.0.0.1:{}", free_port())],
-        );
-    }
-    let mut config = TestConfig::shipped_with(&ups);
-    config.pools = support::pools_with_addresses(&addresses);
-    let gw = Gateway::start(&config);
+    let (ups, gw) = eu_pools_on_closed_ports().await;
 
     let statuses = send_chat(&gw, "demo-api-eu-only", 20).await;
     assert!(
@@ -212,17 +249,19 @@ async fn pools_and_the_addresses_inside_a_pool_share_traffic_by_weight() {
     config.pools = toml::to_string(&pools).expect("pools");
     let gw = Gateway::start(&config);
 
-    let statuses = send_chat(&gw, "demo-api-paid", 500).await;
+    let statuses = send_chat(&gw, "demo-api-paid", 600).await;
     assert!(statuses.iter().all(|s| *s == StatusCode::OK));
     let counts = per_pool(&ups);
     let azure = counts["azure-sweden"] + second.requests().len();
-    // Pool weights 2:1:1:1 over 500 requests; addresses 3:1 inside azure-sweden.
-    assert!(near(azure, 200, 10), "azure-sweden {azure}: {counts:?}");
-    for pool in ["gcp-ireland", "gcp-us", "cerebras"] {
-        assert!(near(counts[pool], 100, 10), "{pool}: {counts:?}");
+    // Only the EU tier serves while it is up (spec §4, EU first): pool
+    // weights 2:1 over 600 requests; addresses 3:1 inside azure-sweden.
+    assert!(near(azure, 400, 10), "azure-sweden {azure}: {counts:?}");
+    assert!(near(counts["gcp-ireland"], 200, 10), "{counts:?}");
+    for pool in ["gcp-us", "cerebras"] {
+        assert_eq!(counts[pool], 0, "{pool} is a higher tier: {counts:?}");
     }
     assert!(
-        near(counts["azure-sweden"], 150, 10) && near(second.requests().len(), 50, 10),
+        near(counts["azure-sweden"], 300, 10) && near(second.requests().len(), 100, 10),
         "{counts:?} second {}",
         second.requests().len()
     );
@@ -292,4 +331,215 @@ async fn killed_pools_fail_closed_for_eu_only_and_over_for_others_and_return_aft
     );
     let back: usize = eu.iter().map(|p| ups.pool(p).requests().len()).sum();
     assert!(back >= 20, "eu pools received {back} after the restart");
+}
+
+/// The pool and the audit line of each request, in order.
+async fn audited(gw: &Gateway, n: usize) -> Vec<serde_json::Value> {
+    let mut lines = Vec::new();
+    assert!(
+        support::eventually(Duration::from_secs(5), || {
+            lines = support::audit_json(gw);
+            lines.len() >= n
+        })
+        .await,
+        "{} audit lines, expected {n}",
+        lines.len()
+    );
+    lines
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn route_6_purpose_api_code_interpreter_is_a_451_and_le_chat_reaches_e2b() {
+    let ups = Upstreams::start().await;
+    let gw = Gateway::start(&TestConfig::shipped_with(&ups));
+    assert_no_permitted_route(
+        &gw,
+        &ups,
+        "/v1/tools/code_interpreter",
+        "demo-api-paid",
+        "code_interpreter",
+        &["6/purpose"],
+    )
+    .await;
+    // Le Chat's code interpreter is what E2B is engaged for.
+    let (pool, _) = support::forward(
+        &ups,
+        &gw.chat_url("/v1/tools/code_interpreter"),
+        Some("demo-chat-pro"),
+        &[],
+    )
+    .await;
+    assert_eq!(pool, "e2b");
+    let lines = audited(&gw, 2).await;
+    assert_eq!(
+        lines[0]["removed_pools"],
+        serde_json::json!([{ "pool": "e2b", "basis": "6/purpose" }])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn route_5_zdr_image_generation_is_a_451_and_never_reaches_black_forest_labs() {
+    let ups = Upstreams::start().await;
+    let gw = Gateway::start(&TestConfig::shipped_with(&ups));
+    for key in ["demo-api-zdr", "demo-api-free-zdr"] {
+        assert_no_permitted_route(
+            &gw,
+            &ups,
+            "/v1/images/generations",
+            key,
+            "image_generation",
+            &["5/zdr"],
+        )
+        .await;
+    }
+    assert!(
+        ups.pool("black-forest-labs").requests().is_empty(),
+        "a zdr request reached a pool that keeps input for 15 days"
+    );
+    // Without zdr, image generation goes there; zdr chat is untouched.
+    let (pool, _) = support::forward(
+        &ups,
+        &gw.api_url("/v1/images/generations"),
+        Some("demo-api-paid"),
+        &[],
+    )
+    .await;
+    assert_eq!(pool, "black-forest-labs");
+    let (_, r) = support::forward(&ups, &gw.api_url(CHAT), Some("demo-api-zdr"), &[]).await;
+    assert_eq!(r.header("x-privacy-retention"), Some("zdr"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn route_7_eu_first_an_unconstrained_account_stays_in_the_eu_while_it_is_up() {
+    let ups = Upstreams::start().await;
+    let gw = Gateway::start(&TestConfig::shipped_with(&ups));
+    let statuses = send_chat(&gw, "demo-api-paid", 200).await;
+    assert!(statuses.iter().all(|s| *s == StatusCode::OK));
+    let counts = per_pool(&ups);
+    assert_eq!(counts["gcp-us"] + counts["cerebras"], 0, "{counts:?}");
+    assert_eq!(counts["azure-sweden"] + counts["gcp-ireland"], 200);
+    for line in audited(&gw, 200).await {
+        assert_eq!(line["tier"], 0, "{line}");
+        assert!(line.get("tier_basis").is_none(), "{line}");
+    }
+}
+
+/// Requests of `acct-api-paid` per pool (health checks left out).
+fn paid_per_pool(ups: &Upstreams) -> HashMap<String, usize> {
+    ups.echoes
+        .iter()
+        .map(|(name, e)| {
+            let paid = e
+                .requests()
+                .iter()
+                .filter(|r| r.header("x-privacy-account") == Some("acct-api-paid"))
+                .count();
+            (name.clone(), paid)
+        })
+        .collect()
+}
+
+/// `privacy_gateway_eu_first_exceptions_total{capability="chat"}`, once it
+/// reaches `at_least` (metrics are counted just after the client has its
+/// answer) or after a bounded wait.
+async fn eu_first_exceptions(gw: &Gateway, at_least: f64) -> f64 {
+    let series = r#"privacy_gateway_eu_first_exceptions_total{capability="chat"}"#;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let value = support::metric(&gw.admin_get("/metrics").await.1, series);
+        if value >= at_least || Instant::now() > deadline {
+            return value;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn route_7_eu_first_us_tier_serves_only_while_the_eu_pools_are_down_and_is_counted() {
+    let mut ups = Upstreams::start().await;
+    let mut config = TestConfig::shipped_with(&ups);
+    config.pools = support::with_health_checks(&config.pools, 100);
+    config.ejection_ms = 60_000;
+    let gw = Gateway::start(&config);
+    // Up: the EU tier serves, no exception.
+    let statuses = send_chat(&gw, "demo-api-paid", 10).await;
+    assert!(statuses.iter().all(|s| *s == StatusCode::OK));
+    let counts = paid_per_pool(&ups);
+    assert_eq!(counts["azure-sweden"] + counts["gcp-ireland"], 10);
+
+    // Both EU pools' servers go away: the US tier serves, each request an exception.
+    let eu = ["azure-sweden", "gcp-ireland"];
+    let eu_addrs: Vec<_> = eu.iter().map(|p| ups.pool(p).addr()).collect();
+    for pool in eu {
+        ups.echoes.remove(pool);
+    }
+    let statuses = send_chat(&gw, "demo-api-paid", 30).await;
+    assert!(
+        statuses.iter().all(|s| *s == StatusCode::OK),
+        "{statuses:?}"
+    );
+    let counts = paid_per_pool(&ups);
+    assert_eq!(counts["gcp-us"] + counts["cerebras"], 30, "{counts:?}");
+    let lines = audited(&gw, 40).await;
+    for line in &lines[10..40] {
+        assert_eq!(line["tier"], 1, "{line}");
+        assert_eq!(line["tier_basis"], "7/eu-first-exception", "{line}");
+        assert!(
+            line["pool"] == "gcp-us" || line["pool"] == "cerebras",
+            "{line}"
+        );
+    }
+    assert_eq!(eu_first_exceptions(&gw, 30.0).await, 30.0);
+
+    // Back on the same addresses: once checks pass, the EU tier serves again.
+    for (pool, addr) in eu.iter().zip(eu_addrs) {
+        let listener = tokio::net::TcpListener::bind(addr).await.expect("rebind");
+        let echo =
+            EchoUpstream::start_with(pool, listener, StreamPace::Every(Duration::from_millis(10)))
+                .expect("restart");
+        ups.echoes.insert(pool.to_string(), echo);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let eu_count =
+            |ups: &Upstreams| -> usize { eu.iter().map(|p| paid_per_pool(ups)[*p]).sum() };
+        let before = eu_count(&ups);
+        assert_eq!(
+            support::post_as(&client(), &gw.api_url(CHAT), "demo-api-paid").await,
+            StatusCode::OK
+        );
+        let after = eu_count(&ups);
+        if after > before {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the EU tier did not come back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let counts = paid_per_pool(&ups);
+    let us_before = counts["gcp-us"] + counts["cerebras"];
+    let eu_before = counts["azure-sweden"] + counts["gcp-ireland"];
+    let audited_before = support::audit_json(&gw).len();
+    let counted_before = eu_first_exceptions(&gw, 0.0).await;
+    let statuses = send_chat(&gw, "demo-api-paid", 20).await;
+    assert!(statuses.iter().all(|s| *s == StatusCode::OK));
+    let counts = paid_per_pool(&ups);
+    assert_eq!(
+        counts["gcp-us"] + counts["cerebras"],
+        us_before,
+        "{counts:?}"
+    );
+    assert_eq!(
+        counts["azure-sweden"] + counts["gcp-ireland"],
+        eu_before + 20,
+        "{counts:?}"
+    );
+    let lines = audited(&gw, audited_before + 20).await;
+    assert!(lines[lines.len() - 20..]
+        .iter()
+        .all(|l| l["tier"] == 0 && l.get("tier_basis").is_none()));
+    assert_eq!(
+        eu_first_exceptions(&gw, 0.0).await,
+        counted_before,
+        "no exception while the EU is up"
+    );
 }

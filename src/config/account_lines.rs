@@ -1,11 +1,20 @@
 //! `accounts.jsonl` (the consent snapshot as exported) -> [`AccountStore`].
+//!
+//! One bad line must never hold back everyone else's opt-outs (spec §8): a
+//! line that is not a JSON object (a torn or truncated export) rejects the
+//! whole file, but a JSON object the gateway cannot fully understand only
+//! quarantines its own account, and every other line applies.
 
 use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Seek};
 use std::path::Path;
 use std::sync::Arc;
 
-use super::accounts::{Account, AccountStore, DuplicateAccount, KeyHash};
-use super::diagnostics::{is_token, one_error, ConfigErrors, FileErrors};
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+use super::accounts::{Account, AccountStore, KeyHash, Line, Quarantined};
+use super::diagnostics::{is_token, one_error, short_hash, ConfigErrors, FileErrors};
 use super::files::AccountLine;
 use super::pools::Pools;
 use super::snapshot::PlanNames;
@@ -20,58 +29,110 @@ fn parse_key_hash(hex_text: &str) -> Option<KeyHash> {
     Some(out)
 }
 
+/// The accounts file, compiled.
+#[derive(Default)]
+pub(super) struct Accounts {
+    pub(super) store: AccountStore,
+    /// Content hash of the file: the consent revision.
+    pub(super) revision: String,
+}
+
 /// Reads the consent snapshot line by line: a million accounts are never
-/// held as text beside the store being built. Without the `known` plans and
-/// pools (their files did not parse), only each line's syntax is checked.
+/// held as text beside the store being built. The file is opened once, so
+/// the revision and the accounts come from the same content even if it is
+/// replaced meanwhile. Without the `known` plans and pools (their files did
+/// not parse), only each line's syntax is checked.
 pub(super) fn compile_accounts(
     path: &Path,
     known: Option<(&PlanNames, &Pools)>,
     a: &mut FileErrors<'_>,
-) -> Result<AccountStore, ConfigErrors> {
+) -> Result<Accounts, ConfigErrors> {
     let io_error = |e: std::io::Error| one_error(path, None, format!("cannot read: {e}"));
-    let lines = count_lines(path).map_err(io_error)?;
+    let mut file = std::fs::File::open(path).map_err(io_error)?;
+    let (lines, revision) = count_and_hash(&mut file).map_err(io_error)?;
+    file.rewind().map_err(io_error)?;
     let mut store = AccountStore::with_capacity(lines, lines);
-    let mut reader = std::io::BufReader::new(std::fs::File::open(path).map_err(io_error)?);
+    let mut reader = BufReader::new(file);
     let mut raw = String::new();
     let mut keys = Vec::with_capacity(2);
     let mut plan_names: HashMap<String, Arc<str>> = HashMap::new();
-    let mut n = 0;
+    let mut n: u32 = 0;
     loop {
         raw.clear();
-        if std::io::BufRead::read_line(&mut reader, &mut raw).map_err(io_error)? == 0 {
+        if reader.read_line(&mut raw).map_err(io_error)? == 0 {
             break;
         }
         n += 1;
-        let line = Some(n);
         let text = raw.trim();
         if text.is_empty() || text.starts_with('#') {
             continue;
         }
-        let record: AccountLine = match serde_json::from_str(text) {
-            Ok(r) => r,
-            Err(e) => {
-                a.at_line(line, json_message(&e));
-                continue;
-            }
-        };
-        let Some((plans, pools)) = known else {
-            continue;
-        };
-        match compile_account(record, plans, pools, &mut keys, &mut plan_names) {
-            Ok(account) => match store.insert(account, &keys) {
-                Ok(()) => {}
-                Err(DuplicateAccount::Id) => {
-                    a.at_line(line, "an account with this id is already defined")
+        keys.clear();
+        let line = match serde_json::from_str::<AccountLine>(text) {
+            Ok(record) => {
+                let Some((plans, pools)) = known else {
+                    continue;
+                };
+                match compile_account(record, n, plans, pools, &mut keys, &mut plan_names) {
+                    Ok(account) => Line::Account(account),
+                    Err(q) => Line::Quarantined(q),
                 }
-                Err(DuplicateAccount::Key) => a.at_line(
-                    line,
-                    "an API key hash of this account belongs to another account or is listed twice",
-                ),
+            }
+            Err(e) => match serde_json::from_str::<Map<String, Value>>(text) {
+                Ok(object) => Line::Quarantined(salvage(&object, n, &e, &mut keys)),
+                Err(e) => {
+                    let message = format!("not a JSON object: {}", json_message(&e));
+                    a.at_line(Some(n as usize), message);
+                    continue;
+                }
             },
-            Err(message) => a.at_line(line, message),
-        }
+        };
+        store.add(line, &keys);
     }
-    Ok(store)
+    Ok(Accounts { store, revision })
+}
+
+/// Lines in a file (to size the store before it is filled) and its content hash.
+fn count_and_hash(file: &mut std::fs::File) -> std::io::Result<(usize, String)> {
+    let mut buf = vec![0u8; 1 << 16];
+    let mut lines = 0;
+    let mut hash = Sha256::new();
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            return Ok((lines + 1, short_hash(hash)));
+        }
+        hash.update(&buf[..n]);
+        lines += buf[..n].iter().filter(|&&b| b == b'\n').count();
+    }
+}
+
+/// An id fit to index and to show: printable, no spaces, not `anonymous`.
+fn usable_id(id: &str) -> Option<Box<str>> {
+    (is_token(id) && id != "anonymous").then(|| id.into())
+}
+
+/// A line that is a JSON object but not an account line: its account id and
+/// key hashes, where readable, so that its requests find the quarantine.
+fn salvage(
+    object: &Map<String, Value>,
+    line: u32,
+    error: &serde_json::Error,
+    keys: &mut Vec<KeyHash>,
+) -> Quarantined {
+    if let Some(Value::Array(hashes)) = object.get("api_key_sha256") {
+        keys.extend(
+            hashes
+                .iter()
+                .filter_map(|h| h.as_str())
+                .filter_map(parse_key_hash),
+        );
+    }
+    Quarantined {
+        id: object.get("id").and_then(Value::as_str).and_then(usable_id),
+        line,
+        reason: describe(error).into(),
+    }
 }
 
 /// serde's message without its position: each account is one line, so the
@@ -82,45 +143,65 @@ fn json_message(e: &serde_json::Error) -> String {
     text.strip_suffix(&position).unwrap_or(&text).to_string()
 }
 
-/// Lines in a file, to size the store before it is filled.
-fn count_lines(path: &Path) -> std::io::Result<usize> {
-    use std::io::Read;
-    let mut file = std::fs::File::open(path)?;
-    let mut buf = vec![0u8; 1 << 16];
-    let mut lines = 0;
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            return Ok(lines + 1);
+/// [`json_message`] without any quoted value copied from the line: a
+/// misplaced key stays out of logs, audit lines and `explain`.
+fn describe(error: &serde_json::Error) -> String {
+    let text = json_message(error);
+    let mut out = String::with_capacity(text.len());
+    let mut quoted = false;
+    for c in text.chars() {
+        if c == '"' {
+            if !quoted {
+                out.push_str("\"…\"");
+            }
+            quoted = !quoted;
+        } else if !quoted {
+            out.push(c);
         }
-        lines += buf[..n].iter().filter(|&&b| b == b'\n').count();
     }
+    out
 }
 
+/// Compiles one understood line; fills `keys` with its readable key hashes
+/// even when the line is quarantined, so that they lead to the quarantine.
 fn compile_account(
     record: AccountLine,
+    line: u32,
     plans: &PlanNames,
     pools: &Pools,
     keys: &mut Vec<KeyHash>,
     plan_names: &mut HashMap<String, Arc<str>>,
-) -> Result<Account, String> {
-    if !is_token(&record.id) || record.id == "anonymous" {
-        return Err(format!(
-            "account id `{}` must be printable, without spaces, and not `anonymous`",
-            record.id
+) -> Result<Account, Quarantined> {
+    let mut bad_key = false;
+    for h in &record.api_key_sha256 {
+        match parse_key_hash(h) {
+            Some(k) => keys.push(k),
+            None => bad_key = true,
+        }
+    }
+    let id = usable_id(&record.id);
+    let quarantine = |reason: String| Quarantined {
+        id: id.clone(),
+        line,
+        reason: reason.into(),
+    };
+    if id.is_none() {
+        return Err(quarantine(
+            "account id must be printable, without spaces, and not `anonymous`".into(),
         ));
     }
-    let product: Product = record.product.parse()?;
+    if bad_key {
+        return Err(quarantine(
+            "api_key_sha256 entries must be 64 hex digits".into(),
+        ));
+    }
+    let product: Product = record.product.parse().map_err(quarantine)?;
     let plan_class = plans.get(product, &record.plan).ok_or_else(|| {
-        format!(
+        quarantine(format!(
             "plan `{}` is not defined for product `{product}` in the rules",
             record.plan
-        )
+        ))
     })?;
-    keys.clear();
-    for h in &record.api_key_sha256 {
-        keys.push(parse_key_hash(h).ok_or("api_key_sha256 entries must be 64 hex digits")?);
-    }
     let mut subprocessor_opt_outs = SubprocessorSet::default();
     for name in &record.subprocessor_opt_outs {
         let i = pools
@@ -128,10 +209,10 @@ fn compile_account(
             .iter()
             .position(|s| s == name)
             .ok_or_else(|| {
-                format!(
+                quarantine(format!(
                     "subprocessor `{name}` is not used by any pool (known: {})",
                     pools.subprocessors.join(", ")
-                )
+                ))
             })?;
         subprocessor_opt_outs.insert(i);
     }
@@ -143,15 +224,21 @@ fn compile_account(
                 .iter()
                 .position(|r| r == region)
                 .ok_or_else(|| {
-                    format!(
+                    quarantine(format!(
                         "residency `{region}` is not the region of any pool (known: {})",
                         pools.regions.join(", ")
-                    )
+                    ))
                 })? as u8,
         )),
     };
+    // A flag the plan or product does not have is not guessed at.
     if record.training_opt_in && plan_class != PlanClass::ChatTeam {
-        return Err("training_opt_in applies to team plans only".to_string());
+        return Err(quarantine(
+            "training_opt_in applies to team plans only".into(),
+        ));
+    }
+    if record.zdr && product != Product::Api {
+        return Err(quarantine("zdr applies to api accounts only".into()));
     }
     Ok(Account {
         id: record.id.into(),
@@ -170,6 +257,7 @@ fn compile_account(
             residency,
             restricted: record.restricted,
         },
+        line,
     })
 }
 
@@ -182,5 +270,22 @@ mod tests {
         assert!(parse_key_hash(&"ab".repeat(32)).is_some());
         assert!(parse_key_hash(&"ab".repeat(31)).is_none());
         assert!(parse_key_hash(&"zz".repeat(32)).is_none());
+    }
+
+    #[test]
+    fn reasons_copy_no_value_from_the_line() {
+        let e = serde_json::from_str::<AccountLine>(
+            r#"{"id":"a","product":"api","plan":"paid","zdr":"sk-live-secret"}"#,
+        )
+        .unwrap_err();
+        let reason = describe(&e);
+        assert!(!reason.contains("sk-live-secret"), "{reason}");
+        assert!(!reason.contains("line 1"), "{reason}");
+        assert!(reason.contains("expected a boolean"), "{reason}");
+        let e = serde_json::from_str::<AccountLine>(
+            r#"{"id":"a","product":"api","plan":"paid","zdr_please":true}"#,
+        )
+        .unwrap_err();
+        assert!(describe(&e).starts_with("unknown field `zdr_please`"));
     }
 }

@@ -105,6 +105,12 @@ pub(super) fn parse_toml<T: DeserializeOwned>(path: &Path, text: &str) -> Result
     })
 }
 
+/// The first 7 hex digits of a finished SHA-256: a revision label.
+pub(super) fn short_hash(hash: sha2::Sha256) -> String {
+    use sha2::Digest;
+    hex::encode(hash.finalize())[..7].to_string()
+}
+
 /// Printable ASCII without spaces: safe in a header value and a log line.
 pub(super) fn is_token(s: &str) -> bool {
     !s.is_empty() && s.len() <= 256 && s.bytes().all(|b| b.is_ascii_graphic())

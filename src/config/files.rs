@@ -118,8 +118,9 @@ pub struct FilesEntry {
     pub geo: Option<PathBuf>,
 }
 
-/// `[trust]`.
-#[derive(Debug, Default, Deserialize)]
+/// `[trust]`. Serialised whole into the policy version: every trust and
+/// identity setting can change a decision.
+#[derive(Debug, Default, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrustEntry {
     /// Trusted proxies: CIDR networks or single addresses, e.g. `["10.0.0.0/8", "192.0.2.7"]`.
@@ -194,10 +195,10 @@ pub struct ShadowEntry {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClientIpEntry {
-    /// IPv4 prefix length, 0 to 32 (default 24).
+    /// IPv4 prefix length, 0 to 24 (default 24).
     #[serde(default)]
     pub ipv4_prefix: Option<Spanned<u8>>,
-    /// IPv6 prefix length, 0 to 128 (default 48).
+    /// IPv6 prefix length, 0 to 48 (default 48).
     #[serde(default)]
     pub ipv6_prefix: Option<Spanned<u8>>,
 }
@@ -251,6 +252,18 @@ pub struct PoolEntry {
     /// Share of traffic relative to the other candidate pools (default 1).
     #[serde(default)]
     pub weight: Option<u32>,
+    /// The products the pool may serve, `api` and/or `chat` (default both):
+    /// a subprocessor engaged for one product's purpose serves only that one.
+    #[serde(default)]
+    pub products: Option<Vec<String>>,
+    /// How long the subprocessor keeps input, e.g. `"15d"`, when it keeps any:
+    /// a `zdr` request never goes to such a pool.
+    #[serde(default)]
+    pub retains_input: Option<String>,
+    /// Tier, lower first (default 0): a higher tier is used only while every
+    /// candidate address of the lower tiers is down (EU first).
+    #[serde(default)]
+    pub priority: Option<u32>,
     /// `http://host:port` or `https://host:port` endpoints, each a string
     /// or `{ url = "...", weight = N }`.
     pub addresses: Vec<AddressEntry>,

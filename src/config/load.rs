@@ -9,8 +9,8 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 
 use super::account_lines::compile_accounts;
-use super::diagnostics::{parse_toml, read, ConfigError, ConfigErrors, FileErrors};
-use super::files::{GatewayFile, PoolsFile, RulesFile};
+use super::diagnostics::{parse_toml, read, short_hash, ConfigError, ConfigErrors, FileErrors};
+use super::files::{GatewayFile, PoolsFile, RulesFile, TrustEntry};
 use super::gateway::compile_gateway;
 use super::pools::compile_pools;
 use super::rules::compile_rules;
@@ -18,6 +18,7 @@ use super::snapshot::{GatewaySettings, Snapshot};
 use crate::geo::GeoDb;
 use crate::health::HealthRegistry;
 use crate::policy::Capability;
+use crate::stamp::SigningKey;
 
 /// Adjustments made by the program rather than the files.
 #[derive(Debug, Default, Clone)]
@@ -133,11 +134,13 @@ pub fn load(
         return Err(ConfigErrors(errors));
     }
 
-    let policy_version = format!(
-        "{}+r{}",
-        rules_file.policy_date,
-        revision(&[rules_text.as_bytes(), pools_text.as_bytes()])
-    );
+    let policy_version = policy_version(&PolicyInputs {
+        date: &rules_file.policy_date,
+        rules: &rules_text,
+        pools: &pools_text,
+        trust: &gateway_file.trust,
+        signing_key: gateway.signing_key.as_ref(),
+    });
     let snapshot = Snapshot {
         policy_version,
         pools: pools.catalog,
@@ -146,7 +149,9 @@ pub fn load(
         prefix_lengths: rules.prefix_lengths,
         plan_count: rules.plans.len(),
         shadow: rules.shadow,
-        accounts,
+        accounts: accounts.store,
+        accounts_path,
+        consent_revision: accounts.revision,
         geo,
         trusted_proxies: gateway.trusted_proxies,
         identity_header: gateway.identity_header,
@@ -168,6 +173,36 @@ fn read_toml<T: serde::de::DeserializeOwned>(
     parsed.map_err(|mut e| errors.append(&mut e.0)).ok()
 }
 
+/// Everything that decides, besides the accounts and the geo database (they
+/// have revisions of their own).
+struct PolicyInputs<'a> {
+    date: &'a str,
+    rules: &'a str,
+    pools: &'a str,
+    trust: &'a TrustEntry,
+    signing_key: Option<&'a SigningKey>,
+}
+
+/// `<policy date>+r<revision>`: the revision changes whenever anything that
+/// can change a decision changes (spec §8): the rules and pools files, the
+/// trust and identity settings, the signing key (by its keyed id, never the
+/// key) and the decision tables of this binary. (Listeners are bound for the
+/// life of the process and are not part of a snapshot.)
+fn policy_version(inputs: &PolicyInputs<'_>) -> String {
+    let trust = serde_json::to_vec(inputs.trust).expect("trust settings serialise");
+    let key_id = inputs
+        .signing_key
+        .map_or_else(|| "unsigned".to_string(), SigningKey::key_id);
+    let revision = revision(&[
+        crate::policy::DECISION_TABLES.as_bytes(),
+        inputs.rules.as_bytes(),
+        inputs.pools.as_bytes(),
+        &trust,
+        key_id.as_bytes(),
+    ]);
+    format!("{}+r{revision}", inputs.date)
+}
+
 /// Short content hash of the policy files: the rules revision.
 fn revision(parts: &[&[u8]]) -> String {
     let mut h = Sha256::new();
@@ -175,5 +210,5 @@ fn revision(parts: &[&[u8]]) -> String {
         h.update((part.len() as u64).to_le_bytes());
         h.update(part);
     }
-    hex::encode(h.finalize())[..7].to_string()
+    short_hash(h)
 }

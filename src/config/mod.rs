@@ -14,7 +14,7 @@ mod pools;
 mod rules;
 mod snapshot;
 
-pub use accounts::{hash_api_key, Account, AccountStore, KeyHash};
+pub use accounts::{hash_api_key, Account, AccountStore, KeyHash, Line, Quarantined, Record};
 pub use diagnostics::{ConfigError, ConfigErrors};
 pub use load::{load, LoadOptions};
 pub use snapshot::{GatewaySettings, Listener, PlanNames, ShadowRules, Snapshot, SnapshotHandle};

@@ -10,7 +10,8 @@ use super::files::{AddressEntry, HealthCheckEntry, PoolsFile};
 use super::load::LoadOptions;
 use crate::health::{CheckSpec, Probe, Thresholds};
 use crate::policy::{
-    Capability, CapabilitySet, PoolCatalog, PoolProfile, RegionId, MAX_POOLS, MAX_SUBPROCESSORS,
+    Capability, CapabilitySet, PoolCatalog, PoolProfile, Product, ProductSet, RegionId, MAX_POOLS,
+    MAX_SUBPROCESSORS,
 };
 use crate::routing::{Endpoint, PoolUpstream, UpstreamTimeouts, Upstreams};
 
@@ -145,6 +146,43 @@ pub(super) fn compile_pools(
                 format!("pool `{}`: weight must be at least 1", pool.name),
             );
         }
+        let products = match &pool.products {
+            None => ProductSet::BOTH,
+            Some(names) => {
+                let mut set = ProductSet::EMPTY;
+                for name in names {
+                    match name.parse::<Product>() {
+                        Ok(product) => set.insert(product),
+                        Err(e) => p.at_span(span.clone(), format!("pool `{}`: {e}", pool.name)),
+                    }
+                }
+                if set.is_empty() {
+                    p.at_span(
+                        span.clone(),
+                        format!(
+                            "pool `{}`: products must name `api`, `chat` or both",
+                            pool.name
+                        ),
+                    );
+                }
+                set
+            }
+        };
+        let retains_input = pool.retains_input.as_deref().and_then(|text| {
+            match humantime::parse_duration(text) {
+                Ok(d) if !d.is_zero() => Some(d),
+                _ => {
+                    p.at_span(
+                        span.clone(),
+                        format!(
+                            "pool `{}`: retains_input `{text}` must be a duration such as \"15d\" (leave it out for a pool that keeps nothing)",
+                            pool.name
+                        ),
+                    );
+                    None
+                }
+            }
+        });
         let subprocessor = index_of(&mut subprocessors, &pool.subprocessor);
         let region = index_of(&mut regions, &pool.region);
         if subprocessor >= MAX_SUBPROCESSORS || region > u8::MAX as usize {
@@ -155,6 +193,9 @@ pub(super) fn compile_pools(
             subprocessor,
             region: RegionId(region as u8),
             capabilities,
+            products,
+            retains_input,
+            priority: pool.priority.unwrap_or(0),
         });
         upstreams.push(PoolUpstream::new(
             pool.name.clone(),

@@ -11,6 +11,11 @@ use crate::capability::{CapabilityRoute, CapabilityRoutes};
 use crate::client_ip::PrefixLengths;
 use crate::policy::{Capability, CapabilitySet, PlanClass, Product};
 
+/// Longest IPv4 prefix a client address may be truncated to (spec §3).
+const MAX_IPV4_PREFIX: u8 = 24;
+/// Longest IPv6 prefix a client address may be truncated to (spec §3).
+const MAX_IPV6_PREFIX: u8 = 48;
+
 /// The rules file, compiled.
 pub(super) struct Rules {
     pub(super) prefix_lengths: PrefixLengths,
@@ -101,15 +106,23 @@ fn compile_routes(
 
 pub(super) fn compile_rules(file: &RulesFile, r: &mut FileErrors<'_>) -> Rules {
     let mut prefix_lengths = PrefixLengths::default();
+    // The prefix must be a *part* of the address (policy §3.1, spec §3): a
+    // longer one would forward a host's whole address.
     if let Some(v4) = &file.client_ip.ipv4_prefix {
-        if *v4.get_ref() > 32 {
-            r.at_span(v4.span(), "ipv4_prefix must be 0 to 32");
+        if *v4.get_ref() > MAX_IPV4_PREFIX {
+            r.at_span(
+                v4.span(),
+                format!("ipv4_prefix must be 0 to {MAX_IPV4_PREFIX}: a longer prefix forwards the whole address"),
+            );
         }
         prefix_lengths.ipv4 = *v4.get_ref();
     }
     if let Some(v6) = &file.client_ip.ipv6_prefix {
-        if *v6.get_ref() > 128 {
-            r.at_span(v6.span(), "ipv6_prefix must be 0 to 128");
+        if *v6.get_ref() > MAX_IPV6_PREFIX {
+            r.at_span(
+                v6.span(),
+                format!("ipv6_prefix must be 0 to {MAX_IPV6_PREFIX}: a longer prefix forwards a site's whole address"),
+            );
         }
         prefix_lengths.ipv6 = *v6.get_ref();
     }

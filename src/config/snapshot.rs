@@ -2,12 +2,14 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use http::HeaderName;
 
 use super::accounts::AccountStore;
+use super::diagnostics::ConfigError;
 use crate::audit::AuditTarget;
 use crate::capability::CapabilityRoutes;
 use crate::client_ip::{PrefixLengths, TrustedProxies};
@@ -70,6 +72,10 @@ pub struct Snapshot {
     pub shadow: Option<ShadowRules>,
     /// The consent snapshot.
     pub accounts: AccountStore,
+    /// Where it was read from (quarantined lines are reported as `file:line`).
+    pub accounts_path: PathBuf,
+    /// Content hash of the accounts file (spec §8, `consent_revision`).
+    pub consent_revision: String,
     /// Country database, when configured.
     pub geo: Option<GeoDb>,
     /// Peers believed about the client and caller.
@@ -79,7 +85,26 @@ pub struct Snapshot {
     /// Key for `x-privacy-signature`.
     pub signing_key: Option<SigningKey>,
     /// Every file the snapshot was built from (what a reload watches).
-    pub sources: Vec<std::path::PathBuf>,
+    pub sources: Vec<PathBuf>,
+}
+
+impl Snapshot {
+    /// Every quarantined account line, as `file:line: quarantined: reason`,
+    /// in file order: what `check` lists and a load logs.
+    pub fn quarantine_report(&self) -> Vec<ConfigError> {
+        self.accounts
+            .quarantined()
+            .into_iter()
+            .map(|q| ConfigError {
+                file: self.accounts_path.clone(),
+                line: Some(q.line as usize),
+                message: format!(
+                    "account quarantined (its requests are answered 403 consent_record_invalid): {}",
+                    q.reason
+                ),
+            })
+            .collect()
+    }
 }
 
 /// Plan names of each product and the class each maps to.

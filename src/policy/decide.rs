@@ -1,7 +1,7 @@
-//! `decide`: the tables of spec §1 to §4 as one pure function.
+//! `decide`: the tables of spec §1 to spec §4 as one pure function.
 
 use super::basis::Basis;
-use super::facts::{Capability, PlanClass, PoolCatalog, PoolSet, Product, RequestFacts};
+use super::facts::{Capability, PlanClass, PoolCatalog, PoolSet, Product, RequestFacts, Tier};
 
 /// Whether input and output may be used to train models (spec §1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,16 +59,132 @@ pub struct GeoUse {
     pub basis: Basis,
 }
 
+/// One of the account's or the request's constraints that keep a pool
+/// serving the capability from being a candidate (spec §4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RouteConstraint {
+    /// The pool's subprocessor serves another product only (`6/purpose`).
+    Purpose,
+    /// The account opted out of the pool's subprocessor (`6/opt-out`).
+    SubprocessorOptOut,
+    /// The pool is outside the account's residency (`7/residency`).
+    Residency,
+    /// The request is `zdr` and the pool's subprocessor keeps input (`5/zdr`).
+    Zdr,
+}
+
+impl RouteConstraint {
+    /// Every constraint, in the order they are applied: a pool removed by
+    /// one is not counted again by a later one.
+    pub const ALL: [RouteConstraint; 4] = [
+        RouteConstraint::Purpose,
+        RouteConstraint::SubprocessorOptOut,
+        RouteConstraint::Residency,
+        RouteConstraint::Zdr,
+    ];
+
+    /// The basis id it is reported under.
+    pub const fn basis(self) -> Basis {
+        match self {
+            RouteConstraint::Purpose => Basis::Purpose,
+            RouteConstraint::SubprocessorOptOut => Basis::SubprocessorOptOut,
+            RouteConstraint::Residency => Basis::Residency,
+            RouteConstraint::Zdr => Basis::Zdr,
+        }
+    }
+}
+
+/// The pools that serve the capability but may not receive the request, by
+/// the constraint that removed them: the one name for "pools removed, by
+/// basis" that the 451 and 503 answers, `explain`, the audit log and the
+/// metrics all read.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RemovedPools([PoolSet; RouteConstraint::ALL.len()]);
+
+impl RemovedPools {
+    /// The pools `constraint` removed.
+    pub const fn by(&self, constraint: RouteConstraint) -> PoolSet {
+        self.0[constraint as usize]
+    }
+
+    /// Every removed pool.
+    pub fn all(&self) -> PoolSet {
+        self.0
+            .iter()
+            .fold(PoolSet::EMPTY, |all, set| all.union(*set))
+    }
+
+    /// Whether no pool was removed.
+    pub fn is_empty(&self) -> bool {
+        self.0.iter().all(|set| set.is_empty())
+    }
+
+    /// The bases of the constraints that removed at least one pool, in the
+    /// order they apply: what a 451 or 503 names.
+    pub fn constraints(&self) -> impl Iterator<Item = Basis> + '_ {
+        RouteConstraint::ALL
+            .into_iter()
+            .filter(|c| !self.by(*c).is_empty())
+            .map(RouteConstraint::basis)
+    }
+
+    /// Every removed pool (by index) with the basis that removed it,
+    /// constraint by constraint.
+    pub fn pools(&self) -> impl Iterator<Item = (usize, Basis)> + '_ {
+        RouteConstraint::ALL
+            .into_iter()
+            .flat_map(|c| self.by(c).iter().map(move |i| (i, c.basis())))
+    }
+
+    fn insert(&mut self, constraint: RouteConstraint, pool: usize) {
+        self.0[constraint as usize].insert(pool);
+    }
+}
+
 /// Where the request may go (spec §4): the permitted pools, and the pools
 /// that serve the capability but were removed, by reason.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RouteDecision {
     /// Pools that may receive the request.
     pub candidates: PoolSet,
-    /// Removed because the account opted out of their subprocessor (`6/opt-out`).
-    pub removed_opt_out: PoolSet,
-    /// Removed because they are outside the account's residency (`7/residency`).
-    pub removed_residency: PoolSet,
+    /// Pools that serve the capability but may not receive it, by reason.
+    pub removed: RemovedPools,
+}
+
+/// What serving a request from one candidate pool means (spec §4, EU first).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Served {
+    /// The priority tier of the pool.
+    pub tier: u32,
+    /// `7/eu-first-exception` when a lower candidate tier exists: the
+    /// request went to a tier the policy uses only in exceptional cases.
+    pub exception: Option<Basis>,
+}
+
+impl RouteDecision {
+    /// The candidates by priority tier, lowest first; routing uses the first
+    /// tier that still has a healthy address (policy §7: EU first).
+    pub fn tiers<'c>(&self, pools: &'c PoolCatalog) -> impl Iterator<Item = Tier> + 'c {
+        let candidates = self.candidates;
+        pools.tiers().iter().filter_map(move |t| {
+            let pools = t.pools.intersect(candidates);
+            (!pools.is_empty()).then_some(Tier {
+                priority: t.priority,
+                pools,
+            })
+        })
+    }
+
+    /// The tier of candidate `pool`, and whether serving from it is an
+    /// exception to EU first (a lower candidate tier exists).
+    pub fn served_by(&self, pools: &PoolCatalog, pool: usize) -> Served {
+        let tier = pools.get(pool).map_or(0, |p| p.priority);
+        let lowest = self.tiers(pools).next().map_or(tier, |t| t.priority);
+        Served {
+            tier,
+            exception: (tier > lowest).then_some(Basis::EuFirstException),
+        }
+    }
 }
 
 /// Everything the policy decided about one request, each part with its basis.
@@ -101,7 +217,7 @@ pub fn decide(pools: &PoolCatalog, facts: &RequestFacts<'_>) -> Decision {
         retention_basis,
         geo: geo_use(facts),
         forward_client_prefix: !facts.consents.ip_personalization_opt_out,
-        route: route(pools, facts),
+        route: route(pools, facts, retention),
     }
 }
 
@@ -114,11 +230,13 @@ fn training(f: &RequestFacts<'_>) -> (Training, Basis) {
     match product_plan {
         _ if c.restricted => (Denied, Basis::Limitation), // T1
         _ if f.capability == Capability::Connector => (Denied, Basis::ThirdParty), // T2
+        _ if f.capability == Capability::WebSearch => (Denied, Basis::ThirdPartyContent), // T2w
         Some(ApiPaid) => (Denied, Basis::ApiPaid),        // T3
+        Some(ApiFree) if c.zdr => (Denied, Basis::Zdr),   // TZ
         Some(ApiFree) if c.training_opt_out => (Denied, Basis::ApiObjection), // T4
         Some(ApiFree) => (Allowed, Basis::ApiFree),       // T5
-        Some(ChatTeam) if c.training_opt_in => (Allowed, Basis::TeamOptIn), // T6
-        Some(ChatTeam) => (Denied, Basis::Team),          // T7
+        Some(ChatTeam) if c.training_opt_in && !c.training_opt_out => (Allowed, Basis::TeamOptIn), // T6
+        Some(ChatTeam) => (Denied, Basis::Team), // T7
         Some(ChatIndividual) if f.capability == Capability::Feedback => (Allowed, Basis::Feedback), // T8
         Some(ChatIndividual) if c.training_opt_out => (Denied, Basis::ChatOptOut), // T9
         Some(ChatAnonymous) if f.global_privacy_control => (Denied, Basis::Gpc),   // T10
@@ -160,26 +278,32 @@ fn geo_use(f: &RequestFacts<'_>) -> GeoUse {
     GeoUse { lookup, basis }
 }
 
-/// Spec §4: the pools serving the capability, less those the account's
-/// subprocessor opt-outs and residency exclude.
-fn route(pools: &PoolCatalog, f: &RequestFacts<'_>) -> RouteDecision {
+/// Spec §4: the pools serving the capability, less those a constraint
+/// excludes; each removed pool is counted under the first constraint (in
+/// [`RouteConstraint::ALL`] order) that excludes it.
+fn route(pools: &PoolCatalog, f: &RequestFacts<'_>, retention: Retention) -> RouteDecision {
     let serving = pools.serving(f.capability);
-    let mut removed_opt_out = PoolSet::EMPTY;
-    let mut removed_residency = PoolSet::EMPTY;
+    let mut removed = RemovedPools::default();
     let c = f.consents;
-    if !c.subprocessor_opt_outs.is_empty() || c.residency.is_some() {
-        for i in serving.iter() {
-            let Some(pool) = pools.get(i) else { continue };
-            if c.subprocessor_opt_outs.contains(pool.subprocessor) {
-                removed_opt_out.insert(i);
-            } else if c.residency.is_some_and(|r| r != pool.region) {
-                removed_residency.insert(i);
-            }
+    for i in serving.iter() {
+        let Some(pool) = pools.get(i) else { continue };
+        let excluded_by = if !pool.products.contains(f.product) {
+            Some(RouteConstraint::Purpose)
+        } else if c.subprocessor_opt_outs.contains(pool.subprocessor) {
+            Some(RouteConstraint::SubprocessorOptOut)
+        } else if c.residency.is_some_and(|r| r != pool.region) {
+            Some(RouteConstraint::Residency)
+        } else if retention == Retention::Zdr && pool.retains_input.is_some() {
+            Some(RouteConstraint::Zdr)
+        } else {
+            None
+        };
+        if let Some(constraint) = excluded_by {
+            removed.insert(constraint, i);
         }
     }
     RouteDecision {
-        candidates: serving.without(removed_opt_out).without(removed_residency),
-        removed_opt_out,
-        removed_residency,
+        candidates: serving.without(removed.all()),
+        removed,
     }
 }

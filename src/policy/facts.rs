@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::time::Duration;
 
 /// Which of the provider's services the request belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -42,17 +43,58 @@ impl fmt::Display for Product {
     }
 }
 
+/// The products a pool may serve (spec §4, `products`): a subprocessor's
+/// purpose can cover one product only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProductSet(u8);
+
+impl ProductSet {
+    /// Both products: the default of a pool that declares none.
+    pub const BOTH: ProductSet = ProductSet(0b11);
+    /// No product.
+    pub const EMPTY: ProductSet = ProductSet(0);
+
+    const fn bit(p: Product) -> u8 {
+        match p {
+            Product::Api => 1,
+            Product::Chat => 2,
+        }
+    }
+    /// One product only.
+    pub const fn only(p: Product) -> ProductSet {
+        ProductSet(Self::bit(p))
+    }
+    /// Adds one product.
+    pub fn insert(&mut self, p: Product) {
+        self.0 |= Self::bit(p);
+    }
+    /// Whether the set holds `p`.
+    pub const fn contains(self, p: Product) -> bool {
+        self.0 & Self::bit(p) != 0
+    }
+    /// Whether the set is empty.
+    pub const fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+}
+
+impl Default for ProductSet {
+    fn default() -> Self {
+        ProductSet::BOTH
+    }
+}
+
 /// The kind of plan the policy distinguishes; plan *names* map onto these in
 /// the rules file, so a new commercial plan needs no code change.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum PlanClass {
-    /// La Plateforme free tier (§3.4.2).
+    /// La Plateforme free tier (policy §3.4.2).
     ApiFree,
-    /// La Plateforme paid services (§3.4.2).
+    /// La Plateforme paid services (policy §3.4.2).
     ApiPaid,
-    /// Le Chat Free, Pro, Student (§3.4.3).
+    /// Le Chat Free, Pro, Student (policy §3.4.3).
     ChatIndividual,
-    /// Le Chat Team (§3.4.3).
+    /// Le Chat Team (policy §3.4.3).
     ChatTeam,
     /// Le Chat without an account.
     ChatAnonymous,
@@ -235,6 +277,10 @@ impl PoolSet {
     pub const fn intersect(self, other: PoolSet) -> PoolSet {
         PoolSet(self.0 & other.0)
     }
+    /// The pools in either set.
+    pub const fn union(self, other: PoolSet) -> PoolSet {
+        PoolSet(self.0 | other.0)
+    }
     /// The pools of `self` that are not in `other`.
     pub const fn without(self, other: PoolSet) -> PoolSet {
         PoolSet(self.0 & !other.0)
@@ -254,7 +300,8 @@ impl PoolSet {
 }
 
 /// What the policy needs to know of one upstream pool: who runs it, where,
-/// and what it serves. Addresses and health live in `routing`, not here.
+/// what it serves, and on which terms. Addresses and health live in
+/// `routing`, not here.
 #[derive(Clone, Debug)]
 pub struct PoolProfile {
     /// Index of the subprocessor that runs the pool.
@@ -263,6 +310,37 @@ pub struct PoolProfile {
     pub region: RegionId,
     /// What the pool serves.
     pub capabilities: CapabilitySet,
+    /// The products it may serve (policy §6: a subprocessor's purpose).
+    pub products: ProductSet,
+    /// How long the subprocessor keeps input, when it keeps any (policy §6):
+    /// such a pool never receives a `zdr` request.
+    pub retains_input: Option<Duration>,
+    /// Lower first: a tier is used only while every lower one is down
+    /// (policy §7, EU first).
+    pub priority: u32,
+}
+
+impl PoolProfile {
+    /// A pool for both products, keeping no input, at priority 0.
+    pub fn new(subprocessor: usize, region: RegionId, capabilities: CapabilitySet) -> Self {
+        PoolProfile {
+            subprocessor,
+            region,
+            capabilities,
+            products: ProductSet::BOTH,
+            retains_input: None,
+            priority: 0,
+        }
+    }
+}
+
+/// The candidates of one priority tier.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tier {
+    /// The tier's priority (lower first).
+    pub priority: u32,
+    /// Its pools.
+    pub pools: PoolSet,
 }
 
 /// Every pool of the configuration, as the policy sees them.
@@ -270,25 +348,49 @@ pub struct PoolProfile {
 pub struct PoolCatalog {
     pools: Vec<PoolProfile>,
     serving: [PoolSet; Capability::ALL.len()],
+    /// Every pool by priority, lowest first; no tier is empty.
+    tiers: Vec<Tier>,
 }
 
 impl PoolCatalog {
     /// Builds the catalogue; at most [`MAX_POOLS`] pools (checked by config validation).
     pub fn new(pools: Vec<PoolProfile>) -> Self {
         let mut serving = [PoolSet::EMPTY; Capability::ALL.len()];
+        let mut tiers: Vec<Tier> = Vec::new();
         for (i, pool) in pools.iter().enumerate().take(MAX_POOLS) {
             for c in Capability::ALL {
                 if pool.capabilities.contains(c) {
                     serving[c as usize].insert(i);
                 }
             }
+            match tiers.iter_mut().find(|t| t.priority == pool.priority) {
+                Some(tier) => tier.pools.insert(i),
+                None => {
+                    let mut set = PoolSet::EMPTY;
+                    set.insert(i);
+                    tiers.push(Tier {
+                        priority: pool.priority,
+                        pools: set,
+                    });
+                }
+            }
         }
-        PoolCatalog { pools, serving }
+        tiers.sort_by_key(|t| t.priority);
+        PoolCatalog {
+            pools,
+            serving,
+            tiers,
+        }
     }
 
     /// The pools that serve `capability`.
     pub fn serving(&self, capability: Capability) -> PoolSet {
         self.serving[capability as usize]
+    }
+
+    /// Every pool by priority tier, lowest first.
+    pub fn tiers(&self) -> &[Tier] {
+        &self.tiers
     }
 
     /// One pool's profile.
@@ -307,22 +409,22 @@ impl PoolCatalog {
     }
 }
 
-/// The consents and rights an account has exercised (spec §0, §5).
+/// The consents and rights an account has exercised (spec §0 and spec §5).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Consents {
-    /// Objection / opt-out of training (§3.4.2, §3.4.3).
+    /// Objection / opt-out of training (policy §3.4.2, policy §3.4.3, policy §8).
     pub training_opt_out: bool,
-    /// Team workspace opted in to training (§3.4.3).
+    /// Team workspace opted in to training (policy §3.4.3).
     pub training_opt_in: bool,
-    /// Zero data retention (§5).
+    /// Zero data retention (policy §5).
     pub zdr: bool,
-    /// No IP-based personalisation: no country lookup, no address forwarded (§3.1).
+    /// No IP-based personalisation: no country lookup, no address forwarded (policy §3.1).
     pub ip_personalization_opt_out: bool,
-    /// Subprocessors the account opted out of (§6).
+    /// Subprocessors the account opted out of (policy §6).
     pub subprocessor_opt_outs: SubprocessorSet,
-    /// Only pools in this region may be used (§7).
+    /// Only pools in this region may be used (policy §7).
     pub residency: Option<RegionId>,
-    /// Right to limitation (§8).
+    /// Right to limitation (policy §8).
     pub restricted: bool,
 }
 

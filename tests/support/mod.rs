@@ -206,13 +206,19 @@ pub struct Gateway {
 
 /// Full client addresses the tests send from or claim; none may ever appear
 /// in a log or audit line of the gateway.
-pub const FULL_ADDRESSES: [&str; 6] = [
+pub const FULL_ADDRESSES: [&str; 10] = [
     CLIENT_V4,
     "198.51.100.23",
     "198.51.100.200",
     "203.0.113.77",
     "2001:db8:1234:5678::abcd",
     "127.45.1.1",
+    // 203.0.113.77 carried by 6to4, NAT64 and Teredo addresses (spec §3).
+    "2002:cb00:714d",
+    "64:ff9b::cb00:714d",
+    "34ff:8eb2",
+    // 198.51.100.23 over 6to4.
+    "2002:c633:6417",
 ];
 
 impl Drop for Gateway {
@@ -470,6 +476,21 @@ pub fn signed_headers(r: &Recorded) -> Vec<(String, String)> {
                 || n == "x-forwarded-for"
         })
         .cloned()
+        .collect()
+}
+
+/// The value of one series (e.g. `name{label="v"}`) in Prometheus text; 0 when absent.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map_or(0.0, |v| v.trim().parse().expect("a metric value"))
+}
+
+/// The audit lines written so far, as JSON.
+pub fn audit_json(gw: &Gateway) -> Vec<serde_json::Value> {
+    gw.audit_lines()
+        .iter()
+        .map(|l| serde_json::from_str(l).expect("an audit line is JSON"))
         .collect()
 }
 
