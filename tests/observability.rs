@@ -399,26 +399,30 @@ async fn metrics_parse_and_move_as_requests_pass() {
     let before = parse_prometheus(&before);
     let c = client();
     for _ in 0..5 {
-        support::post_as(
+        let status = support::post_as(
             &c,
             &gw.api_url("/v1/chat/completions"),
             "demo-api-no-cerebras",
         )
         .await;
+        assert_eq!(status, 200);
     }
-    support::post_as(
+    let status = support::post_as(
         &c,
         &gw.api_url("/v1/images/generations"),
         "demo-api-eu-only",
     )
     .await;
+    assert_eq!(status, 451);
     // Metrics are counted when a request's last phase ends, just after the
-    // client has its answer: wait (bounded) for the last one.
+    // client has its answer: wait (bounded) for the last one, by the last
+    // metric a request updates (the overhead histogram).
     let basis = r#"privacy_gateway_decisions_total{basis="3.4.2/paid",part="training"}"#;
+    let overhead = "privacy_gateway_overhead_seconds_count";
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     let after = loop {
         let after = parse_prometheus(&gw.admin_get("/metrics").await.1);
-        if sample(&after, basis) >= 6.0 || std::time::Instant::now() > deadline {
+        if sample(&after, overhead) >= 6.0 || std::time::Instant::now() > deadline {
             break after;
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
@@ -429,7 +433,7 @@ async fn metrics_parse_and_move_as_requests_pass() {
         5.0,
         "{after:?}"
     );
-    assert_eq!(sample(&after, basis), 6.0);
+    assert_eq!(sample(&after, basis), 6.0, "{after:?}");
     let removed = r#"privacy_gateway_routes_removed_total{pool="cerebras",reason="6/opt-out"}"#;
     assert_eq!(sample(&after, removed), 5.0);
     let residency =
