@@ -12,6 +12,7 @@
 //! - [`evaluate`]: one request head -> facts -> decision (shared by the proxy and tools).
 //! - [`explain`]: the decision for a described request, as JSON.
 //! - [`routing`]: pool addresses and the choice among permitted pools.
+//! - [`credential`]: the operator's credential for a pool, from a secret file.
 //! - [`health`]: active and passive health of pool addresses.
 //! - [`stamp`]: the upstream header contract and its signature.
 //! - [`proxy`]: the Pingora `ProxyHttp` adapter.
@@ -32,6 +33,7 @@ pub mod audit;
 pub mod capability;
 pub mod client_ip;
 pub mod config;
+pub mod credential;
 pub mod echo;
 pub mod evaluate;
 pub mod explain;

@@ -65,12 +65,22 @@ impl log::Log for LogBridge {
     fn flush(&self) {}
 }
 
+/// Libraries whose debug and trace logs print request heads or wire bytes
+/// (the client's key, a pool's credential, the client's address): never
+/// below `info`, whatever `RUST_LOG` asks.
+const HEAD_PRINTING_LIBRARIES: [&str; 4] = ["pingora_core", "pingora_proxy", "h2", "hyper"];
+
 /// Sends every diagnostic line to standard error, as JSON lines when
 /// `json`; `RUST_LOG` sets the levels (default [`DEFAULT_FILTER`]).
 /// Standard output is left to the audit log when it is `-`.
 pub fn init(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_FILTER));
+    for library in HEAD_PRINTING_LIBRARIES {
+        if let Ok(cap) = format!("{library}=info").parse() {
+            filter = filter.add_directive(cap);
+        }
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

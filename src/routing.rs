@@ -11,6 +11,7 @@ use pingora::tls::x509::X509;
 use pingora::upstreams::peer::HttpPeer;
 use thiserror::Error;
 
+use crate::credential::UpstreamCredential;
 use crate::health::{CheckSpec, EndpointHealth, EndpointKey, HealthRegistry};
 use crate::metrics::EndpointCounters;
 use crate::policy::PoolSet;
@@ -158,6 +159,8 @@ pub struct PoolUpstream {
     pub ca: Option<Arc<Box<[X509]>>>,
     /// Active health checks, when configured.
     pub health_check: Option<CheckSpec>,
+    /// The operator's credential, sent on every request to the pool.
+    pub credential: Option<UpstreamCredential>,
     next_endpoint: AtomicUsize,
 }
 
@@ -189,8 +192,15 @@ impl PoolUpstream {
             endpoints,
             ca,
             health_check,
+            credential: None,
             next_endpoint: AtomicUsize::new(0),
         }
+    }
+
+    /// The same pool, sending `credential` on every request.
+    pub fn with_credential(mut self, credential: Option<UpstreamCredential>) -> Self {
+        self.credential = credential;
+        self
     }
 
     /// Whether any address of the pool can take requests now.
@@ -249,6 +259,14 @@ impl Upstreams {
             .get(target.endpoint)?
             .counters
             .as_ref()
+    }
+
+    /// Every header a pool's credential is sent in: a client may neither
+    /// send one (to any pool) nor receive one.
+    pub fn credential_headers(&self) -> impl Iterator<Item = &http::HeaderName> {
+        self.pools
+            .iter()
+            .filter_map(|p| p.credential.as_ref().map(UpstreamCredential::header))
     }
 
     /// The weight of pool `pool` among the candidates now: its configured

@@ -278,6 +278,22 @@ pub struct PoolEntry {
     /// Active health checks of the pool's addresses; none when absent.
     #[serde(default)]
     pub health_check: Option<HealthCheckEntry>,
+    /// The operator's credential for this pool, sent on every request to it.
+    #[serde(default)]
+    pub credential: Option<CredentialEntry>,
+}
+
+/// `[pool.credential]`: `header: <prefix><contents of secret_file>`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialEntry {
+    /// The header, e.g. `authorization` or `api-key`.
+    pub header: String,
+    /// Text before the secret, e.g. `Bearer ` (default none).
+    #[serde(default)]
+    pub prefix: Option<String>,
+    /// File holding the secret (relative to gateway.toml's folder); reloaded when it changes.
+    pub secret_file: PathBuf,
 }
 
 /// One pool address.

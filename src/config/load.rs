@@ -74,6 +74,10 @@ pub fn load(
                 .iter()
                 .filter_map(|p| p.get_ref().tls_ca_file.as_ref().map(|f| base.join(f))),
         );
+        sources.extend(file.pools.iter().filter_map(|p| {
+            let credential = p.get_ref().credential.as_ref();
+            credential.map(|c| base.join(&c.secret_file))
+        }));
         errors.append(&mut p.errors);
         pools
     });

@@ -8,6 +8,7 @@ use pingora::tls::x509::X509;
 use super::diagnostics::{is_token, FileErrors};
 use super::files::{AddressEntry, HealthCheckEntry, PoolsFile};
 use super::load::LoadOptions;
+use crate::credential::UpstreamCredential;
 use crate::health::{CheckSpec, Probe, Thresholds};
 use crate::policy::{
     Capability, CapabilitySet, PoolCatalog, PoolProfile, Product, ProductSet, RegionId, MAX_POOLS,
@@ -197,15 +198,24 @@ pub(super) fn compile_pools(
             retains_input,
             priority: pool.priority.unwrap_or(0),
         });
-        upstreams.push(PoolUpstream::new(
-            pool.name.clone(),
-            pool.subprocessor.clone(),
-            pool.region.clone(),
-            weight.max(1),
-            endpoints,
-            ca,
-            health_check,
-        ));
+        let credential = pool.credential.as_ref().and_then(|c| {
+            let prefix = c.prefix.as_deref().unwrap_or_default();
+            UpstreamCredential::load(&c.header, prefix, &base.join(&c.secret_file))
+                .map_err(|e| p.at_span(span.clone(), format!("pool `{}`: {e}", pool.name)))
+                .ok()
+        });
+        upstreams.push(
+            PoolUpstream::new(
+                pool.name.clone(),
+                pool.subprocessor.clone(),
+                pool.region.clone(),
+                weight.max(1),
+                endpoints,
+                ca,
+                health_check,
+            )
+            .with_credential(credential),
+        );
     }
     Pools {
         catalog: PoolCatalog::new(profiles),

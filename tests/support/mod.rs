@@ -251,6 +251,12 @@ pub fn binary() -> PathBuf {
 impl Gateway {
     /// Writes `config`, starts the gateway, and waits until both listeners accept.
     pub fn start(config: &TestConfig) -> Gateway {
+        Self::start_logging(config, "info")
+    }
+
+    /// [`Self::start`] with `RUST_LOG=rust_log` (e.g. `trace`, to show that
+    /// even the most verbose logs hold no secret).
+    pub fn start_logging(config: &TestConfig, rust_log: &str) -> Gateway {
         let dir = tempfile::tempdir().expect("tempdir");
         let host: IpAddr = config.listen_host.parse().expect("listen host");
         let api = SocketAddr::new(host, free_port());
@@ -293,7 +299,7 @@ impl Gateway {
         for (name, bytes) in &config.attachments {
             write(name, bytes);
         }
-        let child = spawn(dir.path(), "gateway.log", false);
+        let child = spawn(dir.path(), "gateway.log", false, rust_log);
         let mut gateway = Gateway {
             child,
             dir,
@@ -326,7 +332,7 @@ impl Gateway {
     /// (logging to `upgrade.log`): it takes the listeners over once the
     /// running one is sent `SIGQUIT`.
     pub fn start_upgrade(&self) -> Child {
-        spawn(self.dir.path(), "upgrade.log", true)
+        spawn(self.dir.path(), "upgrade.log", true, "info")
     }
 
     /// Where the new process of an upgrade waits for the listening sockets
@@ -412,7 +418,7 @@ impl Gateway {
 
 /// Starts the gateway binary on `dir/gateway.toml`, logging to `dir/log`
 /// (standard output, where `[audit] path = "-"` writes, to `dir/log.stdout`).
-fn spawn(dir: &Path, log: &str, upgrade: bool) -> Child {
+fn spawn(dir: &Path, log: &str, upgrade: bool, rust_log: &str) -> Child {
     let stdout = std::fs::File::create(dir.join(format!("{log}.stdout"))).expect("stdout file");
     let log = std::fs::File::create(dir.join(log)).expect("log file");
     let mut command = Command::new(binary());
@@ -424,7 +430,7 @@ fn spawn(dir: &Path, log: &str, upgrade: bool) -> Child {
         command.arg("--upgrade");
     }
     command
-        .env("RUST_LOG", "info")
+        .env("RUST_LOG", rust_log)
         .stdout(stdout)
         .stderr(log)
         .stdin(Stdio::null())
