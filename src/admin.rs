@@ -1,7 +1,10 @@
-//! The admin listener: `/metrics` (Prometheus text), `/healthz` (the process
-//! is up) and `/readyz` (every listener accepting, not stopping, and a
-//! healthy pool for every capability a pool serves).
+//! The admin listener: `/metrics` (Prometheus text, behind a bearer token
+//! when one is configured), `/healthz` (the process is up) and `/readyz`
+//! (every listener accepting, not stopping, and a healthy pool for every
+//! capability a pool serves; with the policy version serving). Probes need
+//! no token.
 
+use std::path::Path;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -13,6 +16,40 @@ use crate::config::SnapshotHandle;
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
 use crate::policy::Capability;
+
+/// The bearer token `/metrics` requires, kept only as its SHA-256 so that
+/// comparing a presented token reveals nothing about it.
+#[derive(Clone)]
+pub struct AdminToken([u8; 32]);
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminToken(..)")
+    }
+}
+
+impl AdminToken {
+    /// Reads the token from `path` (surrounding whitespace dropped; at least 16 bytes).
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let bytes = std::fs::read(path)
+            .map_err(|e| format!("cannot read admin token {}: {e}", path.display()))?;
+        let token = bytes.trim_ascii();
+        if token.len() < 16 {
+            return Err(format!(
+                "admin token {} is shorter than 16 bytes",
+                path.display()
+            ));
+        }
+        Ok(AdminToken(crate::config::hash_api_key(token)))
+    }
+
+    /// Whether an `Authorization` header value presents this token.
+    pub fn accepts(&self, authorization: Option<&[u8]>) -> bool {
+        authorization
+            .and_then(|v| v.strip_prefix(b"Bearer "))
+            .is_some_and(|presented| crate::config::hash_api_key(presented.trim_ascii()) == self.0)
+    }
+}
 
 /// Serves the admin endpoints.
 pub struct AdminApp {
@@ -67,8 +104,27 @@ impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         match session.req_header().uri.path() {
             "/metrics" => {
-                self.metrics.refresh_pool_gauges(&self.snapshots.current());
-                reply(200, "text/plain; version=0.0.4", self.metrics.render())
+                let snapshot = self.snapshots.current();
+                let authorization = session
+                    .req_header()
+                    .headers
+                    .get(http::header::AUTHORIZATION)
+                    .map(|v| v.as_bytes());
+                match &snapshot.admin_token {
+                    Some(token) if !token.accepts(authorization) => {
+                        let mut refused =
+                            reply(401, "text/plain", "bearer token required\n".into());
+                        refused.headers_mut().insert(
+                            http::header::WWW_AUTHENTICATE,
+                            http::HeaderValue::from_static("Bearer"),
+                        );
+                        refused
+                    }
+                    _ => {
+                        self.metrics.refresh_pool_gauges(&snapshot);
+                        reply(200, "text/plain; version=0.0.4", self.metrics.render())
+                    }
+                }
             }
             "/healthz" => reply(200, "text/plain", "ok\n".into()),
             "/readyz" => {

@@ -135,17 +135,9 @@ fn tls_pools(upstream: &TlsUpstream) -> String {
 /// A gateway whose chat pools are `upstream`, trusting `trusted_ca` for them.
 fn gateway(upstream: &TlsUpstream, trusted_ca: &CertifiedIssuer<'static, KeyPair>) -> Gateway {
     Gateway::start(&TestConfig {
-        rules: shipped("rules.toml"),
-        pools: tls_pools(upstream),
-        accounts: shipped("accounts.jsonl"),
         trust: String::new(),
-        extra_files: String::new(),
-        extra_tables: String::new(),
         attachments: vec![(CA_FILE.into(), trusted_ca.pem().into_bytes())],
-        listen_host: "127.0.0.1".into(),
-        ejection_ms: 5000,
-        configmap_layout: false,
-        audit: "path = \"audit.jsonl\"\n".into(),
+        ..TestConfig::shipped_with_pools(tls_pools(upstream))
     })
 }
 

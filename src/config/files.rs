@@ -48,6 +48,9 @@ pub struct GatewayFile {
 pub struct AdminEntry {
     /// `host:port` of `/metrics`, `/healthz`, `/readyz`; keep it off the public network.
     pub address: Spanned<String>,
+    /// File holding a bearer token `/metrics` then requires (health endpoints stay open).
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
 }
 
 /// `[audit]`.

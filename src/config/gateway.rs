@@ -9,6 +9,7 @@ use ipnet::IpNet;
 use super::diagnostics::FileErrors;
 use super::files::GatewayFile;
 use super::snapshot::{GatewaySettings, Listener};
+use crate::admin::AdminToken;
 use crate::audit::AuditTarget;
 use crate::client_ip::TrustedProxies;
 use crate::policy::Product;
@@ -23,7 +24,8 @@ pub(super) struct Gateway {
     pub identity_header: Option<HeaderName>,
     pub signing_key: Option<SigningKey>,
     pub timeouts: UpstreamTimeouts,
-    /// Files named here that the snapshot depends on (the signing key).
+    pub admin_token: Option<AdminToken>,
+    /// Files named here that the snapshot depends on (the signing key, the admin token).
     pub sources: Vec<PathBuf>,
 }
 
@@ -91,6 +93,15 @@ pub(super) fn compile_gateway(
             }
         }
     };
+    let admin_token = gateway
+        .admin
+        .as_ref()
+        .and_then(|a| a.token_file.as_ref())
+        .and_then(|file| {
+            let path = base.join(file);
+            sources.push(path.clone());
+            AdminToken::load(&path).map_err(|e| g.at_line(None, e)).ok()
+        });
     let timeouts = {
         let d = UpstreamTimeouts::default();
         let ms = std::time::Duration::from_millis;
@@ -106,6 +117,7 @@ pub(super) fn compile_gateway(
         identity_header,
         signing_key,
         timeouts,
+        admin_token,
         sources,
     }
 }

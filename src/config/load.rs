@@ -160,6 +160,7 @@ pub fn load(
         trusted_proxies: gateway.trusted_proxies,
         identity_header: gateway.identity_header,
         signing_key: gateway.signing_key,
+        admin_token: gateway.admin_token,
         sources,
     };
     Ok((gateway.settings, snapshot))

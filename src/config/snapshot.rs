@@ -84,6 +84,8 @@ pub struct Snapshot {
     pub identity_header: Option<HeaderName>,
     /// Key for `x-privacy-signature`.
     pub signing_key: Option<SigningKey>,
+    /// The bearer token `/metrics` requires, when configured.
+    pub admin_token: Option<crate::admin::AdminToken>,
     /// Every file the snapshot was built from (what a reload watches).
     pub sources: Vec<PathBuf>,
 }

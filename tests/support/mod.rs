@@ -152,14 +152,25 @@ pub struct TestConfig {
     /// Lay the files out as a Kubernetes ConfigMap volume does: each a
     /// symlink through `..data` to a timestamped folder.
     pub configmap_layout: bool,
+    /// Lines for the `[admin]` table beyond its address (e.g. `token_file = ...`).
+    pub admin: String,
+    /// Lines for the api `[[listener]]` beyond address and product (e.g. TLS).
+    pub api_listener: String,
+    /// Lines for the chat `[[listener]]` beyond address and product.
+    pub chat_listener: String,
 }
 
 impl TestConfig {
     /// The shipped rules and accounts, pools pointing at `upstreams`.
     pub fn shipped_with(upstreams: &Upstreams) -> Self {
+        Self::shipped_with_pools(pools_with_addresses(&upstreams.addresses()))
+    }
+
+    /// The shipped rules and accounts with `pools`.
+    pub fn shipped_with_pools(pools: String) -> Self {
         TestConfig {
             rules: shipped("rules.toml"),
-            pools: pools_with_addresses(&upstreams.addresses()),
+            pools,
             accounts: shipped("accounts.jsonl"),
             trust: "identity_header = \"x-authenticated-account\"\n".into(),
             extra_files: String::new(),
@@ -169,6 +180,9 @@ impl TestConfig {
             ejection_ms: 5000,
             configmap_layout: false,
             audit: "path = \"audit.jsonl\"\n".into(),
+            admin: String::new(),
+            api_listener: String::new(),
+            chat_listener: String::new(),
         }
     }
 }
@@ -263,16 +277,19 @@ impl Gateway {
         let chat = SocketAddr::new(host, free_port());
         let admin = SocketAddr::new("127.0.0.1".parse().expect("loopback"), free_port());
         let gateway = format!(
-            "threads = 1\n\n[[listener]]\naddress = \"{api}\"\nproduct = \"api\"\n\n[[listener]]\naddress = \"{chat}\"\nproduct = \"chat\"\n\n\
+            "threads = 1\n\n[[listener]]\naddress = \"{api}\"\nproduct = \"api\"\n{}\n\n[[listener]]\naddress = \"{chat}\"\nproduct = \"chat\"\n{}\n\n\
              [files]\nrules = \"rules.toml\"\npools = \"pools.toml\"\naccounts = \"accounts.jsonl\"\n{}\n\n[trust]\n{}\n\n\
              [upstream]\nconnect_timeout_ms = 500\nread_timeout_ms = 10000\nejection_ms = {}\n\n\
              [process]\nupgrade_sock = \"{}\"\npid_file = \"{}\"\ngrace_period_seconds = 1\ngraceful_shutdown_timeout_seconds = 5\n\n\
-             [admin]\naddress = \"{admin}\"\n\n[audit]\n{}\n\n{}\n",
+             [admin]\naddress = \"{admin}\"\n{}\n\n[audit]\n{}\n\n{}\n",
+            config.api_listener,
+            config.chat_listener,
             config.extra_files,
             config.trust,
             config.ejection_ms,
             dir.path().join("run").join("upgrade.sock").display(),
             dir.path().join("gateway.pid").display(),
+            config.admin,
             config.audit,
             config.extra_tables
         );
