@@ -24,6 +24,7 @@
 //! - [`lifecycle`]: listening sockets bound up front; upgrades and stops that lose no request.
 //! - [`logging`]: diagnostic logs, Pingora's included, at the levels an operator needs.
 //! - [`preflight`]: what `run` needs from the host (writable paths, a private upgrade socket).
+//! - [`tls_listener`]: a listener's certificate, taken from the snapshot at each handshake.
 //! - [`echo`]: echo upstreams for `demo` and tests.
 
 #![warn(missing_docs)]
@@ -51,4 +52,5 @@ pub mod reload;
 pub mod routing;
 pub mod server;
 pub mod stamp;
+pub mod tls_listener;
 pub mod view;

@@ -6,6 +6,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::time::Duration;
 
+use pingora::apps::HttpServerOptions;
 use pingora::proxy::http_proxy;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{RunArgs, Server};
@@ -20,6 +21,7 @@ use crate::lifecycle::{Drain, Lifecycle, Lingering, Listening, Signals};
 use crate::observe::Observers;
 use crate::proxy::PrivacyProxy;
 use crate::reload::{ReloadService, Reloader};
+use crate::tls_listener;
 
 /// After the last request, how long Pingora waits for its runtimes' blocking
 /// work (a reload being compiled) before the process ends.
@@ -99,7 +101,7 @@ pub fn build(
     server.bootstrap();
     for listener in &settings.listeners {
         let name = format!("privacy-gateway {} {}", listener.product, listener.address);
-        let proxy = http_proxy(
+        let mut proxy = http_proxy(
             &server.configuration,
             PrivacyProxy::new(
                 snapshots.clone(),
@@ -108,8 +110,22 @@ pub fn build(
                 lifecycle,
             ),
         );
+        if listener.h2c {
+            let mut options = HttpServerOptions::default();
+            options.h2c = true;
+            proxy.server_options = Some(options);
+        }
         let mut service = Service::new(name, Lingering::new(proxy));
-        service.add_tcp(&listener.address.to_string());
+        let address = listener.address.to_string();
+        match &listener.tls {
+            None => service.add_tcp(&address),
+            Some(_) => {
+                let tls = tls_listener::settings(snapshots.clone(), listener.address).expect(
+                    "an OpenSSL acceptor with Mozilla's intermediate settings can be built",
+                );
+                service.add_tls_with_settings(&address, None, tls);
+            }
+        }
         server.add_service(Listening::new(
             service,
             listener.address,

@@ -104,6 +104,22 @@ pub struct ListenerEntry {
     pub address: String,
     /// `api` or `chat`: the product of requests that carry no credentials.
     pub product: String,
+    /// Accept HTTP/2 with prior knowledge on this cleartext listener (default false).
+    #[serde(default)]
+    pub h2c: bool,
+    /// Serve TLS (ALPN `h2`, `http/1.1`) with this certificate and key.
+    #[serde(default)]
+    pub tls: Option<ListenerTlsEntry>,
+}
+
+/// `[listener.tls]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerTlsEntry {
+    /// PEM certificate chain, leaf first (relative to gateway.toml's folder).
+    pub cert_file: PathBuf,
+    /// PEM private key of the leaf.
+    pub key_file: PathBuf,
 }
 
 /// `[files]`.

@@ -2,19 +2,21 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use http::HeaderName;
 use ipnet::IpNet;
 
 use super::diagnostics::FileErrors;
 use super::files::GatewayFile;
-use super::snapshot::{GatewaySettings, Listener};
+use super::snapshot::{GatewaySettings, Listener, ListenerTls};
 use crate::admin::AdminToken;
 use crate::audit::AuditTarget;
 use crate::client_ip::TrustedProxies;
 use crate::policy::Product;
 use crate::routing::UpstreamTimeouts;
 use crate::stamp::SigningKey;
+use crate::tls_listener::ServerCertificate;
 
 /// `gateway.toml`, compiled: the process settings and what the snapshot
 /// takes from it.
@@ -25,6 +27,7 @@ pub(super) struct Gateway {
     pub signing_key: Option<SigningKey>,
     pub timeouts: UpstreamTimeouts,
     pub admin_token: Option<AdminToken>,
+    pub tls_certificates: Vec<(SocketAddr, Arc<ServerCertificate>)>,
     /// Files named here that the snapshot depends on (the signing key, the admin token).
     pub sources: Vec<PathBuf>,
 }
@@ -102,6 +105,15 @@ pub(super) fn compile_gateway(
             sources.push(path.clone());
             AdminToken::load(&path).map_err(|e| g.at_line(None, e)).ok()
         });
+    let mut tls_certificates = Vec::new();
+    for listener in &settings.listeners {
+        let Some(tls) = &listener.tls else { continue };
+        sources.extend([tls.cert_file.clone(), tls.key_file.clone()]);
+        match ServerCertificate::load(&tls.cert_file, &tls.key_file) {
+            Ok(c) => tls_certificates.push((listener.address, Arc::new(c))),
+            Err(e) => g.at_line(None, e),
+        }
+    }
     let timeouts = {
         let d = UpstreamTimeouts::default();
         let ms = std::time::Duration::from_millis;
@@ -118,6 +130,7 @@ pub(super) fn compile_gateway(
         signing_key,
         timeouts,
         admin_token,
+        tls_certificates,
         sources,
     }
 }
@@ -147,6 +160,16 @@ fn gateway_settings(gateway: &GatewayFile, base: &Path, g: &mut FileErrors<'_>) 
         let l = entry.get_ref();
         let address = l.address.parse::<SocketAddr>();
         let product = l.product.parse::<Product>();
+        if l.h2c && l.tls.is_some() {
+            g.at_span(
+                span.clone(),
+                "h2c is for cleartext listeners; a TLS listener offers h2 through ALPN",
+            );
+        }
+        let tls = l.tls.as_ref().map(|t| ListenerTls {
+            cert_file: base.join(&t.cert_file),
+            key_file: base.join(&t.key_file),
+        });
         match (address, product) {
             (Ok(address), Ok(product)) => {
                 if let Some(other) = listeners
@@ -161,7 +184,12 @@ fn gateway_settings(gateway: &GatewayFile, base: &Path, g: &mut FileErrors<'_>) 
                         ),
                     );
                 }
-                listeners.push(Listener { address, product })
+                listeners.push(Listener {
+                    address,
+                    product,
+                    h2c: l.h2c,
+                    tls,
+                })
             }
             (Err(_), _) => g.at_span(
                 span,

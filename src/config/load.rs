@@ -161,6 +161,7 @@ pub fn load(
         identity_header: gateway.identity_header,
         signing_key: gateway.signing_key,
         admin_token: gateway.admin_token,
+        tls_certificates: gateway.tls_certificates,
         sources,
     };
     Ok((gateway.settings, snapshot))

@@ -2,6 +2,8 @@
 //! generated configuration, in front of recording echo upstreams, one per pool.
 #![allow(dead_code)]
 
+pub mod tls;
+
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -456,7 +458,7 @@ fn spawn(dir: &Path, log: &str, upgrade: bool, rust_log: &str) -> Child {
 }
 
 /// Writes `files` into `dir/version/` and points `dir/..data` at it atomically.
-fn configmap_publish(dir: &Path, version: &str, files: &[(&str, &[u8])]) {
+pub fn configmap_publish(dir: &Path, version: &str, files: &[(&str, &[u8])]) {
     std::fs::create_dir(dir.join(version)).expect("version folder");
     for (name, bytes) in files {
         std::fs::write(dir.join(version).join(name), bytes).expect("write");
@@ -545,8 +547,19 @@ pub async fn forward(
     key: Option<&str>,
     headers: &[(&str, &str)],
 ) -> (String, Recorded) {
+    forward_with(&client(), ups, url, key, headers).await
+}
+
+/// [`forward`] with a given client (HTTP/2, TLS).
+pub async fn forward_with(
+    client: &reqwest::Client,
+    ups: &Upstreams,
+    url: &str,
+    key: Option<&str>,
+    headers: &[(&str, &str)],
+) -> (String, Recorded) {
     let before = ups.all_requests().len();
-    let mut req = client().post(url).body("{}");
+    let mut req = client.post(url).body("{}");
     if let Some(key) = key {
         req = req.bearer_auth(key);
     }
