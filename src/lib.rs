@@ -14,6 +14,7 @@
 //! - [`routing`]: pool addresses and the choice among permitted pools.
 //! - [`credential`]: the operator's credential for a pool, from a secret file.
 //! - [`health`]: active and passive health of pool addresses.
+//! - [`dns`]: pool host names, resolved at load and re-resolved as answers expire.
 //! - [`stamp`]: the upstream header contract and its signature.
 //! - [`proxy`]: the Pingora `ProxyHttp` adapter.
 //! - [`reload`]: file watching and `SIGHUP` -> validated snapshot swap.
@@ -35,6 +36,7 @@ pub mod capability;
 pub mod client_ip;
 pub mod config;
 pub mod credential;
+pub mod dns;
 pub mod echo;
 pub mod evaluate;
 pub mod explain;

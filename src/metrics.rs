@@ -235,7 +235,7 @@ impl Metrics {
     pub fn attach_counters(&self, upstreams: &mut Upstreams) {
         for pool in upstreams.pools_mut() {
             for endpoint in &mut pool.endpoints {
-                let address = endpoint.socket.to_string();
+                let address = endpoint.label();
                 let labels = [pool.name.as_str(), address.as_str()];
                 let error = |kind: &str| {
                     self.pool_errors
@@ -258,10 +258,11 @@ impl Metrics {
         self.pool_ready.reset();
         let pools = snapshot.upstreams.pools();
         for pool in pools {
-            for endpoint in &pool.endpoints {
+            // Health is per resolved address (a host name may have several).
+            for address in pool.endpoints.iter().flat_map(|e| e.addresses().to_vec()) {
                 self.endpoint_up
-                    .with_label_values(&[pool.name.as_str(), &endpoint.socket.to_string()])
-                    .set(i64::from(endpoint.health.is_usable()));
+                    .with_label_values(&[pool.name.as_str(), &address.socket.to_string()])
+                    .set(i64::from(address.health.is_usable()));
             }
         }
         for capability in Capability::ALL {

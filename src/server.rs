@@ -16,6 +16,7 @@ use pingora::services::listening::Service;
 
 use crate::admin::AdminApp;
 use crate::config::{GatewaySettings, SnapshotHandle};
+use crate::dns::DnsRefresher;
 use crate::health::HealthChecker;
 use crate::lifecycle::{Drain, Lifecycle, Lingering, Listening, Signals};
 use crate::observe::Observers;
@@ -146,6 +147,10 @@ pub fn build(
             lifecycle,
         ));
     }
+    server.add_service(background_service(
+        "pool host names",
+        DnsRefresher::new(snapshots.clone()),
+    ));
     server.add_service(background_service(
         "health checks",
         HealthChecker::new(snapshots),

@@ -175,6 +175,13 @@ pub struct UpstreamEntry {
     /// milliseconds (default 5000); active checks can end it sooner.
     #[serde(default)]
     pub ejection_ms: Option<u64>,
+    /// Name servers (`ip:port`) for pool host names (default: the system's).
+    #[serde(default)]
+    pub dns_servers: Vec<String>,
+    /// Longest time between two resolutions of a pool host name, in
+    /// milliseconds (default 30000; sooner when the record's TTL ends).
+    #[serde(default)]
+    pub dns_refresh_ms: Option<u64>,
 }
 
 /// `rules.toml`: what the policy needs to know about plans, paths and addresses.

@@ -13,6 +13,7 @@ use super::snapshot::{GatewaySettings, Listener, ListenerTls};
 use crate::admin::AdminToken;
 use crate::audit::AuditTarget;
 use crate::client_ip::TrustedProxies;
+use crate::dns::DnsSettings;
 use crate::policy::Product;
 use crate::routing::UpstreamTimeouts;
 use crate::stamp::SigningKey;
@@ -28,6 +29,7 @@ pub(super) struct Gateway {
     pub timeouts: UpstreamTimeouts,
     pub admin_token: Option<AdminToken>,
     pub tls_certificates: Vec<(SocketAddr, Arc<ServerCertificate>)>,
+    pub dns: DnsSettings,
     /// Files named here that the snapshot depends on (the signing key, the admin token).
     pub sources: Vec<PathBuf>,
 }
@@ -123,8 +125,19 @@ pub(super) fn compile_gateway(
             ejection: gateway.upstream.ejection_ms.map_or(d.ejection, ms),
         }
     };
+    let mut dns = DnsSettings::default();
+    for server in &gateway.upstream.dns_servers {
+        match server.parse::<SocketAddr>() {
+            Ok(addr) => dns.servers.push(addr),
+            Err(_) => g.at_line(None, format!("DNS server `{server}` is not ip:port")),
+        }
+    }
+    if let Some(ms) = gateway.upstream.dns_refresh_ms {
+        dns.refresh = std::time::Duration::from_millis(ms);
+    }
     Gateway {
         settings,
+        dns,
         trusted_proxies: TrustedProxies::new(trusted),
         identity_header,
         signing_key,

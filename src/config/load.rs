@@ -68,7 +68,7 @@ pub fn load(
 
     let pools = pools_source.as_ref().map(|(text, file)| {
         let mut p = FileErrors::new(&pools_path, text);
-        let pools = compile_pools(file, base, options, gateway.timeouts, &mut p);
+        let pools = compile_pools(file, base, options, gateway.timeouts, &gateway.dns, &mut p);
         sources.extend(
             file.pools
                 .iter()
@@ -162,6 +162,8 @@ pub fn load(
         signing_key: gateway.signing_key,
         admin_token: gateway.admin_token,
         tls_certificates: gateway.tls_certificates,
+        dns: gateway.dns,
+        health: options.health.clone(),
         sources,
     };
     Ok((gateway.settings, snapshot))

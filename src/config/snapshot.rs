@@ -102,6 +102,10 @@ pub struct Snapshot {
     pub admin_token: Option<crate::admin::AdminToken>,
     /// The certificate of each TLS listener, by listening address.
     pub tls_certificates: Vec<(SocketAddr, Arc<ServerCertificate>)>,
+    /// How pool host names are resolved.
+    pub dns: crate::dns::DnsSettings,
+    /// Where address health is kept across snapshots (and re-resolutions).
+    pub health: Arc<crate::health::HealthRegistry>,
     /// Every file the snapshot was built from (what a reload watches).
     pub sources: Vec<PathBuf>,
 }

@@ -160,6 +160,8 @@ pub struct TestConfig {
     pub api_listener: String,
     /// Lines for the chat `[[listener]]` beyond address and product.
     pub chat_listener: String,
+    /// Lines for the `[upstream]` table beyond timeouts and ejection (e.g. DNS).
+    pub upstream: String,
 }
 
 impl TestConfig {
@@ -185,6 +187,7 @@ impl TestConfig {
             admin: String::new(),
             api_listener: String::new(),
             chat_listener: String::new(),
+            upstream: String::new(),
         }
     }
 }
@@ -281,7 +284,7 @@ impl Gateway {
         let gateway = format!(
             "threads = 1\n\n[[listener]]\naddress = \"{api}\"\nproduct = \"api\"\n{}\n\n[[listener]]\naddress = \"{chat}\"\nproduct = \"chat\"\n{}\n\n\
              [files]\nrules = \"rules.toml\"\npools = \"pools.toml\"\naccounts = \"accounts.jsonl\"\n{}\n\n[trust]\n{}\n\n\
-             [upstream]\nconnect_timeout_ms = 500\nread_timeout_ms = 10000\nejection_ms = {}\n\n\
+             [upstream]\nconnect_timeout_ms = 500\nread_timeout_ms = 10000\nejection_ms = {}\n{}\n\n\
              [process]\nupgrade_sock = \"{}\"\npid_file = \"{}\"\ngrace_period_seconds = 1\ngraceful_shutdown_timeout_seconds = 5\n\n\
              [admin]\naddress = \"{admin}\"\n{}\n\n[audit]\n{}\n\n{}\n",
             config.api_listener,
@@ -289,6 +292,7 @@ impl Gateway {
             config.extra_files,
             config.trust,
             config.ejection_ms,
+            config.upstream,
             dir.path().join("run").join("upgrade.sock").display(),
             dir.path().join("gateway.pid").display(),
             config.admin,
