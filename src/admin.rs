@@ -4,8 +4,10 @@
 //! capability a pool serves; with the policy version serving). Probes need
 //! no token.
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use http::Response;
@@ -49,6 +51,35 @@ impl AdminToken {
             .and_then(|v| v.strip_prefix(b"Bearer "))
             .is_some_and(|presented| crate::config::hash_api_key(presented.trim_ascii()) == self.0)
     }
+}
+
+/// `GET path` on the admin listener at `address` (an unspecified address
+/// is probed on loopback); the status answered. For the container's
+/// `HEALTHCHECK`, which has no `curl`.
+pub fn probe(address: SocketAddr, path: &str, timeout: Duration) -> std::io::Result<u16> {
+    use std::io::{Read, Write};
+    let mut target = address;
+    if target.ip().is_unspecified() {
+        target.set_ip(match target.ip() {
+            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        });
+    }
+    let mut tcp = TcpStream::connect_timeout(&target, timeout)?;
+    tcp.set_read_timeout(Some(timeout))?;
+    tcp.set_write_timeout(Some(timeout))?;
+    write!(
+        tcp,
+        "GET {path} HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut head = [0u8; 32];
+    let n = tcp.read(&mut head)?;
+    let status = std::str::from_utf8(&head[..n])
+        .ok()
+        .and_then(|line| line.strip_prefix("HTTP/1.1 "))
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| code.parse().ok());
+    status.ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "not an HTTP answer"))
 }
 
 /// Serves the admin endpoints.

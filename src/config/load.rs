@@ -3,6 +3,7 @@
 //! [`Snapshot`] or every error found.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -209,6 +210,28 @@ fn policy_version(inputs: &PolicyInputs<'_>) -> String {
         key_id.as_bytes(),
     ]);
     format!("{}+r{revision}", inputs.date)
+}
+
+/// The admin listener's address from `gateway.toml` alone (nothing else is
+/// read: a health probe must stay cheap with a million accounts).
+pub fn admin_address(gateway_path: &Path) -> Result<Option<SocketAddr>, ConfigErrors> {
+    let text = read(gateway_path)?;
+    let file: GatewayFile = parse_toml(gateway_path, &text)?;
+    file.admin
+        .as_ref()
+        .map(|a| {
+            let text = a.address.get_ref();
+            text.parse()
+                .map_err(|_| format!("admin address `{text}` is not host:port"))
+        })
+        .transpose()
+        .map_err(|message| {
+            ConfigErrors(vec![ConfigError {
+                file: gateway_path.to_path_buf(),
+                line: None,
+                message,
+            }])
+        })
 }
 
 /// Short content hash of the policy files: the rules revision.
