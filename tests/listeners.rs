@@ -8,16 +8,14 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use support::tls::{
-    client_for, serve_tls_on_api, Protocol, TestCa, CERT_FILE, GATEWAY_NAME, KEY_FILE,
+    client_for, presented_certificate, serve_tls_on_api, Protocol, TestCa, CERT_FILE, GATEWAY_NAME,
+    KEY_FILE,
 };
 use support::{client, eventually, Gateway, TestConfig, Upstreams};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_rustls::rustls;
-use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
 
 const CHAT: &str = "/v1/chat/completions";
 
@@ -165,39 +163,6 @@ async fn the_header_contract_and_spoofing_rules_hold_over_h2_and_tls() {
     ] {
         assert!(!bytes.contains(leaked), "`{leaked}` reached an upstream");
     }
-}
-
-/// The leaf certificate the api listener presents to a new handshake
-/// (verified against `ca`).
-async fn presented_certificate(addr: SocketAddr, ca: &TestCa) -> Vec<u8> {
-    let mut roots = rustls::RootCertStore::empty();
-    let pem = ca.pem();
-    let der = pem_to_der(&pem);
-    roots.add(CertificateDer::from(der)).expect("CA root");
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let name = ServerName::try_from(GATEWAY_NAME).expect("name");
-    let tls = connector.connect(name, tcp).await.expect("handshake");
-    let certs = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .expect("peer certificates");
-    certs[0].to_vec()
-}
-
-/// The DER inside a one-certificate PEM.
-fn pem_to_der(pem: &str) -> Vec<u8> {
-    use rustls::pki_types::pem::PemObject;
-    CertificateDer::from_pem_slice(pem.as_bytes())
-        .expect("PEM certificate")
-        .to_vec()
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -2,9 +2,13 @@
 //! for TLS upstreams and for the gateway's own TLS listeners.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, KeyUsagePurpose};
+
+use tokio_rustls::rustls;
+use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
 
 use super::{TestConfig, CLIENT_V4};
 
@@ -124,4 +128,37 @@ pub fn client_for(protocol: Protocol, address: SocketAddr, ca: Option<&TestCa>) 
         Protocol::H2c => builder.http2_prior_knowledge(),
     };
     builder.build().expect("client")
+}
+
+/// The leaf certificate a TLS listener presents to a new handshake
+/// (verified against `ca`).
+pub async fn presented_certificate(addr: SocketAddr, ca: &TestCa) -> Vec<u8> {
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = ca.pem();
+    let der = pem_to_der(&pem);
+    roots.add(CertificateDer::from(der)).expect("CA root");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let name = ServerName::try_from(GATEWAY_NAME).expect("name");
+    let tls = connector.connect(name, tcp).await.expect("handshake");
+    let certs = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .expect("peer certificates");
+    certs[0].to_vec()
+}
+
+/// The DER inside a one-certificate PEM.
+pub fn pem_to_der(pem: &str) -> Vec<u8> {
+    use rustls::pki_types::pem::PemObject;
+    CertificateDer::from_pem_slice(pem.as_bytes())
+        .expect("PEM certificate")
+        .to_vec()
 }
