@@ -17,6 +17,7 @@
 //! - [`dns`]: pool host names, resolved at load and re-resolved as answers expire.
 //! - [`stamp`]: the upstream header contract and its signature.
 //! - [`proxy`]: the Pingora `ProxyHttp` adapter.
+//! - [`proxy_protocol`]: the client address from an L4 balancer's PROXY header.
 //! - [`reload`]: file watching and `SIGHUP` -> validated snapshot swap.
 //! - [`observe`]: a finished request -> metrics, access line, audit record.
 //! - [`view`]: one serialisable view of a decision, for `explain`, audit, access line and metrics.
@@ -50,6 +51,7 @@ pub mod observe;
 pub mod policy;
 pub mod preflight;
 pub mod proxy;
+pub mod proxy_protocol;
 pub mod reload;
 pub mod routing;
 pub mod server;

@@ -61,6 +61,8 @@ pub struct Metrics {
     /// Whether a pool has an address taking requests now, by pool,
     /// subprocessor, region and capability served (at scrape).
     pool_ready: IntGaugeVec,
+    /// Connections closed over their PROXY protocol header, by reason.
+    pub proxy_headers_refused: IntCounterVec,
 }
 
 /// `metric`, registered in `registry`. Names are fixed and unique, so a
@@ -210,6 +212,12 @@ impl Metrics {
                 "Audit lines dropped because the writer fell behind.",
             ),
         );
+        let proxy_headers_refused = counter_vec(
+            &r,
+            "privacy_gateway_proxy_headers_refused_total",
+            "Connections closed over their PROXY protocol header, by reason.",
+            &["reason"],
+        );
         Metrics {
             registry: r,
             requests,
@@ -227,6 +235,7 @@ impl Metrics {
             pool_errors,
             endpoint_up,
             pool_ready,
+            proxy_headers_refused,
         }
     }
 

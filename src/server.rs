@@ -1,12 +1,13 @@
-//! Assembles the Pingora server: one proxy service per listener, all
-//! reading the same snapshot handle.
+//! Assembles the Pingora server: one proxy service per listener (behind
+//! TLS and the PROXY protocol when configured), all reading the same
+//! snapshot handle.
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::time::Duration;
 
-use pingora::apps::HttpServerOptions;
+use pingora::apps::{HttpServerOptions, ServerApp};
 use pingora::proxy::http_proxy;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{RunArgs, Server};
@@ -15,12 +16,13 @@ use pingora::services::background::background_service;
 use pingora::services::listening::Service;
 
 use crate::admin::AdminApp;
-use crate::config::{GatewaySettings, SnapshotHandle};
+use crate::config::{GatewaySettings, Listener, SnapshotHandle};
 use crate::dns::DnsRefresher;
 use crate::health::HealthChecker;
 use crate::lifecycle::{Drain, Lifecycle, Lingering, Listening, Signals};
 use crate::observe::Observers;
 use crate::proxy::PrivacyProxy;
+use crate::proxy_protocol::{self, ProxyHeaders};
 use crate::reload::{ReloadService, Reloader};
 use crate::tls_listener;
 
@@ -64,6 +66,31 @@ pub fn run_args(settings: &GatewaySettings, lifecycle: &'static Lifecycle) -> Ru
             settings.upgrade_sock.clone(),
         )),
     }
+}
+
+/// The service of one listener: `app` on its address, in the clear or
+/// behind TLS, with `headers` read before the TLS handshake when given.
+fn listener_service<A: ServerApp + Send + Sync + 'static>(
+    name: String,
+    app: A,
+    listener: &Listener,
+    snapshots: &Arc<SnapshotHandle>,
+    headers: Option<ProxyHeaders>,
+) -> Service<A> {
+    let mut service = Service::new(name, app);
+    let address = listener.address.to_string();
+    match &listener.tls {
+        None => service.add_tcp(&address),
+        Some(_) => {
+            if let Some(headers) = headers {
+                service.endpoints().set_pre_tls_callback(Arc::new(headers));
+            }
+            let tls = tls_listener::settings(snapshots.clone(), listener.address)
+                .expect("an OpenSSL acceptor with Mozilla's intermediate settings can be built");
+            service.add_tls_with_settings(&address, None, tls);
+        }
+    }
+    service
 }
 
 /// A Pingora server ready to `run`: a proxy service per listener, the
@@ -116,24 +143,39 @@ pub fn build(
             options.h2c = true;
             proxy.server_options = Some(options);
         }
-        let mut service = Service::new(name, Lingering::new(proxy));
-        let address = listener.address.to_string();
-        match &listener.tls {
-            None => service.add_tcp(&address),
-            Some(_) => {
-                let tls = tls_listener::settings(snapshots.clone(), listener.address).expect(
-                    "an OpenSSL acceptor with Mozilla's intermediate settings can be built",
-                );
-                service.add_tls_with_settings(&address, None, tls);
+        let proxy = Lingering::new(proxy);
+        let headers = listener.proxy_protocol.then(|| {
+            ProxyHeaders::new(
+                snapshots.clone(),
+                observers.metrics.proxy_headers_refused.clone(),
+            )
+        });
+        let what = format!("{} product", listener.product);
+        let socket = sockets.remove(&listener.address);
+        match headers {
+            // In the clear, the header is read before the proxy sees a byte.
+            Some(headers) if listener.tls.is_none() => {
+                let app = proxy_protocol::Cleartext::new(proxy, headers);
+                let service = listener_service(name, app, listener, &snapshots, None);
+                server.add_service(Listening::new(
+                    service,
+                    listener.address,
+                    what,
+                    socket,
+                    lifecycle,
+                ));
+            }
+            headers => {
+                let service = listener_service(name, proxy, listener, &snapshots, headers);
+                server.add_service(Listening::new(
+                    service,
+                    listener.address,
+                    what,
+                    socket,
+                    lifecycle,
+                ));
             }
         }
-        server.add_service(Listening::new(
-            service,
-            listener.address,
-            format!("{} product", listener.product),
-            sockets.remove(&listener.address),
-            lifecycle,
-        ));
     }
     if let Some(address) = settings.admin {
         let app = AdminApp::new(snapshots.clone(), observers.metrics.clone(), lifecycle);

@@ -110,6 +110,9 @@ pub struct ListenerEntry {
     /// Serve TLS (ALPN `h2`, `http/1.1`) with this certificate and key.
     #[serde(default)]
     pub tls: Option<ListenerTlsEntry>,
+    /// Read a PROXY protocol header (v1 or v2) from trusted proxies (default false).
+    #[serde(default)]
+    pub proxy_protocol: bool,
 }
 
 /// `[listener.tls]`.

@@ -202,6 +202,7 @@ fn gateway_settings(gateway: &GatewayFile, base: &Path, g: &mut FileErrors<'_>) 
                     product,
                     h2c: l.h2c,
                     tls,
+                    proxy_protocol: l.proxy_protocol,
                 })
             }
             (Err(_), _) => g.at_span(

@@ -30,6 +30,8 @@ pub struct Listener {
     pub h2c: bool,
     /// Certificate and key files, when the listener serves TLS.
     pub tls: Option<ListenerTls>,
+    /// Whether a PROXY protocol header comes first (required from trusted proxies).
+    pub proxy_protocol: bool,
 }
 
 /// Where a TLS listener's certificate and key are (their contents are in the snapshot).
