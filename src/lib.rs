@@ -24,7 +24,7 @@
 //! - [`metrics`], [`audit`], [`admin`]: what happened, for operators and the privacy team.
 //! - [`server`]: assembles Pingora services from the settings.
 //! - [`lifecycle`]: listening sockets bound up front; upgrades and stops that lose no request.
-//! - [`logging`]: diagnostic logs, Pingora's included, at the levels an operator needs.
+//! - [`logging`]: diagnostic logs, Pingora's included (client addresses taken out), at the levels an operator needs.
 //! - [`preflight`]: what `run` needs from the host (writable paths, a private upgrade socket).
 //! - [`tls_listener`]: a listener's certificate, taken from the snapshot at each handshake.
 //! - [`echo`]: echo upstreams for `demo` and tests.

@@ -473,9 +473,10 @@ async fn the_pod_serves_and_reloads_on_every_kubelet_volume_swap() {
             .send()
             .await
             .expect("request");
-        assert_eq!(resp.status(), 200);
-        let body: serde_json::Value = resp.json().await.expect("echo JSON");
-        body
+        let status = resp.status();
+        let body = resp.text().await.unwrap_or_default();
+        assert_eq!(status, 200, "{body}\n{}", running.logs());
+        serde_json::from_str::<serde_json::Value>(&body).expect("echo JSON")
     };
     let mut seen = None;
     for _ in 0..20 {

@@ -3,7 +3,8 @@
 //! enforces holds identically whatever the client speaks: the header
 //! contract, spoofed headers, the truncated address, the key kept back.
 //! A renewed certificate is served without a restart; a broken one changes
-//! nothing; cleartext bytes sent to a TLS listener reach no upstream.
+//! nothing; cleartext bytes sent to a TLS listener reach no upstream, and
+//! the failed handshake is logged without the client's address.
 
 mod support;
 
@@ -250,5 +251,16 @@ async fn cleartext_sent_to_a_tls_listener_reaches_no_upstream() {
         s.ups.all_requests().is_empty(),
         "{:?}",
         s.ups.all_requests()
+    );
+    // Pingora logs each failed handshake with its peer: the line is written
+    // without the client's address (the gateway's drop checks every log line).
+    assert!(
+        eventually(Duration::from_secs(10), || s
+            .gw
+            .logs()
+            .contains("Downstream handshake error from <address>"))
+        .await,
+        "{}",
+        s.gw.logs()
     );
 }

@@ -24,9 +24,10 @@ pub fn shipped(name: &str) -> String {
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
 }
 
-/// A free loopback port (bound, read, released).
+/// A free port (bound, read, released): free on every address, so that a
+/// test may bind it on 0.0.0.0 or any loopback address.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
+    TcpListener::bind("0.0.0.0:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free loopback port")
