@@ -286,13 +286,8 @@ async fn the_runtime_stage_serves_the_documented_demo_and_answers_its_healthchec
     );
     let api = moved[0];
     let c = support::client();
-    let resp = c
-        .post(format!("http://127.0.0.1:{api}/v1/chat/completions"))
-        .bearer_auth("demo-api-paid")
-        .body("{}")
-        .send()
-        .await
-        .expect("request to the demo");
+    let url = format!("http://127.0.0.1:{api}/v1/chat/completions");
+    let resp = support::send_as(&c, &url, "demo-api-paid").await;
     assert_eq!(resp.status(), 200);
     let echo: serde_json::Value = resp.json().await.expect("echo JSON");
     assert_eq!(

@@ -10,7 +10,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::{client, eventually, Gateway, TestConfig, Upstreams};
+use support::{client, eventually_async, send_as, Gateway, TestConfig, Upstreams};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const CHAT: &str = "/v1/chat/completions";
@@ -174,13 +174,7 @@ async fn an_upstream_reflecting_the_credential_does_not_show_it_to_the_client() 
     // demo-api-eu-only reaches azure-sweden or gcp-ireland; ask until azure answered.
     let mut reflected = None;
     for _ in 0..20 {
-        let resp = client()
-            .post(gw.api_url(CHAT))
-            .bearer_auth("demo-api-eu-only")
-            .body("{}")
-            .send()
-            .await
-            .expect("request");
+        let resp = send_as(&client(), &gw.api_url(CHAT), "demo-api-eu-only").await;
         assert_eq!(resp.status(), 200);
         if let Some(v) = resp.headers().get("x-reflected") {
             assert!(
@@ -219,15 +213,11 @@ async fn a_rotated_secret_applies_without_a_restart_and_a_broken_one_changes_not
     assert_eq!(latest_key().as_deref(), Some(AZURE_SECRET));
 
     gw.replace_file("azure.key", &format!("{ROTATED_SECRET}\n"));
-    let mut rotated = false;
-    for _ in 0..200 {
+    let rotated = eventually_async(Duration::from_secs(10), || async {
         send().await;
-        if latest_key().as_deref() == Some(ROTATED_SECRET) {
-            rotated = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        latest_key().as_deref() == Some(ROTATED_SECRET)
+    })
+    .await;
     assert!(
         rotated,
         "the rotated secret was not applied:\n{}",
@@ -236,14 +226,7 @@ async fn a_rotated_secret_applies_without_a_restart_and_a_broken_one_changes_not
 
     // An empty secret file is refused: the rotated secret keeps serving.
     gw.replace_file("azure.key", "\n");
-    assert!(
-        eventually(Duration::from_secs(10), || gw
-            .logs()
-            .contains("azure.key is empty"))
-        .await,
-        "the empty secret file was not reported:\n{}",
-        gw.logs()
-    );
+    gw.expect_log("azure.key is empty").await;
     let before = azure.requests().len();
     while azure.requests().len() < before + 2 {
         send().await;
@@ -284,14 +267,8 @@ async fn explain_redacts_the_credential_and_check_names_a_broken_file_without_it
     // message names the file, not what is in it.
     let injected = format!("{AZURE_SECRET}\r\nx-privacy-training: allowed");
     std::fs::write(gw.dir.path().join("azure.key"), injected).expect("write");
-    let check = std::process::Command::new(support::binary())
-        .arg("check")
-        .arg("--config")
-        .arg(&config)
-        .output()
-        .expect("run check");
-    let err = String::from_utf8_lossy(&check.stderr).into_owned();
-    assert!(!check.status.success());
+    let (ok, err) = gw.check();
+    assert!(!ok);
     assert!(
         err.contains("azure.key") && err.contains("not a valid header value"),
         "{err}"
@@ -312,13 +289,7 @@ async fn an_error_body_from_a_credentialed_pool_holds_no_secret() {
     }
     config.pools = toml::to_string(&pools).expect("pools");
     let gw = Gateway::start_logging(&config, "trace");
-    let resp = client()
-        .post(gw.api_url(CHAT))
-        .bearer_auth("demo-api-eu-only")
-        .body("{}")
-        .send()
-        .await
-        .expect("request");
+    let resp = send_as(&client(), &gw.api_url(CHAT), "demo-api-eu-only").await;
     assert_eq!(resp.status(), 503);
     let headers = format!("{:?}", resp.headers());
     let body = resp.text().await.expect("body");

@@ -128,13 +128,7 @@ fn config_with_named_eu_pools(ups: &Upstreams, port: u16, dns: SocketAddr) -> Te
 /// Sends a chat request as demo-api-eu-only (eu pools only); the pool name
 /// the echo answered with.
 async fn answered_by(c: &reqwest::Client, gw: &Gateway) -> String {
-    let resp = c
-        .post(gw.api_url(CHAT))
-        .bearer_auth("demo-api-eu-only")
-        .body("{}")
-        .send()
-        .await
-        .expect("request");
+    let resp = support::send_as(c, &gw.api_url(CHAT), "demo-api-eu-only").await;
     assert_eq!(resp.status(), 200);
     let body: serde_json::Value = resp.json().await.expect("echo JSON");
     body["pool"].as_str().expect("pool").to_string()
@@ -173,14 +167,10 @@ async fn a_new_answer_moves_new_requests_and_a_stream_in_flight_finishes() {
 
     // The name moves: new requests follow within a few TTLs.
     dns.answer(vec![Ipv4Addr::new(127, 0, 0, 2)]);
-    let mut moved = false;
-    for _ in 0..100 {
-        if answered_by(&c, &gw).await == "second" {
-            moved = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let moved = support::eventually_async(Duration::from_secs(10), || async {
+        answered_by(&c, &gw).await == "second"
+    })
+    .await;
     assert!(
         moved,
         "requests never followed the new answer:\n{}",
@@ -246,14 +236,8 @@ async fn a_name_that_does_not_resolve_fails_check_with_its_file() {
         pools.replace("inference.test", "missing.test"),
     )
     .expect("write");
-    let out = std::process::Command::new(support::binary())
-        .arg("check")
-        .arg("--config")
-        .arg(gw.dir.path().join("gateway.toml"))
-        .output()
-        .expect("run check");
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!out.status.success());
+    let (ok, err) = gw.check();
+    assert!(!ok);
     assert!(
         err.contains("pools.toml") && err.contains("missing.test"),
         "{err}"

@@ -466,13 +466,7 @@ async fn the_pod_serves_and_reloads_on_every_kubelet_volume_swap() {
             .to_string()
     };
     let send_eu = || async {
-        let resp = c
-            .post(&url)
-            .bearer_auth("demo-api-eu-only")
-            .body("{}")
-            .send()
-            .await
-            .expect("request");
+        let resp = support::send_as(&c, &url, "demo-api-eu-only").await;
         let status = resp.status();
         let body = resp.text().await.unwrap_or_default();
         assert_eq!(status, 200, "{body}\n{}", running.logs());
@@ -537,28 +531,24 @@ async fn the_pod_serves_and_reloads_on_every_kubelet_volume_swap() {
     );
 
     let renewed = support::tls::pem_to_der(std::str::from_utf8(&tls["tls.crt"]).expect("PEM"));
-    let mut applied = (false, false, false);
-    for _ in 0..200 {
+    let applied = std::sync::Mutex::new((false, false, false));
+    support::eventually_async(Duration::from_secs(10), || async {
         let fresh = client_for(Protocol::Http2OverTls, pod.port(https), Some(&pod.ca));
-        let body: serde_json::Value = fresh
-            .post(&url)
-            .bearer_auth("demo-api-eu-only")
-            .body("{}")
-            .send()
+        let body: serde_json::Value = support::send_as(&fresh, &url, "demo-api-eu-only")
             .await
-            .expect("request")
             .json()
             .await
             .expect("JSON");
+        let certificate = presented_certificate(pod.port(https), &pod.ca).await == renewed;
+        let mut applied = applied.lock().expect("applied");
         applied.0 |= body["headers"]["x-privacy-client-prefix"] == "127.45.0.0/16";
         applied.1 |=
             body["pool"] == "azure-sweden" && body["headers"]["api-key"] == rotated.as_str();
-        applied.2 = presented_certificate(pod.port(https), &pod.ca).await == renewed;
-        if applied == (true, true, true) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        applied.2 = certificate;
+        *applied == (true, true, true)
+    })
+    .await;
+    let applied = applied.into_inner().expect("applied");
     assert_eq!(
         applied,
         (true, true, true),

@@ -15,7 +15,7 @@ use support::tls::{
     client_for, presented_certificate, serve_tls_on_api, Protocol, TestCa, CERT_FILE, GATEWAY_NAME,
     KEY_FILE,
 };
-use support::{client, eventually, Gateway, TestConfig, Upstreams};
+use support::{client, eventually, eventually_async, Gateway, TestConfig, Upstreams};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const CHAT: &str = "/v1/chat/completions";
@@ -66,14 +66,8 @@ const PROTOCOLS: [Protocol; 3] = [
 async fn each_protocol_is_negotiated_and_answered_with_the_decision_id() {
     let s = Setup::start().await;
     for protocol in PROTOCOLS {
-        let resp = s
-            .client(protocol)
-            .post(s.url(protocol, CHAT))
-            .bearer_auth("demo-api-paid")
-            .body("{}")
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{protocol:?}: {e:?}\n{}", s.gw.logs()));
+        let resp =
+            support::send_as(&s.client(protocol), &s.url(protocol, CHAT), "demo-api-paid").await;
         assert_eq!(resp.status(), 200, "{protocol:?}");
         assert_eq!(resp.version(), protocol.version(), "{protocol:?}");
         let id = support::decision_id(&resp).expect("decision id");
@@ -184,17 +178,12 @@ async fn a_renewed_certificate_is_served_without_a_restart_and_a_broken_one_chan
     let renewed = ca.leaf(GATEWAY_NAME);
     gw.replace_file(KEY_FILE, &renewed.key_pem);
     gw.replace_file(CERT_FILE, &renewed.cert_pem);
-    let mut served = Vec::new();
-    for _ in 0..200 {
-        served = presented_certificate(gw.api, &ca).await;
-        if served == renewed.der {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(
-        served,
-        renewed.der,
+    let renewed_served = eventually_async(Duration::from_secs(10), || async {
+        presented_certificate(gw.api, &ca).await == renewed.der
+    })
+    .await;
+    assert!(
+        renewed_served,
         "the renewed certificate is not served:\n{}",
         gw.logs()
     );
@@ -203,14 +192,7 @@ async fn a_renewed_certificate_is_served_without_a_restart_and_a_broken_one_chan
     // A key that is not the certificate's: refused, the renewed pair serves on.
     let stray = ca.leaf(GATEWAY_NAME);
     gw.replace_file(KEY_FILE, &stray.key_pem);
-    assert!(
-        eventually(Duration::from_secs(10), || gw
-            .logs()
-            .contains("is not the key of the certificate"))
-        .await,
-        "{}",
-        gw.logs()
-    );
+    gw.expect_log("is not the key of the certificate").await;
     assert_eq!(presented_certificate(gw.api, &ca).await, renewed.der);
     let fresh = client_for(Protocol::Http2OverTls, gw.api, Some(&ca));
     assert_eq!(support::post_as(&fresh, &url, "demo-api-paid").await, 200);

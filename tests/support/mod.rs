@@ -419,6 +419,29 @@ impl Gateway {
         (status, resp.text().await.unwrap_or_default())
     }
 
+    /// Waits (bounded) until the gateway has logged `text`; fails the test otherwise.
+    pub async fn expect_log(&self, text: &str) {
+        assert!(
+            eventually(Duration::from_secs(10), || self.logs().contains(text)).await,
+            "`{text}` was not logged:\n{}",
+            self.logs()
+        );
+    }
+
+    /// `check --config` on this gateway's configuration: success, and what it printed on stderr.
+    pub fn check(&self) -> (bool, String) {
+        let out = Command::new(binary())
+            .arg("check")
+            .arg("--config")
+            .arg(self.dir.path().join("gateway.toml"))
+            .output()
+            .expect("run check");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
     /// Everything the gateway logged so far (standard error).
     pub fn logs(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("gateway.log")).unwrap_or_default()
@@ -524,6 +547,23 @@ pub fn audit_json(gw: &Gateway) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// Waits (bounded) until the asynchronous check `f` (a request, say)
+/// holds, pausing 50 ms between tries; returns whether it did.
+pub async fn eventually_async<F, Fut>(limit: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if f().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    f().await
+}
+
 /// The decision id the gateway returned to the client.
 pub fn decision_id(resp: &reqwest::Response) -> Option<String> {
     resp.headers()
@@ -534,13 +574,17 @@ pub fn decision_id(resp: &reqwest::Response) -> Option<String> {
 
 /// Sends `POST url` with body `{}` as the holder of API key `key`; the status.
 pub async fn post_as(c: &reqwest::Client, url: &str, key: &str) -> reqwest::StatusCode {
+    send_as(c, url, key).await.status()
+}
+
+/// Sends `POST url` with body `{}` as the holder of API key `key`; the answer.
+pub async fn send_as(c: &reqwest::Client, url: &str, key: &str) -> reqwest::Response {
     c.post(url)
         .bearer_auth(key)
         .body("{}")
         .send()
         .await
         .expect("request")
-        .status()
 }
 
 /// Sends `POST url` with body `{}`, an optional API key and extra headers;
