@@ -68,15 +68,19 @@ pub fn run_args(settings: &GatewaySettings, lifecycle: &'static Lifecycle) -> Ru
     }
 }
 
+/// Where a listener's service runs: its settings, the socket this process
+/// bound for it (none in an upgrade), the process's lifecycle.
+type ListenerAt<'a> = (&'a Listener, Option<TcpListener>, &'static Lifecycle);
+
 /// The service of one listener: `app` on its address, in the clear or
 /// behind TLS, with `headers` read before the TLS handshake when given.
 fn listener_service<A: ServerApp + Send + Sync + 'static>(
     name: String,
     app: A,
-    listener: &Listener,
+    (listener, socket, lifecycle): ListenerAt<'_>,
     snapshots: &Arc<SnapshotHandle>,
     headers: Option<ProxyHeaders>,
-) -> Service<A> {
+) -> Listening<Service<A>> {
     let mut service = Service::new(name, app);
     let address = listener.address.to_string();
     match &listener.tls {
@@ -90,7 +94,8 @@ fn listener_service<A: ServerApp + Send + Sync + 'static>(
             service.add_tls_with_settings(&address, None, tls);
         }
     }
-    service
+    let what = format!("{} product", listener.product);
+    Listening::new(service, listener.address, what, socket, lifecycle)
 }
 
 /// A Pingora server ready to `run`: a proxy service per listener, the
@@ -150,30 +155,17 @@ pub fn build(
                 observers.metrics.proxy_headers_refused.clone(),
             )
         });
-        let what = format!("{} product", listener.product);
         let socket = sockets.remove(&listener.address);
         match headers {
             // In the clear, the header is read before the proxy sees a byte.
             Some(headers) if listener.tls.is_none() => {
                 let app = proxy_protocol::Cleartext::new(proxy, headers);
-                let service = listener_service(name, app, listener, &snapshots, None);
-                server.add_service(Listening::new(
-                    service,
-                    listener.address,
-                    what,
-                    socket,
-                    lifecycle,
-                ));
+                let at = (listener, socket, lifecycle);
+                server.add_service(listener_service(name, app, at, &snapshots, None));
             }
             headers => {
-                let service = listener_service(name, proxy, listener, &snapshots, headers);
-                server.add_service(Listening::new(
-                    service,
-                    listener.address,
-                    what,
-                    socket,
-                    lifecycle,
-                ));
+                let at = (listener, socket, lifecycle);
+                server.add_service(listener_service(name, proxy, at, &snapshots, headers));
             }
         }
     }
