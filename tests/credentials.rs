@@ -14,9 +14,10 @@ use support::{client, eventually_async, send_as, Gateway, TestConfig, Upstreams}
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const CHAT: &str = "/v1/chat/completions";
+const IMAGES: &str = "/v1/images/generations";
 
 const AZURE_SECRET: &str = "azure-operator-secret-7f3a9c";
-const GCP_SECRET: &str = "gcp-operator-token-51be02";
+const IMAGES_SECRET: &str = "images-operator-token-51be02";
 const ROTATED_SECRET: &str = "azure-operator-secret-rotated-e4d1";
 /// What the hostile client sends in the credential headers.
 const FORGED: &str = "client-forged-credential";
@@ -41,30 +42,32 @@ fn with_credential(pools: &str, name: &str, header: &str, prefix: &str, file: &s
 }
 
 /// The shipped configuration with `api-key` credentials on azure-sweden and
-/// a bearer token on gcp-ireland, their secret files ending in a newline.
+/// a bearer token on black-forest-labs (images), their secret files ending
+/// in a newline; gcp-ireland, azure-sweden's peer for eu chat, has none.
 fn credentialed(ups: &Upstreams) -> TestConfig {
     let mut config = TestConfig::shipped_with(ups);
     let pools = with_credential(&config.pools, "azure-sweden", "api-key", "", "azure.key");
     config.pools = with_credential(
         &pools,
-        "gcp-ireland",
+        "black-forest-labs",
         "Authorization",
         "Bearer ",
-        "gcp.token",
+        "images.token",
     );
     config
         .attachments
         .push(("azure.key".into(), format!("{AZURE_SECRET}\n").into_bytes()));
-    config
-        .attachments
-        .push(("gcp.token".into(), format!("{GCP_SECRET}\n").into_bytes()));
+    config.attachments.push((
+        "images.token".into(),
+        format!("{IMAGES_SECRET}\n").into_bytes(),
+    ));
     config
 }
 
 /// Fails the test if a secret is in the gateway's logs or audit lines.
 fn assert_no_secret_in_logs(gw: &Gateway) {
     let logs = format!("{}\n{}", gw.logs(), gw.audit_lines().join("\n"));
-    for secret in [AZURE_SECRET, GCP_SECRET, ROTATED_SECRET] {
+    for secret in [AZURE_SECRET, IMAGES_SECRET, ROTATED_SECRET] {
         assert!(!logs.contains(secret), "a log or audit line holds a secret");
     }
 }
@@ -74,9 +77,11 @@ async fn each_pool_gets_its_own_credential_and_a_client_can_neither_set_nor_see_
     let ups = Upstreams::start().await;
     let gw = Gateway::start_logging(&credentialed(&ups), "trace");
     let c = client();
-    for _ in 0..24 {
+    for i in 0..24 {
+        // Chat goes to the eu pools (azure-sweden, gcp-ireland), images to black-forest-labs.
+        let path = if i % 3 == 0 { IMAGES } else { CHAT };
         let resp = c
-            .post(gw.api_url(CHAT))
+            .post(gw.api_url(path))
             .bearer_auth("demo-api-paid")
             .header("api-key", FORGED)
             .header("API-Key", "second-forged-value")
@@ -88,7 +93,9 @@ async fn each_pool_gets_its_own_credential_and_a_client_can_neither_set_nor_see_
         for (name, value) in resp.headers() {
             let value = value.to_str().unwrap_or_default();
             assert!(
-                name != "api-key" && !value.contains(AZURE_SECRET) && !value.contains(GCP_SECRET),
+                name != "api-key"
+                    && !value.contains(AZURE_SECRET)
+                    && !value.contains(IMAGES_SECRET),
                 "the client saw {name}: {value}"
             );
         }
@@ -103,9 +110,13 @@ async fn each_pool_gets_its_own_credential_and_a_client_can_neither_set_nor_see_
                 assert_eq!(api_key, vec![AZURE_SECRET], "{r:?}");
                 assert!(authorization.is_empty(), "{r:?}");
             }
-            "gcp-ireland" => {
+            "black-forest-labs" => {
                 assert!(api_key.is_empty(), "{r:?}");
-                assert_eq!(authorization, vec![format!("Bearer {GCP_SECRET}")], "{r:?}");
+                assert_eq!(
+                    authorization,
+                    vec![format!("Bearer {IMAGES_SECRET}")],
+                    "{r:?}"
+                );
             }
             _ => {
                 assert!(
@@ -115,8 +126,8 @@ async fn each_pool_gets_its_own_credential_and_a_client_can_neither_set_nor_see_
             }
         }
     }
-    // demo-api-paid's chat traffic spreads over four pools by weight.
-    for pool in ["azure-sweden", "gcp-ireland", "gcp-us", "cerebras"] {
+    // Both credentialed pools and an uncredentialed one received traffic.
+    for pool in ["azure-sweden", "gcp-ireland", "black-forest-labs"] {
         assert!(
             by_pool.get(pool).is_some_and(|n| *n > 0),
             "{pool}: {by_pool:?}"
@@ -259,7 +270,7 @@ async fn explain_redacts_the_credential_and_check_names_a_broken_file_without_it
     let json: serde_json::Value = serde_json::from_str(&out).expect("JSON");
     assert_eq!(json["headers"]["api-key"], "<redacted>", "{json}");
     assert!(
-        !out.contains(AZURE_SECRET) && !out.contains(GCP_SECRET),
+        !out.contains(AZURE_SECRET) && !out.contains(IMAGES_SECRET),
         "{out}"
     );
 
@@ -294,7 +305,7 @@ async fn an_error_body_from_a_credentialed_pool_holds_no_secret() {
     let headers = format!("{:?}", resp.headers());
     let body = resp.text().await.expect("body");
     assert!(body.contains("permitted_pools_unavailable"), "{body}");
-    for secret in [AZURE_SECRET, GCP_SECRET] {
+    for secret in [AZURE_SECRET, IMAGES_SECRET] {
         assert!(
             !body.contains(secret) && !headers.contains(secret),
             "{headers} {body}"

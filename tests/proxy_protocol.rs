@@ -257,16 +257,8 @@ async fn refused(gw: &Gateway, from: &str, bytes: &[u8], half_close: bool) {
 }
 
 fn refusals(metrics: &str, reason: &str) -> f64 {
-    metrics
-        .lines()
-        .find(|l| {
-            l.starts_with(&format!(
-                "privacy_gateway_proxy_headers_refused_total{{reason=\"{reason}\"}}"
-            ))
-        })
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
+    let series = format!("privacy_gateway_proxy_headers_refused_total{{reason=\"{reason}\"}}");
+    support::metric(metrics, &series)
 }
 
 #[tokio::test(flavor = "multi_thread")]
