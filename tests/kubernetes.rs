@@ -422,6 +422,35 @@ fn the_manifests_agree_with_each_other_and_with_the_gateway_configuration() {
         rules, shipped_rules,
         "deploy/kubernetes/configmap.yaml rules.toml drifted from config/rules.toml"
     );
+
+    // Its pools are the repository's, but for where they are and how they are reached.
+    let terms = |text: &str| -> Vec<toml::Table> {
+        let table: toml::Table = toml::from_str(text).expect("pools.toml");
+        table["pool"]
+            .as_array()
+            .expect("pools")
+            .iter()
+            .map(|p| {
+                let mut p = p.as_table().expect("pool").clone();
+                for reached in [
+                    "addresses",
+                    "tls_server_name",
+                    "tls_ca_file",
+                    "health_check",
+                    "credential",
+                ] {
+                    p.remove(reached);
+                }
+                p
+            })
+            .collect()
+    };
+    let files = configmap_files(&all, "privacy-gateway-config");
+    assert_eq!(
+        terms(std::str::from_utf8(&files["pools.toml"]).expect("UTF-8")),
+        terms(&shipped("pools.toml")),
+        "deploy/kubernetes/configmap.yaml pools.toml drifted from config/pools.toml"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
