@@ -1,8 +1,13 @@
-//! The admin listener: `/metrics` (Prometheus text), `/healthz` (the process
-//! is up) and `/readyz` (every listener accepting, not stopping, and a
-//! healthy pool for every capability a pool serves).
+//! The admin listener: `/metrics` (Prometheus text, behind a bearer token
+//! when one is configured), `/healthz` (the process is up) and `/readyz`
+//! (every listener accepting, not stopping, and a healthy pool for every
+//! capability a pool serves; with the policy version serving). Probes need
+//! no token.
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
+use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use http::Response;
@@ -13,6 +18,69 @@ use crate::config::SnapshotHandle;
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
 use crate::policy::Capability;
+
+/// The bearer token `/metrics` requires, kept only as its SHA-256 so that
+/// comparing a presented token reveals nothing about it.
+#[derive(Clone)]
+pub struct AdminToken([u8; 32]);
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminToken(..)")
+    }
+}
+
+impl AdminToken {
+    /// Reads the token from `path` (surrounding whitespace dropped; at least 16 bytes).
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let bytes = std::fs::read(path)
+            .map_err(|e| format!("cannot read admin token {}: {e}", path.display()))?;
+        let token = bytes.trim_ascii();
+        if token.len() < 16 {
+            return Err(format!(
+                "admin token {} is shorter than 16 bytes",
+                path.display()
+            ));
+        }
+        Ok(AdminToken(crate::config::hash_api_key(token)))
+    }
+
+    /// Whether an `Authorization` header value presents this token.
+    pub fn accepts(&self, authorization: Option<&[u8]>) -> bool {
+        authorization
+            .and_then(|v| v.strip_prefix(b"Bearer "))
+            .is_some_and(|presented| crate::config::hash_api_key(presented.trim_ascii()) == self.0)
+    }
+}
+
+/// `GET path` on the admin listener at `address` (an unspecified address
+/// is probed on loopback); the status answered. For the container's
+/// `HEALTHCHECK`, which has no `curl`.
+pub fn probe(address: SocketAddr, path: &str, timeout: Duration) -> std::io::Result<u16> {
+    use std::io::{Read, Write};
+    let mut target = address;
+    if target.ip().is_unspecified() {
+        target.set_ip(match target.ip() {
+            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        });
+    }
+    let mut tcp = TcpStream::connect_timeout(&target, timeout)?;
+    tcp.set_read_timeout(Some(timeout))?;
+    tcp.set_write_timeout(Some(timeout))?;
+    write!(
+        tcp,
+        "GET {path} HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut head = [0u8; 32];
+    let n = tcp.read(&mut head)?;
+    let status = std::str::from_utf8(&head[..n])
+        .ok()
+        .and_then(|line| line.strip_prefix("HTTP/1.1 "))
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| code.parse().ok());
+    status.ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "not an HTTP answer"))
+}
 
 /// Serves the admin endpoints.
 pub struct AdminApp {
@@ -67,8 +135,27 @@ impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         match session.req_header().uri.path() {
             "/metrics" => {
-                self.metrics.refresh_pool_gauges(&self.snapshots.current());
-                reply(200, "text/plain; version=0.0.4", self.metrics.render())
+                let snapshot = self.snapshots.current();
+                let authorization = session
+                    .req_header()
+                    .headers
+                    .get(http::header::AUTHORIZATION)
+                    .map(|v| v.as_bytes());
+                match &snapshot.admin_token {
+                    Some(token) if !token.accepts(authorization) => {
+                        let mut refused =
+                            reply(401, "text/plain", "bearer token required\n".into());
+                        refused.headers_mut().insert(
+                            http::header::WWW_AUTHENTICATE,
+                            http::HeaderValue::from_static("Bearer"),
+                        );
+                        refused
+                    }
+                    _ => {
+                        self.metrics.refresh_pool_gauges(&snapshot);
+                        reply(200, "text/plain; version=0.0.4", self.metrics.render())
+                    }
+                }
             }
             "/healthz" => reply(200, "text/plain", "ok\n".into()),
             "/readyz" => {

@@ -10,6 +10,7 @@ use serde_json::{json, Map, Value};
 use thiserror::Error;
 
 use crate::config::Snapshot;
+use crate::credential::REDACTED;
 use crate::evaluate::{evaluate, Admission, Refusal, RequestHead};
 use crate::policy::Product;
 use crate::view::{pool_name, DecisionView, RequestLine};
@@ -131,11 +132,16 @@ pub fn explain(snapshot: &Snapshot, request: &DescribedRequest) -> Result<Value,
             }
             .ok_or_else(|| ExplainError::Pool(request.pool.clone().unwrap_or_default()))?;
             let stamped = snapshot.upstreams.pool(pool_index).map(|pool| {
-                admission
+                let mut stamped: Map<String, Value> = admission
                     .upstream_headers(snapshot, &decision_id, pool)
                     .into_iter()
                     .map(|(n, v)| (n.to_string(), json!(v)))
-                    .collect()
+                    .collect();
+                // The pool's credential is sent too; its value is never shown.
+                if let Some(credential) = &pool.credential {
+                    stamped.insert(credential.header().to_string(), json!(REDACTED));
+                }
+                stamped
             });
             Explained {
                 view: view.admitted(admission).served_by(pool_index),

@@ -179,13 +179,19 @@ impl HealthChecker {
                 continue;
             }
             due.insert(pool.name.clone(), now + spec.interval);
-            for endpoint in &pool.endpoints {
+            let addresses = pool.endpoints.iter().flat_map(|e| {
+                e.addresses()
+                    .iter()
+                    .map(move |a| (e, a.clone()))
+                    .collect::<Vec<_>>()
+            });
+            for (endpoint, address) in addresses {
                 let checker = probe_for(spec, endpoint, pool.ca.clone());
-                let Ok(backend) = Backend::new(&endpoint.socket.to_string()) else {
+                let Ok(backend) = Backend::new(&address.socket.to_string()) else {
                     continue;
                 };
-                let health = endpoint.health.clone();
-                let (spec, pool_name, addr) = (spec.clone(), pool.name.clone(), endpoint.socket);
+                let health = address.health;
+                let (spec, pool_name, addr) = (spec.clone(), pool.name.clone(), address.socket);
                 checks.spawn(async move {
                     let ok = matches!(
                         tokio::time::timeout(spec.timeout, checker.check(&backend)).await,

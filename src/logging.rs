@@ -6,8 +6,18 @@
 //! `No incoming socket transfer` at ERROR each second, and the old one
 //! waiting for the new one's socket logs `server not ready` at WARN. Those
 //! are re-levelled to INFO here; everything else keeps its level.
+//!
+//! Pingora's accept loop also writes the full client address of every
+//! failed TLS or PROXY handshake at ERROR ("Downstream handshake error from
+//! 203.0.113.77:51234"): in lines from its downstream modules every address
+//! is replaced before the line is written. Upstream-side lines (which pool
+//! address failed) keep theirs. And since Pingora, h2 and hyper print request
+//! heads (keys, credentials, addresses) at debug and trace, they never log
+//! below info, whatever `RUST_LOG` asks.
 
+use std::borrow::Cow;
 use std::io::IsTerminal;
+use std::net::{IpAddr, SocketAddr};
 
 use tracing::level_filters::LevelFilter;
 
@@ -37,7 +47,65 @@ fn level_of(record: &log::Record<'_>) -> log::Level {
     }
 }
 
-/// Forwards `log` records to `tracing`, re-levelled by [`level_of`].
+/// Library modules that handle client connections: their lines lose addresses.
+const DOWNSTREAM_TARGETS: [&str; 6] = [
+    "pingora_core::services",
+    "pingora_core::listeners",
+    "pingora_core::apps",
+    "pingora_core::protocols::tls",
+    "pingora_core::protocols::http::v1::server",
+    "pingora_core::protocols::http::v2::server",
+];
+
+/// What an address becomes.
+const REDACTED: &str = "<address>";
+
+/// Whether `word` is an IP address or socket address (`[v6]:port` included).
+fn is_address(word: &str) -> bool {
+    word.parse::<IpAddr>().is_ok()
+        || word.parse::<SocketAddr>().is_ok()
+        || word
+            .strip_prefix('[')
+            .and_then(|w| w.strip_suffix(']'))
+            .is_some_and(|w| w.parse::<IpAddr>().is_ok())
+}
+
+/// `text` with every IP address (and its port) replaced.
+pub fn redact_addresses(text: &str) -> Cow<'_, str> {
+    let is_part = |c: char| c.is_ascii_hexdigit() || matches!(c, '.' | ':' | '[' | ']');
+    let mut out = String::new();
+    let mut copied = 0;
+    let mut rest = text.char_indices().peekable();
+    while let Some((start, c)) = rest.next() {
+        if !is_part(c) {
+            continue;
+        }
+        let mut end = start + c.len_utf8();
+        while let Some(&(i, c)) = rest.peek() {
+            if !is_part(c) {
+                break;
+            }
+            end = i + c.len_utf8();
+            rest.next();
+        }
+        // "203.0.113.77:51234:" or "…77." end a sentence: try without the tail.
+        let run = &text[start..end];
+        let word = run.trim_end_matches([':', '.']);
+        if word.contains(['.', ':']) && is_address(word) {
+            out.push_str(&text[copied..start]);
+            out.push_str(REDACTED);
+            copied = start + word.len();
+        }
+    }
+    if copied == 0 {
+        return Cow::Borrowed(text);
+    }
+    out.push_str(&text[copied..]);
+    Cow::Owned(out)
+}
+
+/// Forwards `log` records to `tracing`, re-levelled by [`level_of`], the
+/// downstream ones without addresses.
 struct LogBridge;
 
 impl log::Log for LogBridge {
@@ -47,30 +115,51 @@ impl log::Log for LogBridge {
 
     fn log(&self, record: &log::Record<'_>) {
         let level = level_of(record);
-        if level == record.level() {
+        let downstream = DOWNSTREAM_TARGETS
+            .iter()
+            .any(|t| record.target().starts_with(t));
+        if level == record.level() && !downstream {
             tracing_log::format_trace(record).ok();
+            return;
+        }
+        let text = record.args().to_string();
+        let text = if downstream {
+            redact_addresses(&text)
         } else {
-            let relevelled = log::Record::builder()
+            Cow::Borrowed(text.as_str())
+        };
+        tracing_log::format_trace(
+            &log::Record::builder()
                 .level(level)
                 .target(record.target())
-                .args(*record.args())
+                .args(format_args!("{text}"))
                 .module_path(record.module_path())
                 .file(record.file())
                 .line(record.line())
-                .build();
-            tracing_log::format_trace(&relevelled).ok();
-        }
+                .build(),
+        )
+        .ok();
     }
 
     fn flush(&self) {}
 }
 
+/// Libraries whose debug and trace logs print request heads or wire bytes
+/// (the client's key, a pool's credential, the client's address): never
+/// below `info`, whatever `RUST_LOG` asks.
+const HEAD_PRINTING_LIBRARIES: [&str; 4] = ["pingora_core", "pingora_proxy", "h2", "hyper"];
+
 /// Sends every diagnostic line to standard error, as JSON lines when
 /// `json`; `RUST_LOG` sets the levels (default [`DEFAULT_FILTER`]).
 /// Standard output is left to the audit log when it is `-`.
 pub fn init(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_FILTER));
+    for library in HEAD_PRINTING_LIBRARIES {
+        if let Ok(cap) = format!("{library}=info").parse() {
+            filter = filter.add_directive(cap);
+        }
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -105,6 +194,28 @@ mod tests {
                 .args(format_args!("{message}"))
                 .build(),
         )
+    }
+
+    #[test]
+    fn addresses_and_ports_are_replaced_and_other_words_kept() {
+        assert_eq!(
+            redact_addresses("Downstream handshake error from 203.0.113.77:51234: TLS failed"),
+            "Downstream handshake error from <address>: TLS failed"
+        );
+        assert_eq!(
+            redact_addresses("peer [2001:db8:1234:5678::abcd]:443 and 2001:db8::1."),
+            "peer <address> and <address>."
+        );
+        let plain = "fd: 12, cafe 1.5 seconds, ::ffff ok";
+        assert_eq!(
+            redact_addresses("fd: 12, cafe 1.5 seconds"),
+            "fd: 12, cafe 1.5 seconds"
+        );
+        assert!(matches!(
+            redact_addresses("no address here"),
+            Cow::Borrowed(_)
+        ));
+        assert!(!redact_addresses(plain).contains("::ffff"));
     }
 
     #[test]

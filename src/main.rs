@@ -1,4 +1,4 @@
-//! Command line: `run`, `demo`, `check`, `hash-key`.
+//! Command line: `run`, `demo`, `check`, `explain`, `hash-key`, `healthcheck`.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -96,6 +96,16 @@ enum Command {
     },
     /// Print the SHA-256 of an API key read from standard input, as the accounts file stores it.
     HashKey,
+    /// Exit 0 when the admin listener named in gateway.toml answers `200` (a
+    /// container HEALTHCHECK without curl); reads nothing but gateway.toml.
+    Healthcheck {
+        /// Path to gateway.toml.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The admin path to ask.
+        #[arg(long, default_value = "/healthz")]
+        path: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -118,6 +128,7 @@ fn main() -> ExitCode {
             strict,
         } => check(&config, files_only, strict),
         Command::HashKey => hash_key(),
+        Command::Healthcheck { config, path } => healthcheck(&config, &path),
         Command::Explain {
             config,
             method,
@@ -407,6 +418,31 @@ fn explain_command(
         Err(e) => {
             eprintln!("{e}");
             ExitCode::from(2)
+        }
+    }
+}
+
+fn healthcheck(config_path: &Path, path: &str) -> ExitCode {
+    let address = match config::admin_address(config_path) {
+        Ok(Some(address)) => address,
+        Ok(None) => {
+            eprintln!("{}: no [admin] address to probe", config_path.display());
+            return ExitCode::from(2);
+        }
+        Err(errors) => {
+            eprintln!("{errors}");
+            return ExitCode::from(2);
+        }
+    };
+    match privacy_gateway::admin::probe(address, path, std::time::Duration::from_secs(3)) {
+        Ok(200) => ExitCode::SUCCESS,
+        Ok(status) => {
+            eprintln!("{path} answered {status}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("{path} on {address}: {e}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -61,6 +61,8 @@ pub struct Metrics {
     /// Whether a pool has an address taking requests now, by pool,
     /// subprocessor, region and capability served (at scrape).
     pool_ready: IntGaugeVec,
+    /// Connections closed over their PROXY protocol header, by reason.
+    pub proxy_headers_refused: IntCounterVec,
 }
 
 /// `metric`, registered in `registry`. Names are fixed and unique, so a
@@ -210,6 +212,12 @@ impl Metrics {
                 "Audit lines dropped because the writer fell behind.",
             ),
         );
+        let proxy_headers_refused = counter_vec(
+            &r,
+            "privacy_gateway_proxy_headers_refused_total",
+            "Connections closed over their PROXY protocol header, by reason.",
+            &["reason"],
+        );
         Metrics {
             registry: r,
             requests,
@@ -227,6 +235,7 @@ impl Metrics {
             pool_errors,
             endpoint_up,
             pool_ready,
+            proxy_headers_refused,
         }
     }
 
@@ -235,7 +244,7 @@ impl Metrics {
     pub fn attach_counters(&self, upstreams: &mut Upstreams) {
         for pool in upstreams.pools_mut() {
             for endpoint in &mut pool.endpoints {
-                let address = endpoint.socket.to_string();
+                let address = endpoint.label();
                 let labels = [pool.name.as_str(), address.as_str()];
                 let error = |kind: &str| {
                     self.pool_errors
@@ -258,10 +267,11 @@ impl Metrics {
         self.pool_ready.reset();
         let pools = snapshot.upstreams.pools();
         for pool in pools {
-            for endpoint in &pool.endpoints {
+            // Health is per resolved address (a host name may have several).
+            for address in pool.endpoints.iter().flat_map(|e| e.addresses().to_vec()) {
                 self.endpoint_up
-                    .with_label_values(&[pool.name.as_str(), &endpoint.socket.to_string()])
-                    .set(i64::from(endpoint.health.is_usable()));
+                    .with_label_values(&[pool.name.as_str(), &address.socket.to_string()])
+                    .set(i64::from(address.health.is_usable()));
             }
         }
         for capability in Capability::ALL {

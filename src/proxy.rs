@@ -170,6 +170,9 @@ fn strip_client_controlled(req: &mut RequestHeader, snapshot: &Snapshot) {
     }
     // The gateway authenticated the caller; the key stays here.
     req.remove_header(&http::header::AUTHORIZATION);
+    for name in snapshot.upstreams.credential_headers() {
+        req.remove_header(name);
+    }
 }
 
 #[async_trait]
@@ -326,6 +329,9 @@ impl ProxyHttp for PrivacyProxy {
         for (name, value) in admission.upstream_headers(&ctx.snapshot, &ctx.decision_id, pool) {
             upstream_request.insert_header(name, value)?;
         }
+        if let Some(credential) = &pool.credential {
+            upstream_request.insert_header(credential.header().clone(), credential.value())?;
+        }
         Ok(())
     }
 
@@ -340,6 +346,10 @@ impl ProxyHttp for PrivacyProxy {
             if let Some(c) = ctx.attempt_counters() {
                 c.status_5xx.inc();
             }
+        }
+        // An upstream that reflects a credential does not show it to the client.
+        for name in ctx.snapshot.upstreams.credential_headers() {
+            upstream_response.remove_header(name);
         }
         upstream_response.insert_header(stamp::DECISION_ID, &ctx.decision_id)?;
         Ok(())

@@ -157,6 +157,9 @@ pub fn announce(snapshot: &config::Snapshot, metrics: &Metrics) {
     }
 }
 
+/// How often source files are compared even without a change event.
+const POLL_INTERVAL: Duration = Duration::from_secs(10);
+
 /// Why a reload was asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Trigger {
@@ -248,11 +251,18 @@ impl BackgroundService for ReloadService {
         // A file changed between the start-up load and this watch (the
         // listeners already accept by then) is seen by comparing identities.
         let _ = tx.send(Trigger::FileEvent);
+        // Network volumes (NFS, EFS) deliver no change events for writes made
+        // elsewhere: the files' identities are also compared on a schedule
+        // (a reload happens only if one changed).
+        let mut poll = tokio::time::interval(POLL_INTERVAL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        poll.tick().await;
         loop {
             let first = tokio::select! {
                 _ = shutdown.changed() => return,
                 Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => Trigger::Hangup,
                 Some(t) = rx.recv() => t,
+                _ = poll.tick() => Trigger::FileEvent,
             };
             // Debounce: wait until the burst of events is over, but never
             // longer than a few quiet periods in all.

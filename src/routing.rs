@@ -2,15 +2,19 @@
 //! among the pools the decision permitted, lowest priority tier first. The
 //! choice never leaves the permitted set, whatever fails.
 
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use pingora::tls::x509::X509;
 use pingora::upstreams::peer::HttpPeer;
 use thiserror::Error;
 
+use crate::credential::UpstreamCredential;
+use crate::dns::HostPort;
 use crate::health::{CheckSpec, EndpointHealth, EndpointKey, HealthRegistry};
 use crate::metrics::EndpointCounters;
 use crate::policy::PoolSet;
@@ -22,75 +26,159 @@ pub enum EndpointError {
     #[error("address `{0}` must look like http://host:port or https://host:port")]
     Syntax(String),
     /// The host did not resolve.
-    #[error("address `{0}` does not resolve: {1}")]
-    Resolve(String, std::io::Error),
+    #[error("address `{0}`: {1}")]
+    Resolve(String, String),
 }
 
-/// One upstream address of a pool.
+/// One resolved address of an endpoint, with its own health.
 #[derive(Clone, Debug)]
-pub struct Endpoint {
-    /// Where to connect (resolved when the configuration is loaded).
+pub struct Address {
+    /// Where to connect.
     pub socket: SocketAddr,
+    /// Shared with every snapshot that has this address.
+    pub health: Arc<EndpointHealth>,
+}
+
+/// One configured upstream address of a pool: an IP, or a host name that
+/// may resolve to several addresses, re-resolved while the gateway runs.
+#[derive(Debug)]
+pub struct Endpoint {
+    /// The host as configured (a name or an IP literal).
+    pub host: String,
+    /// The port.
+    pub port: u16,
     /// Whether to speak TLS.
     pub tls: bool,
     /// SNI and certificate name.
     pub server_name: String,
     /// Share of the pool's traffic relative to its other addresses.
     pub weight: u32,
-    /// Shared with every snapshot that has this address.
-    pub health: Arc<EndpointHealth>,
+    /// Where the host resolves now (never empty).
+    addresses: ArcSwap<Vec<Address>>,
+    next_address: AtomicUsize,
     /// Its request and error counters, once the snapshot is installed.
     pub counters: Option<EndpointCounters>,
 }
 
+/// `http://host:port` or `https://host:port` (default ports 80/443), split.
+pub fn parse_url(address: &str) -> Result<(bool, String, u16), EndpointError> {
+    let syntax = || EndpointError::Syntax(address.to_string());
+    let (tls, rest) = if let Some(rest) = address.strip_prefix("https://") {
+        (true, rest)
+    } else if let Some(rest) = address.strip_prefix("http://") {
+        (false, rest)
+    } else {
+        return Err(syntax());
+    };
+    let authority = rest.strip_suffix('/').unwrap_or(rest);
+    if authority.is_empty() || authority.contains('/') {
+        return Err(syntax());
+    }
+    let default_port = if tls { 443 } else { 80 };
+    let (host, port) = split_host_port(authority, default_port).ok_or_else(syntax)?;
+    Ok((tls, host.to_string(), port))
+}
+
 impl Endpoint {
-    /// Parses `http://host:port` or `https://host:port` (default ports 80/443)
-    /// and attaches the address's health record from `registry`.
+    /// Parses `http://host:port` or `https://host:port` (default ports 80/443).
+    /// An IP host is its own address; a name takes its addresses from
+    /// `resolved` (the load's answers) and must have some.
     pub fn parse(
         address: &str,
         server_name: Option<&str>,
         weight: u32,
         registry: &HealthRegistry,
+        resolved: &HashMap<HostPort, Result<Vec<SocketAddr>, String>>,
     ) -> Result<Self, EndpointError> {
-        let syntax = || EndpointError::Syntax(address.to_string());
-        let (tls, rest) = if let Some(rest) = address.strip_prefix("https://") {
-            (true, rest)
-        } else if let Some(rest) = address.strip_prefix("http://") {
-            (false, rest)
-        } else {
-            return Err(syntax());
+        let (tls, host, port) = parse_url(address)?;
+        let sockets = match host.parse::<IpAddr>() {
+            Ok(ip) => vec![SocketAddr::new(ip, port)],
+            Err(_) => match resolved.get(&(host.clone(), port)) {
+                Some(Ok(sockets)) if !sockets.is_empty() => sockets.clone(),
+                Some(Err(e)) => return Err(EndpointError::Resolve(address.to_string(), e.clone())),
+                _ => {
+                    return Err(EndpointError::Resolve(
+                        address.to_string(),
+                        "no address".into(),
+                    ))
+                }
+            },
         };
-        let authority = rest.strip_suffix('/').unwrap_or(rest);
-        if authority.is_empty() || authority.contains('/') {
-            return Err(syntax());
-        }
-        let default_port = if tls { 443 } else { 80 };
-        let (host, port) = split_host_port(authority, default_port).ok_or_else(syntax)?;
-        let socket = (host, port)
-            .to_socket_addrs()
-            .map_err(|e| EndpointError::Resolve(address.to_string(), e))?
-            .next()
-            .ok_or_else(syntax)?;
-        let server_name = server_name.unwrap_or(host).to_string();
-        let health = registry.endpoint(EndpointKey {
-            socket,
-            tls,
-            server_name: server_name.clone(),
-        });
-        Ok(Endpoint {
-            socket,
+        let server_name = server_name.unwrap_or(&host).to_string();
+        let endpoint = Endpoint {
+            host,
+            port,
             tls,
             server_name,
             weight: weight.max(1),
-            health,
+            addresses: ArcSwap::from_pointee(Vec::new()),
+            next_address: AtomicUsize::new(0),
             counters: None,
-        })
+        };
+        endpoint.set_addresses(&sockets, registry);
+        Ok(endpoint)
+    }
+
+    /// Where the host resolves now.
+    pub fn addresses(&self) -> Arc<Vec<Address>> {
+        self.addresses.load_full()
+    }
+
+    /// Points the endpoint at `sockets` (each with its health record from
+    /// `registry`); returns whether anything changed. An empty answer
+    /// changes nothing: the last addresses are kept.
+    pub fn set_addresses(&self, sockets: &[SocketAddr], registry: &HealthRegistry) -> bool {
+        let current = self.addresses.load();
+        if sockets.is_empty() || current.iter().map(|a| a.socket).eq(sockets.iter().copied()) {
+            return false;
+        }
+        let addresses = sockets
+            .iter()
+            .map(|&socket| Address {
+                socket,
+                health: registry.endpoint(EndpointKey {
+                    socket,
+                    tls: self.tls,
+                    server_name: self.server_name.clone(),
+                }),
+            })
+            .collect();
+        self.addresses.store(Arc::new(addresses));
+        true
+    }
+
+    /// `host:port` as configured (`[v6]:port` for an IPv6 literal): the
+    /// `address` label of its counters.
+    pub fn label(&self) -> String {
+        match self.host.parse::<IpAddr>() {
+            Ok(ip) => SocketAddr::new(ip, self.port).to_string(),
+            Err(_) => format!("{}:{}", self.host, self.port),
+        }
+    }
+
+    /// Whether the host is a name (re-resolved) rather than an IP.
+    pub fn is_named(&self) -> bool {
+        crate::dns::is_name(&self.host)
     }
 }
 
-/// Whether an address may take this attempt: healthy and not yet tried.
-fn usable(endpoint: &Endpoint, target: Target, tried: &[Target]) -> bool {
-    endpoint.health.is_usable() && !tried.contains(&target)
+/// Whether an address of endpoint `endpoint` of pool `pool` may take this
+/// attempt: healthy and not yet tried.
+fn usable(address: &Address, pool: usize, endpoint: usize, tried: &[Target]) -> bool {
+    address.health.is_usable()
+        && !tried.contains(&Target {
+            pool,
+            endpoint,
+            socket: address.socket,
+        })
+}
+
+/// Whether any address of an endpoint may take this attempt.
+fn endpoint_open(e: &Endpoint, pool: usize, endpoint: usize, tried: &[Target]) -> bool {
+    e.addresses
+        .load()
+        .iter()
+        .any(|a| usable(a, pool, endpoint, tried))
 }
 
 /// The item whose cumulative weight range holds `ticket` (< total weight).
@@ -158,6 +246,8 @@ pub struct PoolUpstream {
     pub ca: Option<Arc<Box<[X509]>>>,
     /// Active health checks, when configured.
     pub health_check: Option<CheckSpec>,
+    /// The operator's credential, sent on every request to the pool.
+    pub credential: Option<UpstreamCredential>,
     next_endpoint: AtomicUsize,
 }
 
@@ -189,23 +279,34 @@ impl PoolUpstream {
             endpoints,
             ca,
             health_check,
+            credential: None,
             next_endpoint: AtomicUsize::new(0),
         }
     }
 
+    /// The same pool, sending `credential` on every request.
+    pub fn with_credential(mut self, credential: Option<UpstreamCredential>) -> Self {
+        self.credential = credential;
+        self
+    }
+
     /// Whether any address of the pool can take requests now.
     pub fn is_available(&self) -> bool {
-        self.endpoints.iter().any(|e| e.health.is_usable())
+        self.endpoints
+            .iter()
+            .any(|e| e.addresses.load().iter().any(|a| a.health.is_usable()))
     }
 }
 
-/// An attempt's target: pool index and endpoint index.
+/// An attempt's target: pool index, endpoint index and the address chosen.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Target {
     /// Index of the pool.
     pub pool: usize,
     /// Index of the endpoint within the pool.
     pub endpoint: usize,
+    /// The resolved address of the endpoint.
+    pub socket: SocketAddr,
 }
 
 /// Every pool's upstream side, in configuration order (the indices of `PoolSet`).
@@ -251,6 +352,14 @@ impl Upstreams {
             .as_ref()
     }
 
+    /// Every header a pool's credential is sent in: a client may neither
+    /// send one (to any pool) nor receive one.
+    pub fn credential_headers(&self) -> impl Iterator<Item = &http::HeaderName> {
+        self.pools
+            .iter()
+            .filter_map(|p| p.credential.as_ref().map(UpstreamCredential::header))
+    }
+
     /// The weight of pool `pool` among the candidates now: its configured
     /// weight while it has a healthy address not in `tried`, else 0.
     fn open_weight(&self, pool: usize, tried: &[Target]) -> usize {
@@ -259,7 +368,7 @@ impl Upstreams {
                 .endpoints
                 .iter()
                 .enumerate()
-                .any(|(endpoint, e)| usable(e, Target { pool, endpoint }, tried));
+                .any(|(endpoint, e)| endpoint_open(e, pool, endpoint, tried));
             if open {
                 p.weight as usize
             } else {
@@ -302,11 +411,7 @@ impl Upstreams {
         let pool_index = pick_weighted(candidates.iter().map(|i| (i, open_weight(i))), ticket)?;
         let pool = &self.pools[pool_index];
         let weights = pool.endpoints.iter().enumerate().map(|(i, e)| {
-            let target = Target {
-                pool: pool_index,
-                endpoint: i,
-            };
-            let w = if usable(e, target, tried) {
+            let w = if endpoint_open(e, pool_index, i, tried) {
                 e.weight as usize
             } else {
                 0
@@ -315,28 +420,55 @@ impl Upstreams {
         });
         let pool_total: usize = weights.clone().map(|(_, w)| w).sum();
         let ticket = pool.next_endpoint.fetch_add(1, Ordering::Relaxed) % pool_total.max(1);
-        pick_weighted(weights, ticket).map(|endpoint| Target {
+        let endpoint_index = pick_weighted(weights, ticket)?;
+        // Round robin among the endpoint's open addresses.
+        let endpoint = &pool.endpoints[endpoint_index];
+        let addresses = endpoint.addresses.load();
+        let open: Vec<SocketAddr> = addresses
+            .iter()
+            .filter(|a| usable(a, pool_index, endpoint_index, tried))
+            .map(|a| a.socket)
+            .collect();
+        let turn = endpoint.next_address.fetch_add(1, Ordering::Relaxed);
+        open.get(turn % open.len().max(1)).map(|&socket| Target {
             pool: pool_index,
-            endpoint,
+            endpoint: endpoint_index,
+            socket,
         })
     }
 
-    /// Takes a target's address out of rotation after a failed connect.
+    /// Takes a target's address out of rotation after a failed connect
+    /// (unless a re-resolution already dropped the address).
     pub fn eject(&self, target: Target) {
-        if let Some(e) = self
+        let endpoint = self
             .pools
             .get(target.pool)
-            .and_then(|p| p.endpoints.get(target.endpoint))
-        {
-            e.health.eject(self.timeouts.ejection);
+            .and_then(|p| p.endpoints.get(target.endpoint));
+        if let Some(e) = endpoint {
+            for address in e
+                .addresses
+                .load()
+                .iter()
+                .filter(|a| a.socket == target.socket)
+            {
+                address.health.eject(self.timeouts.ejection);
+            }
         }
+    }
+
+    /// Endpoints whose host is a name, to re-resolve.
+    pub fn named_endpoints(&self) -> impl Iterator<Item = &Endpoint> {
+        self.pools
+            .iter()
+            .flat_map(|p| p.endpoints.iter())
+            .filter(|e| e.is_named())
     }
 
     /// The Pingora peer for a target.
     pub fn peer(&self, target: Target) -> Option<HttpPeer> {
         let pool = self.pools.get(target.pool)?;
         let endpoint = pool.endpoints.get(target.endpoint)?;
-        let mut peer = HttpPeer::new(endpoint.socket, endpoint.tls, endpoint.server_name.clone());
+        let mut peer = HttpPeer::new(target.socket, endpoint.tls, endpoint.server_name.clone());
         peer.options.connection_timeout = Some(self.timeouts.connect);
         peer.options.total_connection_timeout = Some(self.timeouts.connect);
         peer.options.read_timeout = Some(self.timeouts.read);
@@ -351,12 +483,13 @@ impl Upstreams {
 mod tests {
     use super::*;
 
-    fn pool(name: &str, weight: u32, ports: &[u16]) -> PoolUpstream {
-        let registry = HealthRegistry::default();
-        let endpoints = ports
-            .iter()
-            .map(|p| Endpoint::parse(&format!("http://127.0.0.1:{p}"), None, 1, &registry).unwrap())
-            .collect();
+    const NONE: &[(HostPort, Result<Vec<SocketAddr>, String>)] = &[];
+
+    fn parse(url: &str, name: Option<&str>, r: &HealthRegistry) -> Result<Endpoint, EndpointError> {
+        Endpoint::parse(url, name, 1, r, &NONE.iter().cloned().collect())
+    }
+
+    fn pool_of(name: &str, weight: u32, endpoints: Vec<Endpoint>) -> PoolUpstream {
         PoolUpstream::new(
             name.into(),
             "s".into(),
@@ -368,17 +501,95 @@ mod tests {
         )
     }
 
+    fn pool(name: &str, weight: u32, ports: &[u16]) -> PoolUpstream {
+        let registry = HealthRegistry::default();
+        let endpoints = ports
+            .iter()
+            .map(|p| parse(&format!("http://127.0.0.1:{p}"), None, &registry).unwrap())
+            .collect();
+        pool_of(name, weight, endpoints)
+    }
+
+    fn target(pool: usize, endpoint: usize, port: u16) -> Target {
+        Target {
+            pool,
+            endpoint,
+            socket: SocketAddr::from(([127, 0, 0, 1], port)),
+        }
+    }
+
     #[test]
     fn endpoints_parse_schemes_ports_and_names() {
         let r = HealthRegistry::default();
-        let e = Endpoint::parse("https://127.0.0.1:8443", Some("inference.test"), 1, &r).unwrap();
+        let e = parse("https://127.0.0.1:8443", Some("inference.test"), &r).unwrap();
         assert!(e.tls);
-        assert_eq!(e.socket.port(), 8443);
+        assert_eq!(e.addresses()[0].socket.port(), 8443);
         assert_eq!(e.server_name, "inference.test");
-        let e = Endpoint::parse("http://[::1]", None, 1, &r).unwrap();
-        assert_eq!(e.socket.port(), 80);
-        assert!(Endpoint::parse("ftp://x", None, 1, &r).is_err());
-        assert!(Endpoint::parse("http://127.0.0.1:1/path", None, 1, &r).is_err());
+        let e = parse("http://[::1]", None, &r).unwrap();
+        assert_eq!(e.addresses()[0].socket.port(), 80);
+        assert!(!e.is_named());
+        assert!(parse("ftp://x", None, &r).is_err());
+        assert!(parse("http://127.0.0.1:1/path", None, &r).is_err());
+        // A name needs an answer from the load.
+        assert!(matches!(
+            parse("http://inference.test:80", None, &r),
+            Err(EndpointError::Resolve(..))
+        ));
+    }
+
+    #[test]
+    fn a_name_has_one_health_record_per_address_and_follows_new_answers() {
+        let r = HealthRegistry::default();
+        let a: SocketAddr = "127.0.0.2:9000".parse().unwrap();
+        let b: SocketAddr = "127.0.0.3:9000".parse().unwrap();
+        let c: SocketAddr = "127.0.0.4:9000".parse().unwrap();
+        let answers = [(("inference.test".to_string(), 9000), Ok(vec![a, b]))];
+        let e = Endpoint::parse(
+            "http://inference.test:9000",
+            None,
+            1,
+            &r,
+            &answers.into_iter().collect(),
+        )
+        .unwrap();
+        assert!(e.is_named());
+        assert_eq!(e.server_name, "inference.test");
+        let ups = Upstreams::new(vec![pool_of("a", 1, vec![e])], UpstreamTimeouts::default());
+        let mut candidates = PoolSet::EMPTY;
+        candidates.insert(0);
+        let picked: std::collections::BTreeSet<SocketAddr> = (0..4)
+            .map(|_| ups.choose([candidates], &[]).unwrap().socket)
+            .collect();
+        assert_eq!(picked, [a, b].into_iter().collect());
+        // One address fails: only the other takes requests.
+        ups.eject(Target {
+            pool: 0,
+            endpoint: 0,
+            socket: a,
+        });
+        for _ in 0..4 {
+            assert_eq!(ups.choose([candidates], &[]).unwrap().socket, b);
+        }
+        // A new answer: the ejected address keeps its record, the new one starts healthy.
+        let endpoint = ups.named_endpoints().next().unwrap();
+        assert!(endpoint.set_addresses(&[a, c], &r));
+        assert!(
+            !endpoint.set_addresses(&[a, c], &r),
+            "the same answer changes nothing"
+        );
+        assert!(
+            !endpoint.set_addresses(&[], &r),
+            "an empty answer keeps the last one"
+        );
+        for _ in 0..4 {
+            assert_eq!(ups.choose([candidates], &[]).unwrap().socket, c);
+        }
+        let tried = [Target {
+            pool: 0,
+            endpoint: 0,
+            socket: c,
+        }];
+        assert_eq!(ups.choose([candidates], &tried), None);
     }
 
     #[test]
@@ -417,28 +628,13 @@ mod tests {
         let mut candidates = PoolSet::EMPTY;
         candidates.insert(0);
         candidates.insert(1);
-        ups.eject(Target {
-            pool: 0,
-            endpoint: 0,
-        });
+        ups.eject(target(0, 0, 1));
         for _ in 0..20 {
             let t = ups.choose([candidates], &[]).unwrap();
-            assert_ne!(
-                t,
-                Target {
-                    pool: 0,
-                    endpoint: 0
-                }
-            );
+            assert_ne!(t, target(0, 0, 1));
         }
-        ups.eject(Target {
-            pool: 0,
-            endpoint: 1,
-        });
-        ups.eject(Target {
-            pool: 1,
-            endpoint: 0,
-        });
+        ups.eject(target(0, 1, 2));
+        ups.eject(target(1, 0, 3));
         assert!(!ups.pool(0).unwrap().is_available());
         assert_eq!(ups.choose([candidates], &[]), None);
     }
@@ -470,10 +666,7 @@ mod tests {
         for _ in 0..10 {
             assert_eq!(ups.choose(tiers, &[]).map(|t| t.pool), Some(1));
         }
-        ups.eject(Target {
-            pool: 1,
-            endpoint: 0,
-        });
+        ups.eject(target(1, 0, 2));
         assert_eq!(ups.choose(tiers, &[]), None);
         assert!(!ups.has_choice(set(0).union(set(1)), &[]));
         assert!(ups.has_choice(set(2), &[]));

@@ -1,11 +1,13 @@
-//! Assembles the Pingora server: one proxy service per listener, all
-//! reading the same snapshot handle.
+//! Assembles the Pingora server: one proxy service per listener (behind
+//! TLS and the PROXY protocol when configured), all reading the same
+//! snapshot handle.
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::time::Duration;
 
+use pingora::apps::{HttpServerOptions, ServerApp};
 use pingora::proxy::http_proxy;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{RunArgs, Server};
@@ -14,12 +16,15 @@ use pingora::services::background::background_service;
 use pingora::services::listening::Service;
 
 use crate::admin::AdminApp;
-use crate::config::{GatewaySettings, SnapshotHandle};
+use crate::config::{GatewaySettings, Listener, SnapshotHandle};
+use crate::dns::DnsRefresher;
 use crate::health::HealthChecker;
 use crate::lifecycle::{Drain, Lifecycle, Lingering, Listening, Signals};
 use crate::observe::Observers;
 use crate::proxy::PrivacyProxy;
+use crate::proxy_protocol::{self, ProxyHeaders};
 use crate::reload::{ReloadService, Reloader};
+use crate::tls_listener;
 
 /// After the last request, how long Pingora waits for its runtimes' blocking
 /// work (a reload being compiled) before the process ends.
@@ -63,6 +68,36 @@ pub fn run_args(settings: &GatewaySettings, lifecycle: &'static Lifecycle) -> Ru
     }
 }
 
+/// Where a listener's service runs: its settings, the socket this process
+/// bound for it (none in an upgrade), the process's lifecycle.
+type ListenerAt<'a> = (&'a Listener, Option<TcpListener>, &'static Lifecycle);
+
+/// The service of one listener: `app` on its address, in the clear or
+/// behind TLS, with `headers` read before the TLS handshake when given.
+fn listener_service<A: ServerApp + Send + Sync + 'static>(
+    name: String,
+    app: A,
+    (listener, socket, lifecycle): ListenerAt<'_>,
+    snapshots: &Arc<SnapshotHandle>,
+    headers: Option<ProxyHeaders>,
+) -> Listening<Service<A>> {
+    let mut service = Service::new(name, app);
+    let address = listener.address.to_string();
+    match &listener.tls {
+        None => service.add_tcp(&address),
+        Some(_) => {
+            if let Some(headers) = headers {
+                service.endpoints().set_pre_tls_callback(Arc::new(headers));
+            }
+            let tls = tls_listener::settings(snapshots.clone(), listener.address)
+                .expect("an OpenSSL acceptor with Mozilla's intermediate settings can be built");
+            service.add_tls_with_settings(&address, None, tls);
+        }
+    }
+    let what = format!("{} product", listener.product);
+    Listening::new(service, listener.address, what, socket, lifecycle)
+}
+
 /// A Pingora server ready to `run`: a proxy service per listener, the
 /// health checker, the admin listener when configured, and, when given,
 /// the configuration reloader. `sockets` are the listening sockets this
@@ -99,7 +134,7 @@ pub fn build(
     server.bootstrap();
     for listener in &settings.listeners {
         let name = format!("privacy-gateway {} {}", listener.product, listener.address);
-        let proxy = http_proxy(
+        let mut proxy = http_proxy(
             &server.configuration,
             PrivacyProxy::new(
                 snapshots.clone(),
@@ -108,15 +143,31 @@ pub fn build(
                 lifecycle,
             ),
         );
-        let mut service = Service::new(name, Lingering::new(proxy));
-        service.add_tcp(&listener.address.to_string());
-        server.add_service(Listening::new(
-            service,
-            listener.address,
-            format!("{} product", listener.product),
-            sockets.remove(&listener.address),
-            lifecycle,
-        ));
+        if listener.h2c {
+            let mut options = HttpServerOptions::default();
+            options.h2c = true;
+            proxy.server_options = Some(options);
+        }
+        let proxy = Lingering::new(proxy);
+        let headers = listener.proxy_protocol.then(|| {
+            ProxyHeaders::new(
+                snapshots.clone(),
+                observers.metrics.proxy_headers_refused.clone(),
+            )
+        });
+        let socket = sockets.remove(&listener.address);
+        match headers {
+            // In the clear, the header is read before the proxy sees a byte.
+            Some(headers) if listener.tls.is_none() => {
+                let app = proxy_protocol::Cleartext::new(proxy, headers);
+                let at = (listener, socket, lifecycle);
+                server.add_service(listener_service(name, app, at, &snapshots, None));
+            }
+            headers => {
+                let at = (listener, socket, lifecycle);
+                server.add_service(listener_service(name, proxy, at, &snapshots, headers));
+            }
+        }
     }
     if let Some(address) = settings.admin {
         let app = AdminApp::new(snapshots.clone(), observers.metrics.clone(), lifecycle);
@@ -130,6 +181,10 @@ pub fn build(
             lifecycle,
         ));
     }
+    server.add_service(background_service(
+        "pool host names",
+        DnsRefresher::new(snapshots.clone()),
+    ));
     server.add_service(background_service(
         "health checks",
         HealthChecker::new(snapshots),

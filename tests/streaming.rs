@@ -1,5 +1,5 @@
 //! Through the real proxy: a server-sent-events answer reaches the client
-//! event by event. Each upstream event after the first is held back until the
+//! event by event, over HTTP/1.1, HTTP/2 over TLS and cleartext HTTP/2. Each upstream event after the first is held back until the
 //! test has seen the one before it at the client, so a gateway that buffered
 //! the stream (or any part of it) would make the test time out and fail.
 
@@ -12,6 +12,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use privacy_gateway::echo::{EchoUpstream, StreamPace, STREAM_EVENTS};
 use reqwest::StatusCode;
+use support::tls::{client_for, serve_tls_on_api, Protocol, TestCa, GATEWAY_NAME};
 use support::{client, shipped_pool_names, Gateway, TestConfig, Upstreams};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -66,14 +67,43 @@ async fn next_event(resp: &mut reqwest::Response, buf: &mut BytesMut, what: &str
 
 #[tokio::test(flavor = "multi_thread")]
 async fn server_sent_events_reach_the_client_one_by_one() {
+    assert_events_arrive_one_by_one(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn server_sent_events_reach_an_http2_client_over_tls_one_by_one() {
+    assert_events_arrive_one_by_one(Some(Protocol::Http2OverTls)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn server_sent_events_reach_a_cleartext_http2_client_one_by_one() {
+    assert_events_arrive_one_by_one(Some(Protocol::H2c)).await;
+}
+
+/// Streams a chat completion through the api listener, speaking `protocol`
+/// (HTTP/1.1 in the clear when `None`), and checks every event arrives alone.
+async fn assert_events_arrive_one_by_one(protocol: Option<Protocol>) {
     let gate = Arc::new(Semaphore::new(0));
     let ups = gated_upstreams(&gate).await;
-    let gw = Gateway::start(&TestConfig::shipped_with(&ups));
+    let mut config = TestConfig::shipped_with(&ups);
+    let ca = TestCa::new("gateway test CA");
+    match protocol {
+        Some(Protocol::H2c) => config.api_listener = "h2c = true\n".into(),
+        Some(_) => serve_tls_on_api(&mut config, &ca.leaf(GATEWAY_NAME)),
+        None => {}
+    }
+    let gw = Gateway::start(&config);
+    let (c, url) = match protocol {
+        Some(p) => (
+            client_for(p, gw.api, Some(&ca)),
+            p.url(gw.api, "/v1/chat/completions"),
+        ),
+        None => (client(), gw.api_url("/v1/chat/completions")),
+    };
 
     let mut resp = tokio::time::timeout(
         EVENT_WAIT,
-        client()
-            .post(gw.api_url("/v1/chat/completions"))
+        c.post(url)
             .bearer_auth("demo-api-paid")
             .header("accept", "text/event-stream")
             .header("content-type", "application/json")
@@ -84,6 +114,9 @@ async fn server_sent_events_reach_the_client_one_by_one() {
     .expect("the response head arrives before the stream is released")
     .expect("request");
     assert_eq!(resp.status(), StatusCode::OK);
+    if let Some(p) = protocol {
+        assert_eq!(resp.version(), p.version());
+    }
     let content_type = resp
         .headers()
         .get("content-type")
@@ -131,9 +164,15 @@ async fn server_sent_events_reach_the_client_one_by_one() {
         next_event(&mut resp, &mut buf, "the [DONE] event").await,
         "data: [DONE]"
     );
-    let rest = tokio::time::timeout(EVENT_WAIT, resp.chunk())
-        .await
-        .expect("the body ends after [DONE]")
-        .expect("reading the end of the body");
-    assert!(rest.is_none(), "nothing after [DONE]: {rest:?}");
+    // HTTP/2 may end the stream with an empty DATA frame: nothing else may come.
+    let rest = tokio::time::timeout(EVENT_WAIT, async {
+        let mut rest = Vec::new();
+        while let Some(chunk) = resp.chunk().await.expect("reading the end of the body") {
+            rest.extend_from_slice(&chunk);
+        }
+        rest
+    })
+    .await
+    .expect("the body ends after [DONE]");
+    assert!(rest.is_empty(), "nothing after [DONE]: {rest:?}");
 }

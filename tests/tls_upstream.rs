@@ -8,12 +8,12 @@ mod support;
 use std::sync::{Arc, Mutex};
 
 use privacy_gateway::echo::{EchoUpstream, StreamPace};
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, KeyUsagePurpose};
 use reqwest::StatusCode;
+use support::tls::TestCa;
 use support::{client, shipped, Gateway, TestConfig};
 use tokio::net::TcpListener;
 use tokio_rustls::rustls;
-use tokio_rustls::rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio_rustls::TlsAcceptor;
 
 /// The name the upstream's certificate is issued for, and the pool's `tls_server_name`.
@@ -23,17 +23,6 @@ const SERVER_NAME: &str = "inference.test";
 const CA_FILE: &str = "ca.pem";
 
 const CHAT: &str = "/v1/chat/completions";
-
-/// A certificate authority able to sign leaf certificates.
-fn new_ca(name: &str) -> CertifiedIssuer<'static, KeyPair> {
-    let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, name);
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    CertifiedIssuer::self_signed(params, KeyPair::generate().expect("CA key")).expect("CA cert")
-}
 
 /// What the TLS upstream saw of the handshakes attempted with it.
 #[derive(Default)]
@@ -53,13 +42,11 @@ struct TlsUpstream {
 }
 
 impl TlsUpstream {
-    async fn start(ca: &CertifiedIssuer<'static, KeyPair>) -> Self {
-        let key = KeyPair::generate().expect("leaf key");
-        let params = CertificateParams::new(vec![SERVER_NAME.to_string()]).expect("leaf params");
-        let leaf = params.signed_by(&key, ca).expect("leaf cert");
+    async fn start(ca: &TestCa) -> Self {
+        let leaf = ca.leaf(SERVER_NAME);
         // The leaf alone: trust must come from the gateway's CA file.
-        let chain = vec![leaf.der().clone()];
-        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        let chain = vec![CertificateDer::from(leaf.der)];
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf.key_der));
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
@@ -133,19 +120,11 @@ fn tls_pools(upstream: &TlsUpstream) -> String {
 }
 
 /// A gateway whose chat pools are `upstream`, trusting `trusted_ca` for them.
-fn gateway(upstream: &TlsUpstream, trusted_ca: &CertifiedIssuer<'static, KeyPair>) -> Gateway {
+fn gateway(upstream: &TlsUpstream, trusted_ca: &TestCa) -> Gateway {
     Gateway::start(&TestConfig {
-        rules: shipped("rules.toml"),
-        pools: tls_pools(upstream),
-        accounts: shipped("accounts.jsonl"),
         trust: String::new(),
-        extra_files: String::new(),
-        extra_tables: String::new(),
         attachments: vec![(CA_FILE.into(), trusted_ca.pem().into_bytes())],
-        listen_host: "127.0.0.1".into(),
-        ejection_ms: 5000,
-        configmap_layout: false,
-        audit: "path = \"audit.jsonl\"\n".into(),
+        ..TestConfig::shipped_with_pools(tls_pools(upstream))
     })
 }
 
@@ -166,7 +145,7 @@ async fn chat(gw: &Gateway) -> (StatusCode, Option<String>, String) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_request_reaches_an_https_pool_stamped() {
-    let ca = new_ca("test CA");
+    let ca = TestCa::new("test CA");
     let upstream = TlsUpstream::start(&ca).await;
     let gw = gateway(&upstream, &ca);
 
@@ -204,7 +183,7 @@ async fn a_request_reaches_an_https_pool_stamped() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_pool_server_name_is_sent_as_sni() {
-    let ca = new_ca("test CA");
+    let ca = TestCa::new("test CA");
     let upstream = TlsUpstream::start(&ca).await;
     let gw = gateway(&upstream, &ca);
 
@@ -223,8 +202,8 @@ async fn the_pool_server_name_is_sent_as_sni() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_certificate_from_another_ca_is_refused_and_nothing_is_forwarded() {
-    let upstream_ca = new_ca("upstream CA");
-    let other_ca = new_ca("another CA");
+    let upstream_ca = TestCa::new("upstream CA");
+    let other_ca = TestCa::new("another CA");
     let upstream = TlsUpstream::start(&upstream_ca).await;
     let gw = gateway(&upstream, &other_ca);
 

@@ -48,6 +48,9 @@ pub struct GatewayFile {
 pub struct AdminEntry {
     /// `host:port` of `/metrics`, `/healthz`, `/readyz`; keep it off the public network.
     pub address: Spanned<String>,
+    /// File holding a bearer token `/metrics` then requires (health endpoints stay open).
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
 }
 
 /// `[audit]`.
@@ -101,6 +104,25 @@ pub struct ListenerEntry {
     pub address: String,
     /// `api` or `chat`: the product of requests that carry no credentials.
     pub product: String,
+    /// Accept HTTP/2 with prior knowledge on this cleartext listener (default false).
+    #[serde(default)]
+    pub h2c: bool,
+    /// Serve TLS (ALPN `h2`, `http/1.1`) with this certificate and key.
+    #[serde(default)]
+    pub tls: Option<ListenerTlsEntry>,
+    /// Read a PROXY protocol header (v1 or v2) from trusted proxies (default false).
+    #[serde(default)]
+    pub proxy_protocol: bool,
+}
+
+/// `[listener.tls]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerTlsEntry {
+    /// PEM certificate chain, leaf first (relative to gateway.toml's folder).
+    pub cert_file: PathBuf,
+    /// PEM private key of the leaf.
+    pub key_file: PathBuf,
 }
 
 /// `[files]`.
@@ -156,6 +178,13 @@ pub struct UpstreamEntry {
     /// milliseconds (default 5000); active checks can end it sooner.
     #[serde(default)]
     pub ejection_ms: Option<u64>,
+    /// Name servers (`ip:port`) for pool host names (default: the system's).
+    #[serde(default)]
+    pub dns_servers: Vec<String>,
+    /// Longest time between two resolutions of a pool host name, in
+    /// milliseconds (default 30000; sooner when the record's TTL ends).
+    #[serde(default)]
+    pub dns_refresh_ms: Option<u64>,
 }
 
 /// `rules.toml`: what the policy needs to know about plans, paths and addresses.
@@ -278,6 +307,22 @@ pub struct PoolEntry {
     /// Active health checks of the pool's addresses; none when absent.
     #[serde(default)]
     pub health_check: Option<HealthCheckEntry>,
+    /// The operator's credential for this pool, sent on every request to it.
+    #[serde(default)]
+    pub credential: Option<CredentialEntry>,
+}
+
+/// `[pool.credential]`: `header: <prefix><contents of secret_file>`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialEntry {
+    /// The header, e.g. `authorization` or `api-key`.
+    pub header: String,
+    /// Text before the secret, e.g. `Bearer ` (default none).
+    #[serde(default)]
+    pub prefix: Option<String>,
+    /// File holding the secret (relative to gateway.toml's folder); reloaded when it changes.
+    pub secret_file: PathBuf,
 }
 
 /// One pool address.

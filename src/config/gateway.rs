@@ -2,18 +2,22 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use http::HeaderName;
 use ipnet::IpNet;
 
 use super::diagnostics::FileErrors;
 use super::files::GatewayFile;
-use super::snapshot::{GatewaySettings, Listener};
+use super::snapshot::{GatewaySettings, Listener, ListenerTls};
+use crate::admin::AdminToken;
 use crate::audit::AuditTarget;
 use crate::client_ip::TrustedProxies;
+use crate::dns::DnsSettings;
 use crate::policy::Product;
 use crate::routing::UpstreamTimeouts;
 use crate::stamp::SigningKey;
+use crate::tls_listener::ServerCertificate;
 
 /// `gateway.toml`, compiled: the process settings and what the snapshot
 /// takes from it.
@@ -23,7 +27,10 @@ pub(super) struct Gateway {
     pub identity_header: Option<HeaderName>,
     pub signing_key: Option<SigningKey>,
     pub timeouts: UpstreamTimeouts,
-    /// Files named here that the snapshot depends on (the signing key).
+    pub admin_token: Option<AdminToken>,
+    pub tls_certificates: Vec<(SocketAddr, Arc<ServerCertificate>)>,
+    pub dns: DnsSettings,
+    /// Files named here that the snapshot depends on (the signing key, the admin token).
     pub sources: Vec<PathBuf>,
 }
 
@@ -91,6 +98,24 @@ pub(super) fn compile_gateway(
             }
         }
     };
+    let admin_token = gateway
+        .admin
+        .as_ref()
+        .and_then(|a| a.token_file.as_ref())
+        .and_then(|file| {
+            let path = base.join(file);
+            sources.push(path.clone());
+            AdminToken::load(&path).map_err(|e| g.at_line(None, e)).ok()
+        });
+    let mut tls_certificates = Vec::new();
+    for listener in &settings.listeners {
+        let Some(tls) = &listener.tls else { continue };
+        sources.extend([tls.cert_file.clone(), tls.key_file.clone()]);
+        match ServerCertificate::load(&tls.cert_file, &tls.key_file) {
+            Ok(c) => tls_certificates.push((listener.address, Arc::new(c))),
+            Err(e) => g.at_line(None, e),
+        }
+    }
     let timeouts = {
         let d = UpstreamTimeouts::default();
         let ms = std::time::Duration::from_millis;
@@ -100,12 +125,25 @@ pub(super) fn compile_gateway(
             ejection: gateway.upstream.ejection_ms.map_or(d.ejection, ms),
         }
     };
+    let mut dns = DnsSettings::default();
+    for server in &gateway.upstream.dns_servers {
+        match server.parse::<SocketAddr>() {
+            Ok(addr) => dns.servers.push(addr),
+            Err(_) => g.at_line(None, format!("DNS server `{server}` is not ip:port")),
+        }
+    }
+    if let Some(ms) = gateway.upstream.dns_refresh_ms {
+        dns.refresh = std::time::Duration::from_millis(ms);
+    }
     Gateway {
         settings,
+        dns,
         trusted_proxies: TrustedProxies::new(trusted),
         identity_header,
         signing_key,
         timeouts,
+        admin_token,
+        tls_certificates,
         sources,
     }
 }
@@ -135,6 +173,16 @@ fn gateway_settings(gateway: &GatewayFile, base: &Path, g: &mut FileErrors<'_>) 
         let l = entry.get_ref();
         let address = l.address.parse::<SocketAddr>();
         let product = l.product.parse::<Product>();
+        if l.h2c && l.tls.is_some() {
+            g.at_span(
+                span.clone(),
+                "h2c is for cleartext listeners; a TLS listener offers h2 through ALPN",
+            );
+        }
+        let tls = l.tls.as_ref().map(|t| ListenerTls {
+            cert_file: base.join(&t.cert_file),
+            key_file: base.join(&t.key_file),
+        });
         match (address, product) {
             (Ok(address), Ok(product)) => {
                 if let Some(other) = listeners
@@ -149,7 +197,13 @@ fn gateway_settings(gateway: &GatewayFile, base: &Path, g: &mut FileErrors<'_>) 
                         ),
                     );
                 }
-                listeners.push(Listener { address, product })
+                listeners.push(Listener {
+                    address,
+                    product,
+                    h2c: l.h2c,
+                    tls,
+                    proxy_protocol: l.proxy_protocol,
+                })
             }
             (Err(_), _) => g.at_span(
                 span,

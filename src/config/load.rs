@@ -3,6 +3,7 @@
 //! [`Snapshot`] or every error found.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -68,12 +69,16 @@ pub fn load(
 
     let pools = pools_source.as_ref().map(|(text, file)| {
         let mut p = FileErrors::new(&pools_path, text);
-        let pools = compile_pools(file, base, options, gateway.timeouts, &mut p);
+        let pools = compile_pools(file, base, options, gateway.timeouts, &gateway.dns, &mut p);
         sources.extend(
             file.pools
                 .iter()
                 .filter_map(|p| p.get_ref().tls_ca_file.as_ref().map(|f| base.join(f))),
         );
+        sources.extend(file.pools.iter().filter_map(|p| {
+            let credential = p.get_ref().credential.as_ref();
+            credential.map(|c| base.join(&c.secret_file))
+        }));
         errors.append(&mut p.errors);
         pools
     });
@@ -156,6 +161,10 @@ pub fn load(
         trusted_proxies: gateway.trusted_proxies,
         identity_header: gateway.identity_header,
         signing_key: gateway.signing_key,
+        admin_token: gateway.admin_token,
+        tls_certificates: gateway.tls_certificates,
+        dns: gateway.dns,
+        health: options.health.clone(),
         sources,
     };
     Ok((gateway.settings, snapshot))
@@ -201,6 +210,28 @@ fn policy_version(inputs: &PolicyInputs<'_>) -> String {
         key_id.as_bytes(),
     ]);
     format!("{}+r{revision}", inputs.date)
+}
+
+/// The admin listener's address from `gateway.toml` alone (nothing else is
+/// read: a health probe must stay cheap with a million accounts).
+pub fn admin_address(gateway_path: &Path) -> Result<Option<SocketAddr>, ConfigErrors> {
+    let text = read(gateway_path)?;
+    let file: GatewayFile = parse_toml(gateway_path, &text)?;
+    file.admin
+        .as_ref()
+        .map(|a| {
+            let text = a.address.get_ref();
+            text.parse()
+                .map_err(|_| format!("admin address `{text}` is not host:port"))
+        })
+        .transpose()
+        .map_err(|message| {
+            ConfigErrors(vec![ConfigError {
+                file: gateway_path.to_path_buf(),
+                line: None,
+                message,
+            }])
+        })
 }
 
 /// Short content hash of the policy files: the rules revision.

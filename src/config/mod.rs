@@ -16,5 +16,7 @@ mod snapshot;
 
 pub use accounts::{hash_api_key, Account, AccountStore, KeyHash, Line, Quarantined, Record};
 pub use diagnostics::{ConfigError, ConfigErrors};
-pub use load::{load, LoadOptions};
-pub use snapshot::{GatewaySettings, Listener, PlanNames, ShadowRules, Snapshot, SnapshotHandle};
+pub use load::{admin_address, load, LoadOptions};
+pub use snapshot::{
+    GatewaySettings, Listener, ListenerTls, PlanNames, ShadowRules, Snapshot, SnapshotHandle,
+};

@@ -1,5 +1,6 @@
 //! `pools.toml` -> the pool catalogue the policy sees and the upstreams the proxy uses.
 
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -8,12 +9,14 @@ use pingora::tls::x509::X509;
 use super::diagnostics::{is_token, FileErrors};
 use super::files::{AddressEntry, HealthCheckEntry, PoolsFile};
 use super::load::LoadOptions;
+use crate::credential::UpstreamCredential;
+use crate::dns::{DnsSettings, HostPort};
 use crate::health::{CheckSpec, Probe, Thresholds};
 use crate::policy::{
     Capability, CapabilitySet, PoolCatalog, PoolProfile, Product, ProductSet, RegionId, MAX_POOLS,
     MAX_SUBPROCESSORS,
 };
-use crate::routing::{Endpoint, PoolUpstream, UpstreamTimeouts, Upstreams};
+use crate::routing::{parse_url, Endpoint, PoolUpstream, UpstreamTimeouts, Upstreams};
 
 /// The pools file, compiled.
 pub(super) struct Pools {
@@ -33,17 +36,39 @@ fn index_of(names: &mut Vec<String>, name: &str) -> usize {
     }
 }
 
+/// Every host name (not IP) the pools' addresses use, to resolve at once.
+fn host_names(file: &PoolsFile, options: &LoadOptions) -> BTreeSet<HostPort> {
+    let mut names = BTreeSet::new();
+    for pool in &file.pools {
+        let pool = pool.get_ref();
+        let urls: Vec<&str> = match options.pool_addresses.get(&pool.name) {
+            Some(urls) => urls.iter().map(String::as_str).collect(),
+            None => pool.addresses.iter().map(AddressEntry::url).collect(),
+        };
+        for url in urls {
+            if let Ok((_, host, port)) = parse_url(url) {
+                if crate::dns::is_name(&host) {
+                    names.insert((host, port));
+                }
+            }
+        }
+    }
+    names
+}
+
 pub(super) fn compile_pools(
     file: &PoolsFile,
     base: &Path,
     options: &LoadOptions,
     timeouts: UpstreamTimeouts,
+    dns: &DnsSettings,
     p: &mut FileErrors<'_>,
 ) -> Pools {
     let mut subprocessors = Vec::new();
     let mut regions = Vec::new();
     let mut profiles = Vec::new();
     let mut upstreams = Vec::new();
+    let resolved = crate::dns::resolve_all(dns, &host_names(file, options));
     if file.pools.len() > MAX_POOLS {
         p.at_line(None, format!("at most {MAX_POOLS} pools are supported"));
     }
@@ -98,6 +123,7 @@ pub(super) fn compile_pools(
                 pool.tls_server_name.as_deref(),
                 address.weight(),
                 &options.health,
+                &resolved,
             ) {
                 Ok(e) => endpoints.push(e),
                 Err(e) => p.at_span(span.clone(), format!("pool `{}`: {e}", pool.name)),
@@ -197,15 +223,24 @@ pub(super) fn compile_pools(
             retains_input,
             priority: pool.priority.unwrap_or(0),
         });
-        upstreams.push(PoolUpstream::new(
-            pool.name.clone(),
-            pool.subprocessor.clone(),
-            pool.region.clone(),
-            weight.max(1),
-            endpoints,
-            ca,
-            health_check,
-        ));
+        let credential = pool.credential.as_ref().and_then(|c| {
+            let prefix = c.prefix.as_deref().unwrap_or_default();
+            UpstreamCredential::load(&c.header, prefix, &base.join(&c.secret_file))
+                .map_err(|e| p.at_span(span.clone(), format!("pool `{}`: {e}", pool.name)))
+                .ok()
+        });
+        upstreams.push(
+            PoolUpstream::new(
+                pool.name.clone(),
+                pool.subprocessor.clone(),
+                pool.region.clone(),
+                weight.max(1),
+                endpoints,
+                ca,
+                health_check,
+            )
+            .with_credential(credential),
+        );
     }
     Pools {
         catalog: PoolCatalog::new(profiles),

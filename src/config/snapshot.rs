@@ -17,6 +17,7 @@ use crate::geo::GeoDb;
 use crate::policy::{PlanClass, PoolCatalog, Product};
 use crate::routing::Upstreams;
 use crate::stamp::SigningKey;
+use crate::tls_listener::ServerCertificate;
 
 /// One listening address and the product of its anonymous traffic.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -25,6 +26,21 @@ pub struct Listener {
     pub address: SocketAddr,
     /// Product of requests without credentials.
     pub product: Product,
+    /// Accept HTTP/2 with prior knowledge (cleartext listeners).
+    pub h2c: bool,
+    /// Certificate and key files, when the listener serves TLS.
+    pub tls: Option<ListenerTls>,
+    /// Whether a PROXY protocol header comes first (required from trusted proxies).
+    pub proxy_protocol: bool,
+}
+
+/// Where a TLS listener's certificate and key are (their contents are in the snapshot).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListenerTls {
+    /// PEM certificate chain, leaf first.
+    pub cert_file: std::path::PathBuf,
+    /// PEM private key.
+    pub key_file: std::path::PathBuf,
 }
 
 /// Settings fixed for the life of the process (sockets and threads).
@@ -84,6 +100,14 @@ pub struct Snapshot {
     pub identity_header: Option<HeaderName>,
     /// Key for `x-privacy-signature`.
     pub signing_key: Option<SigningKey>,
+    /// The bearer token `/metrics` requires, when configured.
+    pub admin_token: Option<crate::admin::AdminToken>,
+    /// The certificate of each TLS listener, by listening address.
+    pub tls_certificates: Vec<(SocketAddr, Arc<ServerCertificate>)>,
+    /// How pool host names are resolved.
+    pub dns: crate::dns::DnsSettings,
+    /// Where address health is kept across snapshots (and re-resolutions).
+    pub health: Arc<crate::health::HealthRegistry>,
     /// Every file the snapshot was built from (what a reload watches).
     pub sources: Vec<PathBuf>,
 }
@@ -104,6 +128,16 @@ impl Snapshot {
                 ),
             })
             .collect()
+    }
+}
+
+impl Snapshot {
+    /// The certificate the TLS listener on `address` serves now.
+    pub fn tls_certificate(&self, address: SocketAddr) -> Option<&ServerCertificate> {
+        self.tls_certificates
+            .iter()
+            .find(|(a, _)| *a == address)
+            .map(|(_, c)| &**c)
     }
 }
 

@@ -2,6 +2,8 @@
 //! generated configuration, in front of recording echo upstreams, one per pool.
 #![allow(dead_code)]
 
+pub mod tls;
+
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -22,9 +24,10 @@ pub fn shipped(name: &str) -> String {
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
 }
 
-/// A free loopback port (bound, read, released).
+/// A free port (bound, read, released): free on every address, so that a
+/// test may bind it on 0.0.0.0 or any loopback address.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
+    TcpListener::bind("0.0.0.0:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free loopback port")
@@ -152,14 +155,27 @@ pub struct TestConfig {
     /// Lay the files out as a Kubernetes ConfigMap volume does: each a
     /// symlink through `..data` to a timestamped folder.
     pub configmap_layout: bool,
+    /// Lines for the `[admin]` table beyond its address (e.g. `token_file = ...`).
+    pub admin: String,
+    /// Lines for the api `[[listener]]` beyond address and product (e.g. TLS).
+    pub api_listener: String,
+    /// Lines for the chat `[[listener]]` beyond address and product.
+    pub chat_listener: String,
+    /// Lines for the `[upstream]` table beyond timeouts and ejection (e.g. DNS).
+    pub upstream: String,
 }
 
 impl TestConfig {
     /// The shipped rules and accounts, pools pointing at `upstreams`.
     pub fn shipped_with(upstreams: &Upstreams) -> Self {
+        Self::shipped_with_pools(pools_with_addresses(&upstreams.addresses()))
+    }
+
+    /// The shipped rules and accounts with `pools`.
+    pub fn shipped_with_pools(pools: String) -> Self {
         TestConfig {
             rules: shipped("rules.toml"),
-            pools: pools_with_addresses(&upstreams.addresses()),
+            pools,
             accounts: shipped("accounts.jsonl"),
             trust: "identity_header = \"x-authenticated-account\"\n".into(),
             extra_files: String::new(),
@@ -169,6 +185,10 @@ impl TestConfig {
             ejection_ms: 5000,
             configmap_layout: false,
             audit: "path = \"audit.jsonl\"\n".into(),
+            admin: String::new(),
+            api_listener: String::new(),
+            chat_listener: String::new(),
+            upstream: String::new(),
         }
     }
 }
@@ -251,22 +271,32 @@ pub fn binary() -> PathBuf {
 impl Gateway {
     /// Writes `config`, starts the gateway, and waits until both listeners accept.
     pub fn start(config: &TestConfig) -> Gateway {
+        Self::start_logging(config, "info")
+    }
+
+    /// [`Self::start`] with `RUST_LOG=rust_log` (e.g. `trace`, to show that
+    /// even the most verbose logs hold no secret).
+    pub fn start_logging(config: &TestConfig, rust_log: &str) -> Gateway {
         let dir = tempfile::tempdir().expect("tempdir");
         let host: IpAddr = config.listen_host.parse().expect("listen host");
         let api = SocketAddr::new(host, free_port());
         let chat = SocketAddr::new(host, free_port());
         let admin = SocketAddr::new("127.0.0.1".parse().expect("loopback"), free_port());
         let gateway = format!(
-            "threads = 1\n\n[[listener]]\naddress = \"{api}\"\nproduct = \"api\"\n\n[[listener]]\naddress = \"{chat}\"\nproduct = \"chat\"\n\n\
+            "threads = 1\n\n[[listener]]\naddress = \"{api}\"\nproduct = \"api\"\n{}\n\n[[listener]]\naddress = \"{chat}\"\nproduct = \"chat\"\n{}\n\n\
              [files]\nrules = \"rules.toml\"\npools = \"pools.toml\"\naccounts = \"accounts.jsonl\"\n{}\n\n[trust]\n{}\n\n\
-             [upstream]\nconnect_timeout_ms = 500\nread_timeout_ms = 10000\nejection_ms = {}\n\n\
+             [upstream]\nconnect_timeout_ms = 500\nread_timeout_ms = 10000\nejection_ms = {}\n{}\n\n\
              [process]\nupgrade_sock = \"{}\"\npid_file = \"{}\"\ngrace_period_seconds = 1\ngraceful_shutdown_timeout_seconds = 5\n\n\
-             [admin]\naddress = \"{admin}\"\n\n[audit]\n{}\n\n{}\n",
+             [admin]\naddress = \"{admin}\"\n{}\n\n[audit]\n{}\n\n{}\n",
+            config.api_listener,
+            config.chat_listener,
             config.extra_files,
             config.trust,
             config.ejection_ms,
+            config.upstream,
             dir.path().join("run").join("upgrade.sock").display(),
             dir.path().join("gateway.pid").display(),
+            config.admin,
             config.audit,
             config.extra_tables
         );
@@ -293,7 +323,7 @@ impl Gateway {
         for (name, bytes) in &config.attachments {
             write(name, bytes);
         }
-        let child = spawn(dir.path(), "gateway.log", false);
+        let child = spawn(dir.path(), "gateway.log", false, rust_log);
         let mut gateway = Gateway {
             child,
             dir,
@@ -326,7 +356,7 @@ impl Gateway {
     /// (logging to `upgrade.log`): it takes the listeners over once the
     /// running one is sent `SIGQUIT`.
     pub fn start_upgrade(&self) -> Child {
-        spawn(self.dir.path(), "upgrade.log", true)
+        spawn(self.dir.path(), "upgrade.log", true, "info")
     }
 
     /// Where the new process of an upgrade waits for the listening sockets
@@ -389,6 +419,29 @@ impl Gateway {
         (status, resp.text().await.unwrap_or_default())
     }
 
+    /// Waits (bounded) until the gateway has logged `text`; fails the test otherwise.
+    pub async fn expect_log(&self, text: &str) {
+        assert!(
+            eventually(Duration::from_secs(10), || self.logs().contains(text)).await,
+            "`{text}` was not logged:\n{}",
+            self.logs()
+        );
+    }
+
+    /// `check --config` on this gateway's configuration: success, and what it printed on stderr.
+    pub fn check(&self) -> (bool, String) {
+        let out = Command::new(binary())
+            .arg("check")
+            .arg("--config")
+            .arg(self.dir.path().join("gateway.toml"))
+            .output()
+            .expect("run check");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
     /// Everything the gateway logged so far (standard error).
     pub fn logs(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("gateway.log")).unwrap_or_default()
@@ -412,7 +465,7 @@ impl Gateway {
 
 /// Starts the gateway binary on `dir/gateway.toml`, logging to `dir/log`
 /// (standard output, where `[audit] path = "-"` writes, to `dir/log.stdout`).
-fn spawn(dir: &Path, log: &str, upgrade: bool) -> Child {
+fn spawn(dir: &Path, log: &str, upgrade: bool, rust_log: &str) -> Child {
     let stdout = std::fs::File::create(dir.join(format!("{log}.stdout"))).expect("stdout file");
     let log = std::fs::File::create(dir.join(log)).expect("log file");
     let mut command = Command::new(binary());
@@ -424,7 +477,7 @@ fn spawn(dir: &Path, log: &str, upgrade: bool) -> Child {
         command.arg("--upgrade");
     }
     command
-        .env("RUST_LOG", "info")
+        .env("RUST_LOG", rust_log)
         .stdout(stdout)
         .stderr(log)
         .stdin(Stdio::null())
@@ -433,7 +486,7 @@ fn spawn(dir: &Path, log: &str, upgrade: bool) -> Child {
 }
 
 /// Writes `files` into `dir/version/` and points `dir/..data` at it atomically.
-fn configmap_publish(dir: &Path, version: &str, files: &[(&str, &[u8])]) {
+pub fn configmap_publish(dir: &Path, version: &str, files: &[(&str, &[u8])]) {
     std::fs::create_dir(dir.join(version)).expect("version folder");
     for (name, bytes) in files {
         std::fs::write(dir.join(version).join(name), bytes).expect("write");
@@ -494,6 +547,23 @@ pub fn audit_json(gw: &Gateway) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// Waits (bounded) until the asynchronous check `f` (a request, say)
+/// holds, pausing 50 ms between tries; returns whether it did.
+pub async fn eventually_async<F, Fut>(limit: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if f().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    f().await
+}
+
 /// The decision id the gateway returned to the client.
 pub fn decision_id(resp: &reqwest::Response) -> Option<String> {
     resp.headers()
@@ -504,13 +574,17 @@ pub fn decision_id(resp: &reqwest::Response) -> Option<String> {
 
 /// Sends `POST url` with body `{}` as the holder of API key `key`; the status.
 pub async fn post_as(c: &reqwest::Client, url: &str, key: &str) -> reqwest::StatusCode {
+    send_as(c, url, key).await.status()
+}
+
+/// Sends `POST url` with body `{}` as the holder of API key `key`; the answer.
+pub async fn send_as(c: &reqwest::Client, url: &str, key: &str) -> reqwest::Response {
     c.post(url)
         .bearer_auth(key)
         .body("{}")
         .send()
         .await
         .expect("request")
-        .status()
 }
 
 /// Sends `POST url` with body `{}`, an optional API key and extra headers;
@@ -522,8 +596,19 @@ pub async fn forward(
     key: Option<&str>,
     headers: &[(&str, &str)],
 ) -> (String, Recorded) {
+    forward_with(&client(), ups, url, key, headers).await
+}
+
+/// [`forward`] with a given client (HTTP/2, TLS).
+pub async fn forward_with(
+    client: &reqwest::Client,
+    ups: &Upstreams,
+    url: &str,
+    key: Option<&str>,
+    headers: &[(&str, &str)],
+) -> (String, Recorded) {
     let before = ups.all_requests().len();
-    let mut req = client().post(url).body("{}");
+    let mut req = client.post(url).body("{}");
     if let Some(key) = key {
         req = req.bearer_auth(key);
     }
