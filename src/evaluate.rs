@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use http::{HeaderMap, Method};
 
 use crate::client_ip::{client_address, ClientIpError, ClientPrefix};
-use crate::config::{Quarantined, Snapshot};
+use crate::config::{Origin, Quarantined, Snapshot};
 use crate::geo::CountryCode;
 use crate::identity::{self, Caller, Credentials, IdentityError};
 use crate::policy::{self, Capability, Consents, Decision, PlanClass, Product, RequestFacts};
@@ -50,6 +50,8 @@ pub struct Admission {
     pub client_prefix: ClientPrefix,
     /// What the shadow rules would have decided, when they disagree.
     pub shadow: Option<ShadowDecision>,
+    /// The consent line that decided the account (none when anonymous).
+    pub origin: Option<Origin>,
 }
 
 /// The shadow rules' view of a request they disagree on.
@@ -241,10 +243,14 @@ pub fn evaluate(snapshot: &Snapshot, head: &RequestHead<'_>) -> Result<Admission
         .map_err(Refusal::Identity)?;
 
     // A quarantined consent record is answered before anything is decided for it.
-    let (account, plan, product, plan_class, consents) = match caller {
-        Caller::Quarantined(q) => return Err(Refusal::ConsentRecordInvalid(Box::new(q.clone()))),
-        Caller::Account(a) => (&*a.id, &*a.plan, a.product, a.plan_class, &a.consents),
-        Caller::Anonymous => (
+    let record = match caller {
+        Caller::Quarantined(q) => return Err(Refusal::ConsentRecordInvalid(Box::new(q))),
+        Caller::Account(a) => Some(a),
+        Caller::Anonymous => None,
+    };
+    let (account, plan, product, plan_class, consents) = match &record {
+        Some(a) => (a.id, a.plan, a.product, a.plan_class, &a.consents),
+        None => (
             "anonymous",
             "anonymous",
             head.listener_product,
@@ -273,9 +279,9 @@ pub fn evaluate(snapshot: &Snapshot, head: &RequestHead<'_>) -> Result<Admission
             Some(routes) => routes.capability(head.method, head.path),
             None => Some(capability),
         };
-        let plan = match caller {
-            Caller::Account(a) => rules.plans.get(a.product, &a.plan),
-            Caller::Quarantined(_) | Caller::Anonymous => Some(PlanClass::ChatAnonymous),
+        let plan = match &record {
+            Some(a) => rules.plans.get(a.product, a.plan),
+            None => Some(PlanClass::ChatAnonymous),
         };
         let shadow_decision = capability.map(|capability| {
             policy::decide(
@@ -307,6 +313,7 @@ pub fn evaluate(snapshot: &Snapshot, head: &RequestHead<'_>) -> Result<Admission
         country,
         client_prefix: ClientPrefix::new(client, snapshot.prefix_lengths),
         shadow,
+        origin: record.map(|a| a.origin),
     };
     if decision.route.candidates.is_empty() {
         return Err(Refusal::NoPermittedRoute(Box::new(admission)));
