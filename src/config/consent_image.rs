@@ -15,8 +15,8 @@
 //! | 56..88 | SHA-256 of bytes `records..end`: the full check, `check`'s business |
 //! | 96..224 | directory: eight sections, each `(offset u64, length u64)` |
 //! | meta | JSON ([`Meta`]): counts, radix widths, the id hash seed, the name tables, the sources, the changes included |
-//! | records | fixed 32-byte records ([`RawRecord`]), in file order |
-//! | keys | `(SHA-256 key hash, record u32)`, 36 bytes each, sorted by hash |
+//! | records | fixed 32-byte records ([`RawRecord`]), in file order, each with a 16-bit check of its own bytes |
+//! | keys | `(SHA-256 key hash, record u32, low 32 bits of the record's id hash)`, 40 bytes each, sorted by hash |
 //! | key directory | `2^key_bits + 1` u32: where each top-`key_bits` prefix starts in `keys` |
 //! | ids | `(xxh3 of the id with the file's seed u64, record u32)`, 12 bytes each, sorted |
 //! | id directory | as the key directory, over the id hashes |
@@ -32,8 +32,12 @@
 //! as names in the meta tables and resolved by the store when it opens the
 //! file; records hold indexes into those tables.
 //!
-//! Reading never trusts the body: every access is bounds-checked and a
-//! record that does not decode is reported as damaged, never read past.
+//! Reading never trusts the body: every access is bounds-checked, and the
+//! open does not read it. What it could get wrong is caught per lookup: a
+//! record whose check fails, or a key entry whose record's id does not match
+//! it, is reported as damaged (the store answers 403: nothing forwarded, no
+//! consent guessed); a damaged directory or table finds nothing (401). The
+//! body's checksum and every entry are verified by `check`.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -66,7 +70,7 @@ const MAX_META: u64 = 64 << 20;
 
 /// Bytes per record.
 pub const RECORD_LEN: usize = 32;
-const KEY_ENTRY_LEN: usize = 36;
+const KEY_ENTRY_LEN: usize = 40;
 const ID_ENTRY_LEN: usize = 12;
 
 /// The sections, in file order.
@@ -147,7 +151,7 @@ pub const NO_REGION: u8 = u8::MAX;
 /// tables; the store resolves them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RawRecord {
-    /// Heap offset of the id; the quarantine reason follows it.
+    /// Heap offset of the id (48 bits); the quarantine reason follows it.
     pub text: u64,
     /// Length of the id (0: a quarantined line without a usable id).
     pub id_len: u16,
@@ -188,7 +192,7 @@ impl RawRecord {
 
     fn encode(&self) -> [u8; RECORD_LEN] {
         let mut b = [0u8; RECORD_LEN];
-        b[0..8].copy_from_slice(&self.text.to_le_bytes());
+        b[0..6].copy_from_slice(&self.text.to_le_bytes()[..6]);
         b[8..10].copy_from_slice(&self.id_len.to_le_bytes());
         b[10..12].copy_from_slice(&self.reason_len.to_le_bytes());
         b[12] = self.kind;
@@ -199,12 +203,20 @@ impl RawRecord {
         b[18..20].copy_from_slice(&self.source.to_le_bytes());
         b[20..24].copy_from_slice(&self.line.to_le_bytes());
         b[24..32].copy_from_slice(&self.subprocessors.to_le_bytes());
+        let check = record_check(&b);
+        b[6..8].copy_from_slice(&check.to_le_bytes());
         b
     }
 
-    fn decode(b: &[u8; RECORD_LEN]) -> RawRecord {
-        RawRecord {
-            text: le_u64(&b[0..8]),
+    /// The record, when its check matches its bytes.
+    fn decode(b: &[u8; RECORD_LEN]) -> Option<RawRecord> {
+        if record_check(b).to_le_bytes() != b[6..8] {
+            return None;
+        }
+        let mut text = [0u8; 8];
+        text[..6].copy_from_slice(&b[0..6]);
+        Some(RawRecord {
+            text: u64::from_le_bytes(text),
             id_len: u16::from_le_bytes([b[8], b[9]]),
             reason_len: u16::from_le_bytes([b[10], b[11]]),
             kind: b[12],
@@ -215,7 +227,7 @@ impl RawRecord {
             source: u16::from_le_bytes([b[18], b[19]]),
             line: le_u32(&b[20..24]),
             subprocessors: le_u64(&b[24..32]),
-        }
+        })
     }
 
     /// The consents of an account record, its names still indexes of the
@@ -231,6 +243,22 @@ impl RawRecord {
         }
     }
 }
+
+/// A record's check: 16 bits of the xxh3 of its other 30 bytes.
+fn record_check(b: &[u8; RECORD_LEN]) -> u16 {
+    let mut unchecked = *b;
+    unchecked[6..8].fill(0);
+    xxhash_rust::xxh3::xxh3_64(&unchecked) as u16
+}
+
+/// What a key entry holds of its record's id: the low half of the id hash.
+fn id_check(id_hash: u64) -> u32 {
+    id_hash as u32
+}
+
+/// The record index [`ConsentImage::find_key`] gives for a key whose entry
+/// does not match its record: no record, so the store answers "damaged".
+pub const DAMAGED_RECORD: u32 = u32::MAX;
 
 fn le_u64(b: &[u8]) -> u64 {
     let mut a = [0u8; 8];
@@ -508,7 +536,7 @@ impl ConsentImage {
         let bytes = self
             .section(Section::Records)
             .get(start..start.checked_add(RECORD_LEN)?)?;
-        Some(RawRecord::decode(bytes.try_into().ok()?))
+        RawRecord::decode(bytes.try_into().ok()?)
     }
 
     fn text(&self, r: &RawRecord, skip: usize, len: usize) -> Option<&str> {
@@ -542,7 +570,8 @@ impl ConsentImage {
         (start <= end && end <= count).then_some(start as usize..end as usize)
     }
 
-    /// The record holding key hash `key`.
+    /// The record holding key hash `key`, or [`DAMAGED_RECORD`] when the
+    /// entry's record is not the one it names (a damaged body).
     pub fn find_key(&self, key: &KeyHash) -> Option<u32> {
         let range = self.bucket(
             Section::KeyDirectory,
@@ -552,10 +581,15 @@ impl ConsentImage {
         )?;
         let keys = self.section(Section::Keys);
         let entries = keys.get(range.start * KEY_ENTRY_LEN..range.end * KEY_ENTRY_LEN)?;
-        entries
+        let entry = entries
             .chunks_exact(KEY_ENTRY_LEN)
-            .find(|e| e[..32] == key[..])
-            .map(|e| le_u32(&e[32..]))
+            .find(|e| e[..32] == key[..])?;
+        let record = le_u32(&entry[32..36]);
+        let matches = self
+            .record(record)
+            .and_then(|r| self.id(&r).map(|id| id_check(self.id_hash(id))))
+            == Some(le_u32(&entry[36..40]));
+        Some(if matches { record } else { DAMAGED_RECORD })
     }
 
     /// The hash the id table is sorted by.
@@ -585,12 +619,16 @@ impl ConsentImage {
 
     /// Every key hash with its record (the key table, in key order).
     pub fn keys(&self) -> impl Iterator<Item = (KeyHash, u32)> + '_ {
+        self.key_entries().map(|(key, record, _)| (key, record))
+    }
+
+    fn key_entries(&self) -> impl Iterator<Item = (KeyHash, u32, u32)> + '_ {
         self.section(Section::Keys)
             .chunks_exact(KEY_ENTRY_LEN)
             .map(|e| {
                 let mut key = [0u8; 32];
                 key.copy_from_slice(&e[..32]);
-                (key, le_u32(&e[32..]))
+                (key, le_u32(&e[32..36]), le_u32(&e[36..40]))
             })
     }
 
@@ -613,7 +651,7 @@ impl ConsentImage {
         let (mut valid, mut quarantined, mut deleted) = (0u32, 0u32, 0u32);
         for i in 0..m.records {
             let Some(r) = self.record(i) else {
-                return damaged(format!("record {i}: outside the records"));
+                return damaged(format!("record {i}: its check does not match"));
             };
             if let Err(what) = self.check_record(&r) {
                 return damaged(format!("record {i}: {what}"));
@@ -1248,10 +1286,15 @@ impl ImageBuilder {
         changes: (u64, Vec<IncludedChange>),
         out: &mut (impl Write + Seek),
     ) -> io::Result<()> {
+        if self.records.len() >= DAMAGED_RECORD as usize || self.heap.len() as u64 >= 1 << 48 {
+            return Err(io::Error::other(
+                "more accounts than one compiled snapshot holds (4 billion records, 256 TiB of ids)",
+            ));
+        }
         // The lookup tables are done with; free them before the sort.
         self.by_key = HashTable::new();
         self.by_id = HashTable::new();
-        self.keys.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        self.keys.sort_unstable_by_key(|k| k.0);
         let mut ids: Vec<(u64, u32)> = (0..self.records.len() as u32)
             .filter(|&i| {
                 let r = &self.records[i as usize];
@@ -1366,8 +1409,11 @@ impl ImageBuilder {
         }
         body.pad_to(offsets[2])?;
         for (key, record) in &self.keys {
+            let id = record_id(&self.records, &self.heap, *record);
+            let check = id_check(xxhash_rust::xxh3::xxh3_64_with_seed(id.as_bytes(), id_seed));
             body.write_all(key)?;
             body.write_all(&record.to_le_bytes())?;
+            body.write_all(&check.to_le_bytes())?;
         }
         body.pad_to(offsets[3])?;
         body.write_directory(key_bits, self.keys.iter().map(|k| key_prefix(&k.0)))?;
@@ -1456,5 +1502,260 @@ impl<W: Write> Write for HashingWriter<W> {
 
     fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::hash_api_key;
+    use crate::policy::RegionId;
+    use proptest::prelude::*;
+
+    fn source() -> Vec<SourceFile> {
+        vec![SourceFile {
+            file: "accounts.jsonl".into(),
+            modified: Some(1_700_000_000),
+            change: None,
+        }]
+    }
+
+    /// An image of `n` accounts `acct-{i}` with key `key-{i}`, every tenth
+    /// quarantined.
+    fn image_bytes(n: u32) -> Vec<u8> {
+        let subs = vec!["azure".to_string(), "gcp".to_string()];
+        let regions = vec!["eu".to_string()];
+        let mut b = ImageBuilder::new(n as usize, &subs, &regions, source());
+        for i in 0..n {
+            let origin = Origin {
+                source: 0,
+                line: i + 1,
+            };
+            let line = if i % 10 == 9 {
+                Line::Quarantined(QuarantinedLine {
+                    id: Some(format!("acct-{i}").into()),
+                    origin,
+                    reason: "plan `enterprise` is not defined".into(),
+                })
+            } else {
+                let mut consents = Consents {
+                    training_opt_out: i % 2 == 0,
+                    residency: (i % 3 == 0).then_some(RegionId(0)),
+                    ..Consents::default()
+                };
+                consents.subprocessor_opt_outs.insert((i % 2) as usize);
+                Line::Account(NewAccount {
+                    id: format!("acct-{i}").into(),
+                    product: Product::Api,
+                    plan: "paid".into(),
+                    consents,
+                    origin,
+                })
+            };
+            b.add(line, &[hash_api_key(format!("key-{i}").as_bytes())]);
+        }
+        let mut out = io::Cursor::new(Vec::new());
+        b.write("abcdef0", 42, (0, Vec::new()), &mut out)
+            .expect("write");
+        out.into_inner()
+    }
+
+    /// Looks up every account of an `n`-account image by key and by id, and
+    /// decodes every record: whatever the bytes, nothing may panic.
+    fn read_everything(image: &ConsentImage, n: u32) {
+        for i in 0..n + 5 {
+            if let Some(r) = image.find_key(&hash_api_key(format!("key-{i}").as_bytes())) {
+                let _ = image.record(r).map(|r| (image.id(&r), image.reason(&r)));
+            }
+            let _ = image.find_id(&format!("acct-{i}"));
+        }
+        for i in 0..image.meta().records.saturating_add(3) {
+            let _ = image.record(i).map(|r| (image.id(&r), image.reason(&r)));
+        }
+        let _ = image.quarantined().count();
+        let _ = image.verify();
+    }
+
+    #[test]
+    fn what_is_written_is_found_by_key_and_id_and_verifies() {
+        let image = ConsentImage::from_vec(image_bytes(1000)).expect("opens");
+        image.verify().expect("verifies");
+        let m = image.meta();
+        assert_eq!((m.records, m.valid, m.quarantined), (1000, 900, 100));
+        assert_eq!(m.revision, "abcdef0");
+        for i in [0u32, 1, 2, 9, 500, 999] {
+            let r = image
+                .find_key(&hash_api_key(format!("key-{i}").as_bytes()))
+                .expect("key found");
+            assert_eq!(image.find_id(&format!("acct-{i}")), Some(r));
+            let record = image.record(r).expect("record");
+            assert_eq!(image.id(&record), Some(format!("acct-{i}").as_str()));
+            assert_eq!(record.line, i + 1);
+            let expected = if i % 10 == 9 {
+                Kind::Quarantined
+            } else {
+                Kind::Account
+            };
+            assert_eq!(record.kind(), Some(expected));
+        }
+        assert!(image.find_key(&hash_api_key(b"key-1000")).is_none());
+        assert!(image.find_id("acct-1000").is_none());
+        assert_eq!(image.quarantined().count(), 100);
+    }
+
+    #[test]
+    fn the_same_input_gives_the_same_bytes() {
+        assert_eq!(image_bytes(300), image_bytes(300));
+    }
+
+    #[test]
+    fn an_empty_image_opens_and_finds_nothing() {
+        let image = ConsentImage::from_vec(image_bytes(0)).expect("opens");
+        image.verify().expect("verifies");
+        assert!(image.find_key(&hash_api_key(b"key-0")).is_none());
+        assert!(image.find_id("acct-0").is_none());
+    }
+
+    #[test]
+    fn a_truncated_file_is_refused_at_open_at_every_length() {
+        let bytes = image_bytes(50);
+        for len in 0..bytes.len() {
+            assert!(
+                ConsentImage::from_vec(bytes[..len].to_vec()).is_err(),
+                "truncated to {len} bytes"
+            );
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(matches!(
+            ConsentImage::from_vec(longer),
+            Err(ImageError::Length { .. })
+        ));
+    }
+
+    #[test]
+    fn any_changed_byte_before_the_records_is_refused_at_open() {
+        let bytes = image_bytes(50);
+        let image = ConsentImage::from_vec(bytes.clone()).expect("opens");
+        let records = image.sections[Section::Records as usize].start;
+        for at in (0..records).filter(|at| !BODY_CHECK.contains(at)) {
+            let mut damaged = bytes.clone();
+            damaged[at] ^= 0x41;
+            assert!(
+                ConsentImage::from_vec(damaged).is_err(),
+                "byte {at} changed"
+            );
+        }
+    }
+
+    #[test]
+    fn a_changed_body_opens_is_never_read_past_and_fails_verification() {
+        let bytes = image_bytes(200);
+        let image = ConsentImage::from_vec(bytes.clone()).expect("opens");
+        let records = image.sections[Section::Records as usize].start;
+        for at in (records..bytes.len()).step_by(7) {
+            let mut damaged = bytes.clone();
+            damaged[at] ^= 0xff;
+            let image = ConsentImage::from_vec(damaged).expect("the open reads the header only");
+            read_everything(&image, 200);
+            assert!(image.verify().is_err(), "byte {at} changed unnoticed");
+        }
+    }
+
+    #[test]
+    fn directories_pointing_anywhere_find_nothing_rather_than_read_past() {
+        let bytes = image_bytes(100);
+        let image = ConsentImage::from_vec(bytes.clone()).expect("opens");
+        for section in [Section::KeyDirectory, Section::IdDirectory] {
+            let mut damaged = bytes.clone();
+            for at in image.sections[section as usize].clone().step_by(4) {
+                damaged[at..at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+            }
+            let image = ConsentImage::from_vec(damaged).expect("opens");
+            match section {
+                Section::KeyDirectory => assert!(image.find_key(&hash_api_key(b"key-1")).is_none()),
+                _ => assert!(image.find_id("acct-1").is_none()),
+            }
+            read_everything(&image, 100);
+        }
+    }
+
+    #[test]
+    fn a_key_entry_naming_another_record_leads_to_no_account() {
+        let bytes = image_bytes(100);
+        let image = ConsentImage::from_vec(bytes.clone()).expect("opens");
+        let key = hash_api_key(b"key-3");
+        let keys = image.sections[Section::Keys as usize].clone();
+        let at = keys.start
+            + bytes[keys]
+                .chunks_exact(KEY_ENTRY_LEN)
+                .position(|e| e[..32] == key[..])
+                .expect("entry")
+                * KEY_ENTRY_LEN;
+        let mut damaged = bytes;
+        damaged[at + 32..at + 36].copy_from_slice(&4u32.to_le_bytes());
+        let image = ConsentImage::from_vec(damaged).expect("opens");
+        assert_eq!(image.find_key(&key), Some(DAMAGED_RECORD));
+        assert!(image.record(DAMAGED_RECORD).is_none());
+    }
+
+    #[test]
+    fn a_record_whose_bytes_changed_does_not_decode() {
+        let bytes = image_bytes(10);
+        let image = ConsentImage::from_vec(bytes.clone()).expect("opens");
+        let records = image.sections[Section::Records as usize].start;
+        let flags = records + 2 * RECORD_LEN + 16;
+        let mut damaged = bytes;
+        damaged[flags] ^= flag::TRAINING_OPT_OUT;
+        let image = ConsentImage::from_vec(damaged).expect("opens");
+        assert!(image.record(2).is_none(), "an opt-out flipped unnoticed");
+        assert!(image.record(1).is_some());
+    }
+
+    #[test]
+    fn another_format_version_is_refused_by_name() {
+        let mut bytes = image_bytes(5);
+        bytes[8..12].copy_from_slice(&(VERSION + 1).to_le_bytes());
+        let e = ConsentImage::from_vec(bytes).expect_err("refused");
+        assert!(e.to_string().contains("compile it again"), "{e}");
+        assert!(matches!(
+            ConsentImage::from_vec(b"{\"id\": \"a\"}\n".to_vec()),
+            Err(ImageError::NotASnapshot)
+        ));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Hostile bytes: any few changed bytes, anywhere, and any length:
+        /// refused, or opened and read without a panic.
+        #[test]
+        fn hostile_bytes_never_panic(
+            changes in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8),
+            cut in any::<usize>(),
+            fix_header in any::<bool>(),
+        ) {
+            let mut bytes = image_bytes(60);
+            for (at, value) in changes {
+                let len = bytes.len();
+                bytes[at % len] = value;
+            }
+            if fix_header {
+                // Keep the cheap check passing, so that the body's damage
+                // reaches the reader.
+                let records = le_u64(&bytes[HEADER_LEN + 16..HEADER_LEN + 24]) as usize;
+                if records <= bytes.len() && records >= BODY_CHECK.end {
+                    let check = header_checksum(&bytes[..records]);
+                    bytes[HEADER_CHECK].copy_from_slice(&check);
+                }
+            }
+            if cut % 4 == 0 {
+                let len = bytes.len();
+                bytes.truncate(cut % len);
+            }
+            if let Ok(image) = ConsentImage::from_vec(bytes) {
+                read_everything(&image, 60);
+            }
+        }
     }
 }
