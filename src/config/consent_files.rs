@@ -697,3 +697,385 @@ pub(super) fn quarantine_report(
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{load, Record, Snapshot};
+
+    /// The shipped configuration in a temporary folder, with a change folder
+    /// `changes/`; `accounts` names the base file.
+    struct Setup {
+        dir: tempfile::TempDir,
+    }
+
+    impl Setup {
+        fn new() -> Setup {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+            for name in ["rules.toml", "pools.toml", "accounts.jsonl"] {
+                std::fs::copy(shipped.join(name), dir.path().join(name)).expect("copy");
+            }
+            std::fs::create_dir(dir.path().join("changes")).expect("changes folder");
+            let setup = Setup { dir };
+            setup.use_base("accounts.jsonl");
+            setup
+        }
+
+        fn path(&self, name: &str) -> PathBuf {
+            self.dir.path().join(name)
+        }
+
+        fn gateway(&self) -> PathBuf {
+            self.path("gateway.toml")
+        }
+
+        fn use_base(&self, accounts: &str) {
+            let text = format!(
+                "[[listener]]\naddress = \"127.0.0.1:1\"\nproduct = \"api\"\n[files]\n\
+                 rules = \"rules.toml\"\npools = \"pools.toml\"\naccounts = \"{accounts}\"\n\
+                 account_changes = \"changes\"\n"
+            );
+            std::fs::write(self.gateway(), text).expect("gateway.toml");
+        }
+
+        fn change(&self, name: &str, lines: &[&str]) {
+            std::fs::write(self.path("changes").join(name), lines.join("\n") + "\n")
+                .expect("change file");
+        }
+
+        fn load(&self) -> Result<Snapshot, ConfigErrors> {
+            load(&self.gateway(), &LoadOptions::default()).map(|(_, s)| s)
+        }
+
+        fn compile(&self) {
+            compile_export(
+                &self.gateway(),
+                &self.path("accounts.jsonl"),
+                &self.path("accounts.pgcs"),
+                None,
+            )
+            .expect("compiles");
+            self.use_base("accounts.pgcs");
+        }
+    }
+
+    /// What the key `demo-{name}` leads to, in a word or two.
+    fn by_key(s: &Snapshot, name: &str) -> String {
+        describe(s.accounts.by_api_key(format!("demo-{name}").as_bytes()))
+    }
+
+    fn describe(record: Option<Record<'_>>) -> String {
+        match record {
+            None => "unknown".into(),
+            Some(Record::Quarantined(q)) => format!("quarantined: {}", q.reason),
+            Some(Record::Account(a)) => format!(
+                "{}{}",
+                a.id,
+                if a.consents.training_opt_out {
+                    " opted out"
+                } else {
+                    ""
+                }
+            ),
+        }
+    }
+
+    const HASH_CHAT_FREE: &str = "6a5e48f15857310e35ee251a7cfb528b9d11e998a589be2ec8e2446a9b9eabcd";
+    const HASH_API_PAID: &str = "8194312b7d6b06e27f919edb03fa6f9e28e67ca865f5503d5e6e60571ed291b3";
+
+    fn chat_free(extra: &str, key: &str) -> String {
+        format!(
+            r#"{{"id": "acct-chat-free", "product": "chat", "plan": "free", "api_key_sha256": ["{key}"]{extra}}}"#
+        )
+    }
+
+    #[test]
+    fn the_newest_line_of_an_account_wins_and_a_tombstone_deletes() {
+        let setup = Setup::new();
+        let opted_out = chat_free(r#", "training_opt_out": true"#, HASH_CHAT_FREE);
+        let plain = chat_free("", HASH_CHAT_FREE);
+        setup.change("1.jsonl", &[&opted_out, &plain, &opted_out]);
+        setup.change(
+            "0002.jsonl",
+            &["# a comment", r#"{"id": "acct-api-paid", "deleted": true}"#],
+        );
+        let s = setup.load().expect("loads");
+        assert_eq!(by_key(&s, "chat-free"), "acct-chat-free opted out");
+        assert_eq!(by_key(&s, "api-paid"), "unknown");
+        assert!(s.accounts.by_id("acct-api-paid").is_none());
+        assert_eq!(by_key(&s, "api-free"), "acct-api-free");
+        assert!(s.consent_revision.ends_with("+2"), "{}", s.consent_revision);
+        assert_eq!(s.accounts.len(), 15);
+
+        // Sequence order, not name order: 10 comes after 2.
+        setup.change("10.jsonl", &[&plain]);
+        let s = setup.load().expect("loads");
+        assert_eq!(by_key(&s, "chat-free"), "acct-chat-free");
+        let Some(Record::Account(a)) = s.accounts.by_id("acct-chat-free") else {
+            panic!("valid")
+        };
+        let source = s.accounts.source(a.origin).expect("source");
+        assert!(source.file.ends_with("10.jsonl"), "{source:?}");
+        assert_eq!((source.change, a.origin.line), (Some(10), 1));
+    }
+
+    #[test]
+    fn a_key_rotated_away_stops_working_at_once() {
+        let setup = Setup::new();
+        let new_key = hex::encode(crate::config::hash_api_key(b"rotated"));
+        setup.change("1.jsonl", &[&chat_free("", &new_key)]);
+        let s = setup.load().expect("loads");
+        assert_eq!(by_key(&s, "chat-free"), "unknown");
+        assert_eq!(
+            describe(s.accounts.by_api_key(b"rotated")),
+            "acct-chat-free"
+        );
+    }
+
+    #[test]
+    fn a_key_shared_with_a_base_account_quarantines_both() {
+        let setup = Setup::new();
+        // A new account listing demo-api-paid's key.
+        let copy = format!(
+            r#"{{"id": "acct-copy", "product": "api", "plan": "free", "api_key_sha256": ["{HASH_API_PAID}"]}}"#
+        );
+        setup.change("1.jsonl", &[&copy]);
+        let s = setup.load().expect("loads");
+        let paid_line = include_str!("../../config/accounts.jsonl")
+            .lines()
+            .position(|l| l.contains("\"acct-api-paid\""))
+            .expect("line")
+            + 1;
+        let by_key = by_key(&s, "api-paid");
+        assert!(
+            by_key.starts_with("quarantined: an API key hash is also listed on line")
+                && by_key.ends_with(&format!(
+                    "line {paid_line} of {}",
+                    setup.path("accounts.jsonl").display()
+                )),
+            "{by_key}"
+        );
+        let base = describe(s.accounts.by_id("acct-api-paid"));
+        assert!(base.ends_with("1.jsonl"), "{base}");
+        assert!(describe(s.accounts.by_id("acct-copy")).starts_with("quarantined"));
+        let reported: Vec<String> = s
+            .quarantine_report(10)
+            .iter()
+            .map(|e| e.to_string())
+            .collect();
+        assert_eq!(reported.len(), 2, "{reported:?}");
+        assert!(
+            reported.iter().any(|r| r
+                .contains(&format!("accounts.jsonl:{paid_line}: account quarantined"))
+                && r.ends_with(&format!(
+                    "line 1 of {}",
+                    setup.path("changes/1.jsonl").display()
+                ))),
+            "{reported:?}"
+        );
+
+        // Moving the key: the base account's replacement no longer lists it.
+        let paid_without = r#"{"id": "acct-api-paid", "product": "api", "plan": "paid"}"#;
+        setup.change("2.jsonl", &[paid_without]);
+        let s = setup.load().expect("loads");
+        assert_eq!(
+            describe(s.accounts.by_api_key(b"demo-api-paid")),
+            "acct-copy"
+        );
+        assert_eq!(describe(s.accounts.by_id("acct-api-paid")), "acct-api-paid");
+        assert_eq!(s.quarantine_report(10).len(), 0);
+    }
+
+    #[test]
+    fn a_bad_change_line_quarantines_its_account_and_a_torn_one_refuses_the_file() {
+        let setup = Setup::new();
+        let opted_out = chat_free(r#", "training_opt_out": true"#, HASH_CHAT_FREE);
+        let bad = r#"{"id": "acct-api-paid", "product": "api", "plan": "enterprise"}"#;
+        setup.change("1.jsonl", &[&opted_out, bad]);
+        let s = setup.load().expect("a quarantine is not an error");
+        assert_eq!(by_key(&s, "chat-free"), "acct-chat-free opted out");
+        assert!(by_key(&s, "api-paid").contains("plan `enterprise` is not defined"));
+        let report = s.quarantine_report(10);
+        assert_eq!(report.len(), 1);
+        assert!(report[0]
+            .to_string()
+            .contains("1.jsonl:2: account quarantined"));
+
+        setup.change("2.jsonl", &[&opted_out, r#"{"id": "acct-x", "#]);
+        let e = setup.load().expect_err("torn");
+        assert!(
+            e.to_string().contains("2.jsonl:2: not a JSON object"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn change_file_names_are_sequences_and_temporary_files_are_hidden() {
+        let setup = Setup::new();
+        let opted_out = chat_free(r#", "training_opt_out": true"#, HASH_CHAT_FREE);
+        setup.change(".3.jsonl.tmp", &["{not even json"]);
+        setup.change("1.jsonl", &[&opted_out]);
+        assert!(setup.load().is_ok());
+        setup.change("01.jsonl", &[&opted_out]);
+        let e = setup.load().expect_err("two files of one sequence");
+        assert!(
+            e.to_string().contains("sequence 1 is also the sequence of"),
+            "{e}"
+        );
+        std::fs::remove_file(setup.path("changes/01.jsonl")).expect("remove");
+        setup.change("2.json", &[&opted_out]);
+        let e = setup.load().expect_err("not a change file name");
+        assert!(e.to_string().contains("2.json: not a change file"), "{e}");
+    }
+
+    #[test]
+    fn a_compiled_base_answers_as_its_export_does() {
+        let setup = Setup::new();
+        let from_lines = setup.load().expect("loads");
+        setup.compile();
+        let compiled = setup.load().expect("loads");
+        assert!(compiled.accounts.base().is_mapped());
+        assert_eq!(compiled.consent_revision, from_lines.consent_revision);
+        for line in include_str!("../../config/accounts.jsonl").lines() {
+            let Some(id) = line.split('"').nth(3).filter(|_| line.starts_with('{')) else {
+                continue;
+            };
+            let key = id.replacen("acct-", "demo-", 1);
+            for s in [&from_lines, &compiled] {
+                let Some(Record::Account(a)) = s.accounts.by_api_key(key.as_bytes()) else {
+                    panic!("{key}")
+                };
+                assert_eq!(a.id, id);
+            }
+            let (Some(Record::Account(a)), Some(Record::Account(b))) =
+                (from_lines.accounts.by_id(id), compiled.accounts.by_id(id))
+            else {
+                panic!("{id}")
+            };
+            assert_eq!(
+                (a.product, a.plan, a.plan_class, a.consents, a.origin.line),
+                (b.product, b.plan, b.plan_class, b.consents, b.origin.line)
+            );
+        }
+    }
+
+    #[test]
+    fn compaction_folds_the_changes_in_and_no_stop_forgets_or_repeats_one() {
+        let setup = Setup::new();
+        setup.compile();
+        let opted_out = chat_free(r#", "training_opt_out": true"#, HASH_CHAT_FREE);
+        let plain = chat_free("", HASH_CHAT_FREE);
+        setup.change("1.jsonl", &[&plain]);
+        setup.change(
+            "2.jsonl",
+            &[&opted_out, r#"{"id": "acct-api-paid", "deleted": true}"#],
+        );
+        let before = setup.load().expect("loads");
+        let keys = ["chat-free", "api-paid", "api-free", "chat-team"];
+        let expected: Vec<String> = keys.iter().map(|k| by_key(&before, k)).collect();
+        let saved: Vec<(PathBuf, Vec<u8>)> = ["1.jsonl", "2.jsonl"]
+            .iter()
+            .map(|n| {
+                let p = setup.path("changes").join(n);
+                let bytes = std::fs::read(&p).expect("read");
+                (p, bytes)
+            })
+            .collect();
+
+        let done = compact(&setup.gateway()).expect("compacts");
+        assert_eq!(done.removed.len(), 2);
+        assert_eq!(
+            std::fs::read_dir(setup.path("changes"))
+                .expect("dir")
+                .count(),
+            0
+        );
+        let after = setup.load().expect("loads");
+        assert_eq!(keys.map(|k| by_key(&after, k)).to_vec(), expected);
+        assert!(!after.consent_revision.contains('+'));
+        assert_eq!(after.accounts.base().meta().changes_through, 2);
+        // The line that decided survives the compaction.
+        let Some(Record::Account(a)) = after.accounts.by_id("acct-chat-free") else {
+            panic!("valid")
+        };
+        assert_eq!(
+            after.accounts.source(a.origin).and_then(|s| s.change),
+            Some(2)
+        );
+
+        // Stopped after the rename, before the removal: the files are
+        // skipped by their sequence, not applied again.
+        for (path, bytes) in &saved {
+            std::fs::write(path, bytes).expect("restore");
+        }
+        let left_behind = setup.load().expect("loads");
+        assert_eq!(keys.map(|k| by_key(&left_behind, k)).to_vec(), expected);
+        assert_eq!(left_behind.consent_revision, after.consent_revision);
+        // A file at or below the base's sequence that it does not include
+        // was written late: refused, not silently skipped.
+        std::fs::write(&saved[0].0, plain.replace("free\"", "pro\"") + "\n").expect("rewrite");
+        let e = setup.load().expect_err("late");
+        assert!(
+            e.to_string().contains("which the base already includes"),
+            "{e}"
+        );
+        std::fs::write(&saved[0].0, &saved[0].1).expect("restore");
+
+        // A later compaction removes what an earlier one left behind, and
+        // a change written meanwhile stays pending.
+        setup.change("3.jsonl", &[&plain]);
+        let done = compact(&setup.gateway()).expect("compacts");
+        assert_eq!(done.removed.len(), 3);
+        let last = setup.load().expect("loads");
+        assert_eq!(by_key(&last, "chat-free"), "acct-chat-free");
+        assert_eq!(last.accounts.base().meta().changes_through, 3);
+    }
+
+    #[test]
+    fn a_stop_before_the_rename_leaves_the_old_base_and_every_change() {
+        let setup = Setup::new();
+        setup.compile();
+        let opted_out = chat_free(r#", "training_opt_out": true"#, HASH_CHAT_FREE);
+        setup.change("1.jsonl", &[&opted_out]);
+        let before = setup.load().expect("loads");
+        // What a compaction writes before its rename, left behind.
+        std::fs::write(
+            setup.path(".accounts.pgcs.999.tmp"),
+            b"PGCONSNT half written",
+        )
+        .expect("tmp");
+        let after = setup.load().expect("loads");
+        assert_eq!(before.consent_revision, after.consent_revision);
+        assert_eq!(by_key(&after, "chat-free"), "acct-chat-free opted out");
+        // And a compaction run then simply overwrites it.
+        compact(&setup.gateway()).expect("compacts");
+        assert_eq!(
+            by_key(&setup.load().expect("loads"), "chat-free"),
+            "acct-chat-free opted out"
+        );
+    }
+
+    #[test]
+    fn a_damaged_compiled_base_is_refused_at_open_and_check_finds_body_damage() {
+        let setup = Setup::new();
+        setup.compile();
+        let path = setup.path("accounts.pgcs");
+        let bytes = std::fs::read(&path).expect("read");
+        std::fs::write(&path, &bytes[..bytes.len() - 10]).expect("truncate");
+        let e = setup.load().expect_err("truncated");
+        assert!(e.to_string().contains("truncated or damaged"), "{e}");
+
+        let mut damaged = bytes.clone();
+        let last = damaged.len() - 1;
+        damaged[last - 40] ^= 1;
+        std::fs::write(&path, &damaged).expect("write");
+        assert!(setup.load().is_ok(), "the open reads the header only");
+        let verify = LoadOptions {
+            verify_accounts: true,
+            ..LoadOptions::default()
+        };
+        let e = load(&setup.gateway(), &verify).expect_err("verified");
+        assert!(e.to_string().contains("damaged"), "{e}");
+    }
+}
