@@ -659,7 +659,13 @@ mod tests {
     /// A store of `lines` (each with its keys), names resolved against `names()`.
     fn store(lines: Vec<(Line, Vec<KeyHash>)>) -> AccountStore {
         let (plans, subs, regions) = names();
-        let mut b = ImageBuilder::new(lines.len(), &subs, &regions, vec![source("accounts.jsonl")]);
+        let mut b = ImageBuilder::new(
+            lines.len(),
+            &subs,
+            &regions,
+            vec![source("accounts.jsonl")],
+            7,
+        );
         for (line, keys) in lines {
             b.add(line, &keys);
         }
@@ -668,7 +674,7 @@ mod tests {
             subprocessors: &subs,
             regions: &regions,
         };
-        AccountStore::new(b.into_image("test", 7, (0, Vec::new())), ctx)
+        AccountStore::new(b.into_image("test", (0, Vec::new())), ctx)
     }
 
     fn valid_id(r: Option<Record<'_>>) -> Option<&str> {
@@ -779,7 +785,7 @@ mod tests {
     #[test]
     fn names_resolve_when_opened_and_a_name_gone_quarantines_its_accounts() {
         let (plans, subs, regions) = names();
-        let mut b = ImageBuilder::new(3, &subs, &regions, vec![source("accounts.jsonl")]);
+        let mut b = ImageBuilder::new(3, &subs, &regions, vec![source("accounts.jsonl")], 7);
         let mut gcp_eu = Consents::default();
         gcp_eu.subprocessor_opt_outs.insert(1);
         gcp_eu.residency = Some(RegionId(0));
@@ -794,7 +800,7 @@ mod tests {
             &[k("opted")],
         );
         b.add(account("plain", 2), &[k("plain")]);
-        let image = b.into_image("test", 7, (0, Vec::new()));
+        let image = b.into_image("test", (0, Vec::new()));
         let bytes = image_bytes(&image);
 
         // Pools in another order: the names follow, not the indexes.

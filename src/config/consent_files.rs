@@ -134,7 +134,7 @@ fn open_base(
         return Ok(Some(image));
     }
     let export = read_export(path, known)?;
-    Ok(export.map(|(builder, sha)| builder.into_image(&short(&sha), seed(&sha), (0, Vec::new()))))
+    Ok(export.map(|(builder, sha)| builder.into_image(&short(&sha), (0, Vec::new()))))
 }
 
 /// Reads the JSON Lines export at `path` into a builder (none without
@@ -146,8 +146,15 @@ fn read_export(
     let file = LineFile::open(path)?;
     let (lines, sha) = (file.lines, file.sha256);
     let sources = vec![source_file(path, path.display().to_string(), None)];
-    let mut builder = known
-        .map(|(_, pools)| ImageBuilder::new(lines, &pools.subprocessors, &pools.regions, sources));
+    let mut builder = known.map(|(_, pools)| {
+        ImageBuilder::new(
+            lines,
+            &pools.subprocessors,
+            &pools.regions,
+            sources,
+            seed(&sha),
+        )
+    });
     let mut errors = FileErrors::new(path, "");
     let rules = LineRules {
         known,
@@ -352,13 +359,18 @@ fn build_overlay(
         (o.source, o.line)
     });
 
-    let mut builder =
-        ImageBuilder::new(changes.len(), &pools.subprocessors, &pools.regions, sources);
+    let mut builder = ImageBuilder::new(
+        changes.len(),
+        &pools.subprocessors,
+        &pools.regions,
+        sources,
+        0,
+    );
     for (line, keys) in changes {
         builder.add(line, &keys);
     }
     demote_shared_with_base(&mut builder, base);
-    (builder.into_image("overlay", 0, (0, Vec::new())), applied)
+    (builder.into_image("overlay", (0, Vec::new())), applied)
 }
 
 /// A change's key that a base account it does not replace also holds
@@ -384,7 +396,7 @@ fn demote_shared_with_base(builder: &mut ImageBuilder, base: &ConsentImage) {
         }
     }
     for (change, base_id, base_origin, base_valid) in conflicts {
-        let (_, change_origin) = builder.describe(change);
+        let change_origin = builder.origin(change);
         let reason = format!(
             "an API key hash is also listed on {}",
             builder.place(base_origin, change_origin.source)
@@ -455,12 +467,7 @@ pub fn compile_export(
     };
     let revision = short(&sha);
     let bytes = write_atomically(output, |out| {
-        builder.write(
-            &revision,
-            seed(&sha),
-            (changes_through.unwrap_or(0), included),
-            out,
-        )
+        builder.write(&revision, (changes_through.unwrap_or(0), included), out)
     })?;
     let image = ConsentImage::open(output).map_err(|e| one_error(output, None, e.to_string()))?;
     let ctx = NameContext {
@@ -566,11 +573,13 @@ pub fn compact(gateway_path: &Path) -> Result<Compacted, ConfigErrors> {
         short(&h.finalize().into())
     };
 
+    let seed = seed(&Sha256::digest(revision.as_bytes()).into());
     let mut builder = ImageBuilder::new(
         store.records(),
         &pools.subprocessors,
         &pools.regions,
         Vec::new(),
+        seed,
     );
     let mut source_map: HashMap<u16, u16> = HashMap::new();
     let mut too_many_sources = false;
@@ -600,14 +609,9 @@ pub fn compact(gateway_path: &Path) -> Result<Compacted, ConfigErrors> {
             "too many change files to compact at once (at most 65535 source files)".into(),
         ));
     }
-    let seed = u64::from_le_bytes(
-        Sha256::digest(revision.as_bytes())[..8]
-            .try_into()
-            .expect("8 bytes"),
-    );
     let records = included.iter().map(|(c, _)| c.clone()).collect();
     write_atomically(accounts, |out| {
-        builder.write(&revision, seed, (through, records), out)
+        builder.write(&revision, (through, records), out)
     })?;
 
     // Only now that the new base is in place: a file removed before would be

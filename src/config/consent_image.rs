@@ -41,7 +41,6 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::hash::{BuildHasher, RandomState};
 use std::io::{self, Seek, SeekFrom, Write};
 use std::ops::Range;
 use std::path::Path;
@@ -594,7 +593,7 @@ impl ConsentImage {
 
     /// The hash the id table is sorted by.
     pub fn id_hash(&self, id: &str) -> u64 {
-        xxhash_rust::xxh3::xxh3_64_with_seed(id.as_bytes(), self.meta.id_seed)
+        id_hash(id.as_bytes(), self.meta.id_seed)
     }
 
     /// The record with id `id`.
@@ -973,9 +972,11 @@ pub struct ImageBuilder {
     keys: Vec<(KeyHash, u32)>,
     /// Positions in `keys`, hashed by key hash.
     by_key: HashTable<u32>,
-    /// Records, hashed by id (the first record of each id).
+    /// Records, hashed by id (the first record of each id): the id table.
     by_id: HashTable<u32>,
-    id_hasher: RandomState,
+    /// The id hash of each record (with the file's seed).
+    id_hashes: Vec<u64>,
+    id_seed: u64,
     plans: Vec<PlanName>,
     plan_index: HashMap<(Product, Box<str>), u16>,
     subprocessors: Vec<NameUse>,
@@ -989,21 +990,27 @@ fn key_slot(key: &KeyHash) -> u64 {
     key_prefix(key)
 }
 
-fn record_id<'a>(records: &[RawRecord], heap: &'a [u8], index: u32) -> &'a str {
+fn record_id<'a>(records: &[RawRecord], heap: &'a [u8], index: u32) -> &'a [u8] {
     let r = &records[index as usize];
     let start = r.text as usize;
-    std::str::from_utf8(&heap[start..start + r.id_len as usize]).unwrap_or("")
+    &heap[start..start + r.id_len as usize]
+}
+
+/// The hash the id table is sorted by.
+fn id_hash(id: &[u8], seed: u64) -> u64 {
+    xxhash_rust::xxh3::xxh3_64_with_seed(id, seed)
 }
 
 impl ImageBuilder {
     /// A builder for about `lines` lines, whose records name `subprocessors`
     /// and `regions` by their index in these lists (the pools file's, in its
-    /// order), and come from `sources`.
+    /// order), come from `sources`, and are hashed by id with `id_seed`.
     pub fn new(
         lines: usize,
         subprocessors: &[String],
         regions: &[String],
         sources: Vec<SourceFile>,
+        id_seed: u64,
     ) -> ImageBuilder {
         let names = |list: &[String]| {
             list.iter()
@@ -1019,7 +1026,8 @@ impl ImageBuilder {
             keys: Vec::with_capacity(lines),
             by_key: HashTable::with_capacity(lines),
             by_id: HashTable::with_capacity(lines),
-            id_hasher: RandomState::new(),
+            id_hashes: Vec::with_capacity(lines),
+            id_seed,
             plans: Vec::new(),
             plan_index: HashMap::new(),
             subprocessors: names(subprocessors),
@@ -1042,8 +1050,8 @@ impl ImageBuilder {
     fn find_id(&self, id: &str) -> Option<u32> {
         let (records, heap) = (&self.records, &self.heap);
         self.by_id
-            .find(self.id_hasher.hash_one(id), |&i| {
-                record_id(records, heap, i) == id
+            .find(id_hash(id.as_bytes(), self.id_seed), |&i| {
+                record_id(records, heap, i) == id.as_bytes()
             })
             .copied()
     }
@@ -1146,12 +1154,12 @@ impl ImageBuilder {
         let record = self.record_of(line, conflict.as_deref());
         let index = self.records.len() as u32;
         self.records.push(record);
+        let hash = id_hash(record_id(&self.records, &self.heap, index), self.id_seed);
+        self.id_hashes.push(hash);
         if id_owner.is_none() && record.id_len > 0 {
-            let (records, heap, hasher) = (&self.records, &self.heap, &self.id_hasher);
-            let hash = hasher.hash_one(record_id(records, heap, index));
-            self.by_id.insert_unique(hash, index, |&i| {
-                hasher.hash_one(record_id(records, heap, i))
-            });
+            let hashes = &self.id_hashes;
+            self.by_id
+                .insert_unique(hash, index, |&i| hashes[i as usize]);
         }
         for key in keys {
             let position = self.keys.len() as u32;
@@ -1251,7 +1259,7 @@ impl ImageBuilder {
             return;
         }
         self.count_use(&r, -1);
-        let id = record_id(&self.records, &self.heap, index).to_owned();
+        let id = String::from_utf8_lossy(record_id(&self.records, &self.heap, index)).into_owned();
         let (text, id_len, reason_len) = self.push_text(&id, reason);
         let r = &mut self.records[index as usize];
         (r.text, r.id_len, r.reason_len) = (text, id_len, reason_len);
@@ -1259,12 +1267,9 @@ impl ImageBuilder {
         r.flags |= flag::CONFLICT;
     }
 
-    /// The id of record `index` and where it is.
-    pub fn describe(&self, index: u32) -> (&str, Origin) {
-        (
-            record_id(&self.records, &self.heap, index),
-            self.origin_of(index),
-        )
+    /// Where record `index` is.
+    pub fn origin(&self, index: u32) -> Origin {
+        self.origin_of(index)
     }
 
     /// Every key added so far, with its record.
@@ -1277,12 +1282,11 @@ impl ImageBuilder {
         self.records[index as usize].kind == Kind::Account.code()
     }
 
-    /// Writes the image to `out`: `revision` names its content, the id
-    /// hashes use `id_seed`, and `changes` say which change files it includes.
+    /// Writes the image to `out`: `revision` names its content, and
+    /// `changes` say which change files it includes.
     pub fn write(
         mut self,
         revision: &str,
-        id_seed: u64,
         changes: (u64, Vec<IncludedChange>),
         out: &mut (impl Write + Seek),
     ) -> io::Result<()> {
@@ -1291,47 +1295,18 @@ impl ImageBuilder {
                 "more accounts than one compiled snapshot holds (4 billion records, 256 TiB of ids)",
             ));
         }
-        // The lookup tables are done with; free them before the sort.
+        let id_seed = self.id_seed;
+        // The id table: the first record of each id, as the lookups found it.
+        let mut ids: Vec<(u64, u32)> = self
+            .by_id
+            .iter()
+            .map(|&i| (self.id_hashes[i as usize], i))
+            .collect();
+        // The lookup tables are done with; free them before the sorts.
         self.by_key = HashTable::new();
         self.by_id = HashTable::new();
-        self.keys.sort_unstable_by_key(|k| k.0);
-        let mut ids: Vec<(u64, u32)> = (0..self.records.len() as u32)
-            .filter(|&i| {
-                let r = &self.records[i as usize];
-                r.id_len > 0
-            })
-            .map(|i| {
-                let id = record_id(&self.records, &self.heap, i);
-                (
-                    xxhash_rust::xxh3::xxh3_64_with_seed(id.as_bytes(), id_seed),
-                    i,
-                )
-            })
-            .collect();
-        // Only the first record of an id is indexed (a later one conflicted).
         ids.sort_unstable();
-        let mut seen = HashTable::<u32>::with_capacity(0);
-        if ids.windows(2).any(|w| w[0].0 == w[1].0) {
-            // Hash collisions or duplicate ids: keep one entry per distinct id.
-            let hasher = RandomState::new();
-            let (records, heap) = (&self.records, &self.heap);
-            ids.retain(|&(_, i)| {
-                let id = record_id(records, heap, i);
-                let h = hasher.hash_one(id);
-                match seen.entry(
-                    h,
-                    |&j| record_id(records, heap, j) == id,
-                    |&j| hasher.hash_one(record_id(records, heap, j)),
-                ) {
-                    Entry::Vacant(v) => {
-                        v.insert(i);
-                        true
-                    }
-                    Entry::Occupied(_) => false,
-                }
-            });
-        }
-        drop(seen);
+        self.keys.sort_unstable_by_key(|k| k.0);
 
         let (mut valid, mut quarantined, mut deleted) = (0u32, 0u32, 0u32);
         for r in &self.records {
@@ -1409,8 +1384,7 @@ impl ImageBuilder {
         }
         body.pad_to(offsets[2])?;
         for (key, record) in &self.keys {
-            let id = record_id(&self.records, &self.heap, *record);
-            let check = id_check(xxhash_rust::xxh3::xxh3_64_with_seed(id.as_bytes(), id_seed));
+            let check = id_check(self.id_hashes[*record as usize]);
             body.write_all(key)?;
             body.write_all(&record.to_le_bytes())?;
             body.write_all(&check.to_le_bytes())?;
@@ -1441,14 +1415,9 @@ impl ImageBuilder {
     }
 
     /// The image, built in memory and opened.
-    pub fn into_image(
-        self,
-        revision: &str,
-        id_seed: u64,
-        changes: (u64, Vec<IncludedChange>),
-    ) -> ConsentImage {
+    pub fn into_image(self, revision: &str, changes: (u64, Vec<IncludedChange>)) -> ConsentImage {
         let mut out = io::Cursor::new(Vec::new());
-        self.write(revision, id_seed, changes, &mut out)
+        self.write(revision, changes, &mut out)
             .expect("writing to memory does not fail");
         ConsentImage::from_vec(out.into_inner()).expect("a freshly built image opens")
     }
@@ -1525,7 +1494,7 @@ mod tests {
     fn image_bytes(n: u32) -> Vec<u8> {
         let subs = vec!["azure".to_string(), "gcp".to_string()];
         let regions = vec!["eu".to_string()];
-        let mut b = ImageBuilder::new(n as usize, &subs, &regions, source());
+        let mut b = ImageBuilder::new(n as usize, &subs, &regions, source(), 42);
         for i in 0..n {
             let origin = Origin {
                 source: 0,
@@ -1555,7 +1524,7 @@ mod tests {
             b.add(line, &[hash_api_key(format!("key-{i}").as_bytes())]);
         }
         let mut out = io::Cursor::new(Vec::new());
-        b.write("abcdef0", 42, (0, Vec::new()), &mut out)
+        b.write("abcdef0", (0, Vec::new()), &mut out)
             .expect("write");
         out.into_inner()
     }
