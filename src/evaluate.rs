@@ -249,7 +249,7 @@ pub fn evaluate(snapshot: &Snapshot, head: &RequestHead<'_>) -> Result<Admission
         Caller::Anonymous => None,
     };
     let (account, plan, product, plan_class, consents) = match &record {
-        Some(a) => (a.id, a.plan, a.product, a.plan_class, &a.consents),
+        Some(a) => (a.id, &**a.plan, a.product, a.plan_class, &a.consents),
         None => (
             "anonymous",
             "anonymous",

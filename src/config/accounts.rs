@@ -33,6 +33,8 @@
 //! deletion: the key is no longer known; a quarantined replacement: its
 //! quarantine).
 
+use std::sync::Arc;
+
 use sha2::{Digest, Sha256};
 
 use super::consent_image::{
@@ -59,8 +61,8 @@ pub struct Account<'s> {
     pub id: &'s str,
     /// The product the account belongs to.
     pub product: Product,
-    /// The plan's name, as stamped in `x-privacy-plan`.
-    pub plan: &'s str,
+    /// The plan's name, as stamped in `x-privacy-plan` (one per plan, shared).
+    pub plan: &'s Arc<str>,
     /// The plan's class, as the policy reasons on it.
     pub plan_class: PlanClass,
     /// Consents and rights exercised.
@@ -110,6 +112,7 @@ pub struct NameContext<'a> {
 /// A plan of the image, resolved.
 #[derive(Debug)]
 struct PlanSlot {
+    name: Arc<str>,
     product: Option<Product>,
     class: Result<PlanClass, Box<str>>,
 }
@@ -163,6 +166,7 @@ impl Names {
                     _ => {}
                 }
                 PlanSlot {
+                    name: p.name.as_str().into(),
                     product,
                     class: class.map_err(Into::into),
                 }
@@ -336,7 +340,7 @@ impl Layer {
                 Ok(a) => Line::Account(NewAccount {
                     id: a.id.into(),
                     product: a.product,
-                    plan: a.plan.into(),
+                    plan: (**a.plan).into(),
                     consents: a.consents,
                     origin,
                 }),
@@ -389,7 +393,7 @@ impl Layer {
         Ok(Account {
             id,
             product,
-            plan: &self.image.meta().plans[r.plan as usize].name,
+            plan: &slot.name,
             plan_class: *plan_class,
             consents,
             origin,
