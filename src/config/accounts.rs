@@ -278,7 +278,7 @@ impl Layer {
         Layer { image, names }
     }
 
-    fn id_of(&self, r: &RawRecord) -> Option<&str> {
+    fn id_of<'a>(&'a self, r: &RawRecord<'a>) -> Option<&'a str> {
         self.image.id(r).filter(|id| !id.is_empty())
     }
 
@@ -350,30 +350,41 @@ impl Layer {
     }
 
     /// Calls `f` with every record to rebuild (see [`Layer::rebuild_line`])
-    /// that `keep` keeps, with its keys, in file order.
+    /// that `keep` keeps, with its keys, in file order (records are in key
+    /// order; conflicts are judged in the order of the lines).
     fn rebuild(&self, keep: impl Fn(u32) -> bool, f: &mut impl FnMut(Line, &[KeyHash])) {
         let mut keys: Vec<(u32, KeyHash)> = self.image.keys().map(|(k, i)| (i, k)).collect();
-        keys.sort_unstable_by_key(|(i, _)| *i);
-        let mut at = 0;
+        keys.sort_unstable();
+        let mut order: Vec<(u16, u32, u32)> = self
+            .image
+            .record_indexes()
+            .filter(|&i| keep(i))
+            .map(|i| {
+                let origin = self
+                    .image
+                    .record(i)
+                    .map_or((u16::MAX, u32::MAX), |r| (r.source, r.line));
+                (origin.0, origin.1, i)
+            })
+            .collect();
+        order.sort_unstable();
         let mut own = Vec::new();
-        for index in 0..self.image.meta().records {
+        for (_, _, index) in order {
             own.clear();
-            while at < keys.len() && keys[at].0 <= index {
-                if keys[at].0 == index {
-                    own.push(keys[at].1);
-                }
-                at += 1;
-            }
-            if !keep(index) {
-                continue;
-            }
+            let from = keys.partition_point(|(i, _)| *i < index);
+            own.extend(
+                keys[from..]
+                    .iter()
+                    .take_while(|(i, _)| *i == index)
+                    .map(|(_, k)| *k),
+            );
             if let Some(line) = self.rebuild_line(index) {
                 f(line, &own);
             }
         }
     }
 
-    fn account(&self, r: &RawRecord, origin: Origin) -> Result<Account<'_>, &str> {
+    fn account<'a>(&'a self, r: &RawRecord<'a>, origin: Origin) -> Result<Account<'a>, &'a str> {
         let id = self.id_of(r).ok_or(DAMAGED)?;
         let product = r.product().ok_or(DAMAGED)?;
         let slot = self.names.plans.get(r.plan as usize).ok_or(DAMAGED)?;
@@ -432,7 +443,7 @@ impl AccountStore {
         let meta = overlay.image.meta();
         self.valid += meta.valid as usize;
         self.quarantined += meta.quarantined as usize;
-        for index in 0..meta.records {
+        for index in overlay.image.record_indexes() {
             let superseded = overlay
                 .image
                 .record(index)
@@ -549,13 +560,13 @@ impl AccountStore {
     /// (for `check`).
     pub fn scan_quarantined(&self) -> Vec<Quarantined> {
         let mut out = Vec::new();
-        for i in 0..self.base.image.meta().records {
+        for i in self.base.image.record_indexes() {
             if self.superseding(i).is_none() {
                 out.extend(quarantine(self.base.decode(i)));
             }
         }
         if let Some(o) = &self.overlay {
-            for i in 0..o.image.meta().records {
+            for i in o.image.record_indexes() {
                 out.extend(quarantine(o.decode(i)));
             }
         }

@@ -659,7 +659,9 @@ fn write_atomically(
         .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
     let result = (|| {
-        let mut out = BufWriter::new(File::create(&tmp)?);
+        // Large writes leave large folios in the page cache, which a
+        // mapping then maps with huge pages.
+        let mut out = BufWriter::with_capacity(8 << 20, File::create(&tmp)?);
         write(&mut out)?;
         let file = out.into_inner().map_err(|e| e.into_error())?;
         file.sync_all()?;

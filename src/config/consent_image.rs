@@ -4,7 +4,7 @@
 //! (workers, replicas on one host, the old and new process of an upgrade)
 //! shares one copy in the page cache.
 //!
-//! Layout (every integer little-endian; sections start on 64-byte boundaries):
+//! Layout (every integer little-endian; sections start on 128-byte boundaries):
 //!
 //! | bytes | what |
 //! | --- | --- |
@@ -14,19 +14,26 @@
 //! | 24..56 | SHA-256 of bytes `0..records`, both checksum fields zeroed: the cheap check at open |
 //! | 56..88 | SHA-256 of bytes `records..end`: the full check, `check`'s business |
 //! | 96..224 | directory: eight sections, each `(offset u64, length u64)` |
-//! | meta | JSON ([`Meta`]): counts, radix widths, the id hash seed, the name tables, the sources, the changes included |
-//! | records | fixed 32-byte records ([`RawRecord`]), in file order, each with a 16-bit check of its own bytes |
-//! | keys | `(SHA-256 key hash, record u32, low 32 bits of the record's id hash)`, 40 bytes each, sorted by hash |
-//! | key directory | `2^key_bits + 1` u32: where each top-`key_bits` prefix starts in `keys` |
+//! | meta | JSON ([`Meta`]): counts, the table's size, radix widths, the id hash seed, the name tables, the sources, the changes included |
+//! | records | 128-byte records ([`RawRecord`]): the key table (records with a key, at their key's place), then the records without one |
+//! | extra keys | an account's second and further keys: `(SHA-256, record u32, low half of the record's id hash)`, 40 bytes each, sorted |
+//! | extra key directory | as the key directory, over the extra keys |
 //! | ids | `(xxh3 of the id with the file's seed u64, record u32)`, 12 bytes each, sorted |
 //! | id directory | as the key directory, over the id hashes |
-//! | heap | each record's id, followed by its quarantine reason |
+//! | heap | ids longer than 64 bytes and quarantine reasons |
 //! | quarantine | the u32 index of every quarantined record, in file order |
 //!
-//! Key hashes are SHA-256 outputs and id hashes are xxh3 outputs, both
-//! uniform, so a radix directory over their top bits finds a key's bucket
-//! (two entries on average) with one read: a lookup touches the directory,
-//! the bucket, the record and its id, whatever the size.
+//! A record is one 128-byte block holding an account's first API key hash,
+//! its fields and its id (inline up to 64 bytes). The records with a key
+//! form a table read without any index: key hashes are SHA-256 outputs,
+//! uniform, so a key's place is its hash scaled to the table (`hash ×
+//! capacity / 2^64`). The records are sorted by key and each sits at its
+//! place or just after (the table is a quarter empty), so a lookup reads
+//! the record at the key's place and walks forward (1.5 records on
+//! average, adjacent) until it meets the key, a greater one or an empty
+//! slot. One memory access, whatever the size; a directory in front of the
+//! records costs a second one (measured: README, "A hundred million
+//! accounts"). Lookups by id read the id table, then the record.
 //!
 //! Names that depend on other files (plans, subprocessors, regions) are kept
 //! as names in the meta tables and resolved by the store when it opens the
@@ -34,10 +41,11 @@
 //!
 //! Reading never trusts the body: every access is bounds-checked, and the
 //! open does not read it. What it could get wrong is caught per lookup: a
-//! record whose check fails, or a key entry whose record's id does not match
-//! it, is reported as damaged (the store answers 403: nothing forwarded, no
-//! consent guessed); a damaged directory or table finds nothing (401). The
-//! body's checksum and every entry are verified by `check`.
+//! record whose 16-bit check fails, or an extra key whose record's id does
+//! not match it, is reported as damaged (the store answers 403: nothing
+//! forwarded, no consent guessed); a damaged directory or table finds
+//! nothing (401). The body's checksum and every entry are verified by
+//! `check`.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -61,15 +69,27 @@ pub const VERSION: u32 = 1;
 const HEADER_LEN: usize = 96;
 const SECTIONS: usize = 8;
 const DIRECTORY_END: usize = HEADER_LEN + SECTIONS * 16;
-const ALIGN: u64 = 64;
+/// Section alignment: a record never straddles a 128-byte block (the pair
+/// of cache lines one miss brings in).
+const ALIGN: u64 = 128;
 const HEADER_CHECK: Range<usize> = 24..56;
 const BODY_CHECK: Range<usize> = 56..88;
 /// Larger meta sections are refused at open: reading them is the open's cost.
 const MAX_META: u64 = 64 << 20;
 
 /// Bytes per record.
-pub const RECORD_LEN: usize = 32;
-const KEY_ENTRY_LEN: usize = 40;
+pub const RECORD_LEN: usize = 128;
+/// Ids up to this long live in their record.
+const INLINE_ID: usize = 64;
+/// The key table's capacity per keyed record: 4/3, a quarter empty.
+const CAPACITY: (usize, usize) = (4, 3);
+/// A lookup walks at most this many records from a key's place (a real
+/// table stays under 40; a damaged one must not cost a scan).
+const MAX_WALK: usize = 1024;
+/// Slots read at once from a key's place: 87% of keys sit within three of
+/// theirs at this capacity.
+const TOUCH: usize = 3;
+const EXTRA_KEY_LEN: usize = 40;
 const ID_ENTRY_LEN: usize = 12;
 
 /// The sections, in file order.
@@ -77,8 +97,8 @@ const ID_ENTRY_LEN: usize = 12;
 enum Section {
     Meta,
     Records,
-    Keys,
-    KeyDirectory,
+    ExtraKeys,
+    ExtraDirectory,
     Ids,
     IdDirectory,
     Heap,
@@ -146,11 +166,12 @@ pub mod flag {
 /// No residency.
 pub const NO_REGION: u8 = u8::MAX;
 
-/// One fixed-size record, as its integers. Names are indexes into the meta
-/// tables; the store resolves them.
+/// A record's fields, without its key and id: names are indexes into the
+/// meta tables (the store resolves them).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RawRecord {
-    /// Heap offset of the id (48 bits); the quarantine reason follows it.
+pub struct Fields {
+    /// Heap offset (48 bits) of the id when it is longer than 64 bytes,
+    /// then of the quarantine reason.
     pub text: u64,
     /// Length of the id (0: a quarantined line without a usable id).
     pub id_len: u16,
@@ -174,7 +195,7 @@ pub struct RawRecord {
     pub subprocessors: u64,
 }
 
-impl RawRecord {
+impl Fields {
     /// The record's kind, when its code is one.
     pub fn kind(&self) -> Option<Kind> {
         Kind::from_code(self.kind)
@@ -189,46 +210,6 @@ impl RawRecord {
         }
     }
 
-    fn encode(&self) -> [u8; RECORD_LEN] {
-        let mut b = [0u8; RECORD_LEN];
-        b[0..6].copy_from_slice(&self.text.to_le_bytes()[..6]);
-        b[8..10].copy_from_slice(&self.id_len.to_le_bytes());
-        b[10..12].copy_from_slice(&self.reason_len.to_le_bytes());
-        b[12] = self.kind;
-        b[13] = self.product;
-        b[14..16].copy_from_slice(&self.plan.to_le_bytes());
-        b[16] = self.flags;
-        b[17] = self.residency;
-        b[18..20].copy_from_slice(&self.source.to_le_bytes());
-        b[20..24].copy_from_slice(&self.line.to_le_bytes());
-        b[24..32].copy_from_slice(&self.subprocessors.to_le_bytes());
-        let check = record_check(&b);
-        b[6..8].copy_from_slice(&check.to_le_bytes());
-        b
-    }
-
-    /// The record, when its check matches its bytes.
-    fn decode(b: &[u8; RECORD_LEN]) -> Option<RawRecord> {
-        if record_check(b).to_le_bytes() != b[6..8] {
-            return None;
-        }
-        let mut text = [0u8; 8];
-        text[..6].copy_from_slice(&b[0..6]);
-        Some(RawRecord {
-            text: u64::from_le_bytes(text),
-            id_len: u16::from_le_bytes([b[8], b[9]]),
-            reason_len: u16::from_le_bytes([b[10], b[11]]),
-            kind: b[12],
-            product: b[13],
-            plan: u16::from_le_bytes([b[14], b[15]]),
-            flags: b[16],
-            residency: b[17],
-            source: u16::from_le_bytes([b[18], b[19]]),
-            line: le_u32(&b[20..24]),
-            subprocessors: le_u64(&b[24..32]),
-        })
-    }
-
     /// The consents of an account record, its names still indexes of the
     /// file's tables (the store maps them onto the running ones).
     pub fn flag_consents(&self) -> Consents {
@@ -241,16 +222,97 @@ impl RawRecord {
             ..Consents::NONE
         }
     }
+
+    /// Bytes the record's text takes in the heap.
+    fn heap_len(&self) -> usize {
+        let long_id = if self.id_len as usize > INLINE_ID {
+            self.id_len as usize
+        } else {
+            0
+        };
+        long_id + self.reason_len as usize
+    }
 }
 
-/// A record's check: 16 bits of the xxh3 of its other 30 bytes.
+/// One record as read: its fields and its 128 bytes (key, inline id).
+#[derive(Clone, Copy, Debug)]
+pub struct RawRecord<'a> {
+    bytes: &'a [u8; RECORD_LEN],
+    fields: Fields,
+}
+
+impl std::ops::Deref for RawRecord<'_> {
+    type Target = Fields;
+    fn deref(&self) -> &Fields {
+        &self.fields
+    }
+}
+
+/// Byte ranges of a record.
+mod at {
+    use std::ops::Range;
+    pub const KEY: Range<usize> = 0..32;
+    pub const TEXT: Range<usize> = 32..38;
+    pub const CHECK: Range<usize> = 38..40;
+    pub const INLINE_ID: Range<usize> = 64..128;
+}
+
+/// Encodes a record: `key` (zeros for none), its fields, its id when inline.
+fn encode(key: &KeyHash, f: &Fields, id: &[u8]) -> [u8; RECORD_LEN] {
+    let mut b = [0u8; RECORD_LEN];
+    b[at::KEY].copy_from_slice(key);
+    b[at::TEXT].copy_from_slice(&f.text.to_le_bytes()[..6]);
+    b[40..42].copy_from_slice(&f.id_len.to_le_bytes());
+    b[42..44].copy_from_slice(&f.reason_len.to_le_bytes());
+    b[44] = f.kind;
+    b[45] = f.product;
+    b[46..48].copy_from_slice(&f.plan.to_le_bytes());
+    b[48] = f.flags;
+    b[49] = f.residency;
+    b[50..52].copy_from_slice(&f.source.to_le_bytes());
+    b[52..56].copy_from_slice(&f.line.to_le_bytes());
+    b[56..64].copy_from_slice(&f.subprocessors.to_le_bytes());
+    if id.len() <= INLINE_ID {
+        b[at::INLINE_ID.start..at::INLINE_ID.start + id.len()].copy_from_slice(id);
+    }
+    let check = record_check(&b);
+    b[at::CHECK].copy_from_slice(&check.to_le_bytes());
+    b
+}
+
+/// The record, when its check matches its bytes.
+fn decode(b: &[u8; RECORD_LEN]) -> Option<RawRecord<'_>> {
+    if record_check(b).to_le_bytes() != b[at::CHECK] {
+        return None;
+    }
+    let mut text = [0u8; 8];
+    text[..6].copy_from_slice(&b[at::TEXT]);
+    Some(RawRecord {
+        bytes: b,
+        fields: Fields {
+            text: u64::from_le_bytes(text),
+            id_len: u16::from_le_bytes([b[40], b[41]]),
+            reason_len: u16::from_le_bytes([b[42], b[43]]),
+            kind: b[44],
+            product: b[45],
+            plan: u16::from_le_bytes([b[46], b[47]]),
+            flags: b[48],
+            residency: b[49],
+            source: u16::from_le_bytes([b[50], b[51]]),
+            line: le_u32(&b[52..56]),
+            subprocessors: le_u64(&b[56..64]),
+        },
+    })
+}
+
+/// A record's check: 16 bits of the xxh3 of its other 126 bytes.
 fn record_check(b: &[u8; RECORD_LEN]) -> u16 {
     let mut unchecked = *b;
-    unchecked[6..8].fill(0);
+    unchecked[at::CHECK].fill(0);
     xxhash_rust::xxh3::xxh3_64(&unchecked) as u16
 }
 
-/// What a key entry holds of its record's id: the low half of the id hash.
+/// What an extra key entry holds of its record's id: the low half of the id hash.
 fn id_check(id_hash: u64) -> u32 {
     id_hash as u32
 }
@@ -328,18 +390,25 @@ pub struct Meta {
     pub revision: String,
     /// Records.
     pub records: u32,
+    /// Of which those with an API key hash, in the key table.
+    pub keyed: u32,
+    /// The key table's capacity: a key's place is `hash × capacity / 2^64`.
+    pub capacity: u32,
+    /// The key table's length in records (at least the capacity; the last
+    /// records may sit past it).
+    pub table: u32,
     /// Of which accounts.
     pub valid: u32,
     /// Of which quarantined.
     pub quarantined: u32,
     /// Of which deleted (change sets only).
     pub deleted: u32,
-    /// Key table entries.
-    pub keys: u32,
+    /// Extra key entries.
+    pub extra_keys: u32,
     /// Id table entries.
     pub ids: u32,
-    /// Width of the key directory's prefix.
-    pub key_bits: u8,
+    /// Width of the extra key directory's prefix.
+    pub extra_bits: u8,
     /// Width of the id directory's prefix.
     pub id_bits: u8,
     /// Seed of the id hash (xxh3-64).
@@ -459,8 +528,10 @@ impl ConsentImage {
         // bounds-checked against its length; the file is only ever replaced
         // by rename (documented above), which leaves this mapping intact.
         let map = unsafe { memmap2::Mmap::map(&file)? };
-        // Lookups land anywhere: read ahead nothing they did not ask for.
-        let _ = map.advise(memmap2::Advice::Random);
+        // Huge pages where the page cache has them (a file written in large
+        // chunks, or read in 2 MiB pieces on a fault with this advice): a
+        // lookup then costs one miss, not a miss and a page walk.
+        let _ = map.advise(memmap2::Advice::HugePage);
         ConsentImage::parse(Bytes::Mapped(map))
     }
 
@@ -529,16 +600,21 @@ impl ConsentImage {
         &self.bytes[self.sections[s as usize].clone()]
     }
 
-    /// Record `index`, when it lies in the records section.
-    pub fn record(&self, index: u32) -> Option<RawRecord> {
-        let start = (index as usize).checked_mul(RECORD_LEN)?;
-        let bytes = self
-            .section(Section::Records)
-            .get(start..start.checked_add(RECORD_LEN)?)?;
-        RawRecord::decode(bytes.try_into().ok()?)
+    fn record_bytes(&self, index: usize) -> Option<&[u8; RECORD_LEN]> {
+        let start = index.checked_mul(RECORD_LEN)?;
+        self.section(Section::Records)
+            .get(start..start.checked_add(RECORD_LEN)?)?
+            .try_into()
+            .ok()
     }
 
-    fn text(&self, r: &RawRecord, skip: usize, len: usize) -> Option<&str> {
+    /// Record `index`, when it lies in the records section and its check
+    /// matches.
+    pub fn record(&self, index: u32) -> Option<RawRecord<'_>> {
+        decode(self.record_bytes(index as usize)?)
+    }
+
+    fn heap_text(&self, r: &RawRecord<'_>, skip: usize, len: usize) -> Option<&str> {
         let start = usize::try_from(r.text).ok()?.checked_add(skip)?;
         let bytes = self
             .section(Section::Heap)
@@ -547,17 +623,27 @@ impl ConsentImage {
     }
 
     /// The id of `r` (empty for a quarantined line without a usable one);
-    /// `None` when the heap does not hold it.
-    pub fn id(&self, r: &RawRecord) -> Option<&str> {
-        self.text(r, 0, r.id_len as usize)
+    /// `None` when it cannot be read.
+    pub fn id<'a>(&'a self, r: &RawRecord<'a>) -> Option<&'a str> {
+        let len = r.id_len as usize;
+        if len <= INLINE_ID {
+            std::str::from_utf8(&r.bytes[at::INLINE_ID.start..at::INLINE_ID.start + len]).ok()
+        } else {
+            self.heap_text(r, 0, len)
+        }
     }
 
     /// The quarantine reason of `r`.
-    pub fn reason(&self, r: &RawRecord) -> Option<&str> {
-        self.text(r, r.id_len as usize, r.reason_len as usize)
+    pub fn reason<'a>(&'a self, r: &RawRecord<'a>) -> Option<&'a str> {
+        let skip = if r.id_len as usize > INLINE_ID {
+            r.id_len as usize
+        } else {
+            0
+        };
+        self.heap_text(r, skip, r.reason_len as usize)
     }
 
-    /// Entries `start..end` of bucket `prefix` of a directory, when sane.
+    /// Entries `start..end` of the bucket of `hash` in a directory, when sane.
     fn bucket(&self, directory: Section, bits: u8, hash: u64, count: u32) -> Option<Range<usize>> {
         let bucket = bucket_of(hash, bits);
         let dir = self.section(directory);
@@ -569,19 +655,23 @@ impl ConsentImage {
         (start <= end && end <= count).then_some(start as usize..end as usize)
     }
 
-    /// The record holding key hash `key`, or [`DAMAGED_RECORD`] when the
-    /// entry's record is not the one it names (a damaged body).
+    /// The record holding key hash `key`, or [`DAMAGED_RECORD`] when an
+    /// extra key's entry does not name the record it was written for.
     pub fn find_key(&self, key: &KeyHash) -> Option<u32> {
-        let range = self.bucket(
-            Section::KeyDirectory,
-            self.meta.key_bits,
-            key_prefix(key),
-            self.meta.keys,
-        )?;
-        let keys = self.section(Section::Keys);
-        let entries = keys.get(range.start * KEY_ENTRY_LEN..range.end * KEY_ENTRY_LEN)?;
+        if let Some(index) = self.find_own_key(key) {
+            return Some(index);
+        }
+        let m = &self.meta;
+        if m.extra_keys == 0 {
+            return None;
+        }
+        let prefix = key_prefix(key);
+        let bucket = self.bucket(Section::ExtraDirectory, m.extra_bits, prefix, m.extra_keys)?;
+        let entries = self
+            .section(Section::ExtraKeys)
+            .get(bucket.start * EXTRA_KEY_LEN..bucket.end * EXTRA_KEY_LEN)?;
         let entry = entries
-            .chunks_exact(KEY_ENTRY_LEN)
+            .chunks_exact(EXTRA_KEY_LEN)
             .find(|e| e[..32] == key[..])?;
         let record = le_u32(&entry[32..36]);
         let matches = self
@@ -589,6 +679,30 @@ impl ConsentImage {
             .and_then(|r| self.id(&r).map(|id| id_check(self.id_hash(id))))
             == Some(le_u32(&entry[36..40]));
         Some(if matches { record } else { DAMAGED_RECORD })
+    }
+
+    /// The record of the key table whose own key is `key`.
+    fn find_own_key(&self, key: &KeyHash) -> Option<u32> {
+        let m = &self.meta;
+        let start = place(key, m.capacity);
+        let end = (m.table as usize).min(start.saturating_add(MAX_WALK));
+        // Read the first lines of the key's place and the next slots at
+        // once: the walk then finds them arriving together instead of
+        // waiting for one after the other.
+        let records = self.section(Section::Records);
+        for line in (start * 2..(start + TOUCH).min(end) * 2).step_by(1) {
+            std::hint::black_box(records.get(line * (RECORD_LEN / 2)).copied());
+        }
+        for index in start..end {
+            let own = &self.record_bytes(index)?[at::KEY];
+            match own.cmp(&key[..]) {
+                std::cmp::Ordering::Equal => return Some(index as u32),
+                std::cmp::Ordering::Less if own != NO_KEY => {}
+                // A greater key or an empty slot: it would have been here.
+                _ => return None,
+            }
+        }
+        None
     }
 
     /// The hash the id table is sorted by.
@@ -600,8 +714,9 @@ impl ConsentImage {
     pub fn find_id(&self, id: &str) -> Option<u32> {
         let hash = self.id_hash(id);
         let range = self.bucket(Section::IdDirectory, self.meta.id_bits, hash, self.meta.ids)?;
-        let ids = self.section(Section::Ids);
-        let entries = ids.get(range.start * ID_ENTRY_LEN..range.end * ID_ENTRY_LEN)?;
+        let entries = self
+            .section(Section::Ids)
+            .get(range.start * ID_ENTRY_LEN..range.end * ID_ENTRY_LEN)?;
         entries
             .chunks_exact(ID_ENTRY_LEN)
             .filter(|e| le_u64(e) == hash)
@@ -616,14 +731,20 @@ impl ConsentImage {
             .map(le_u32)
     }
 
-    /// Every key hash with its record (the key table, in key order).
+    /// Every key hash with its record: the records' own keys, then the
+    /// extra keys.
     pub fn keys(&self) -> impl Iterator<Item = (KeyHash, u32)> + '_ {
-        self.key_entries().map(|(key, record, _)| (key, record))
+        let own = (0..self.meta.table).filter_map(|i| {
+            let b = self.record_bytes(i as usize)?;
+            let key: KeyHash = b[at::KEY].try_into().ok()?;
+            (key != NO_KEY).then_some((key, i))
+        });
+        own.chain(self.extra_entries().map(|(key, record, _)| (key, record)))
     }
 
-    fn key_entries(&self) -> impl Iterator<Item = (KeyHash, u32, u32)> + '_ {
-        self.section(Section::Keys)
-            .chunks_exact(KEY_ENTRY_LEN)
+    fn extra_entries(&self) -> impl Iterator<Item = (KeyHash, u32, u32)> + '_ {
+        self.section(Section::ExtraKeys)
+            .chunks_exact(EXTRA_KEY_LEN)
             .map(|e| {
                 let mut key = [0u8; 32];
                 key.copy_from_slice(&e[..32]);
@@ -638,6 +759,23 @@ impl ConsentImage {
             .map(|e| (le_u64(e), le_u32(&e[8..])))
     }
 
+    /// Slots in the records section: the key table, then the records
+    /// without a key.
+    fn record_count(&self) -> usize {
+        self.section(Section::Records).len() / RECORD_LEN
+    }
+
+    /// The index of every record (the key table's empty slots left out).
+    pub fn record_indexes(&self) -> impl Iterator<Item = u32> + '_ {
+        let table = self.meta.table as usize;
+        (0..self.record_count() as u32).filter(move |&i| {
+            i as usize >= table
+                || self
+                    .record_bytes(i as usize)
+                    .is_some_and(|b| b[at::KEY] != NO_KEY)
+        })
+    }
+
     /// Everything [`ConsentImage::open`] leaves out: the body's checksum,
     /// every record, every index entry. Reads the whole file; for `check`.
     pub fn verify(&self) -> Result<(), ImageError> {
@@ -647,13 +785,39 @@ impl ConsentImage {
         }
         let m = &self.meta;
         let damaged = |what: String| Err(ImageError::Damaged(what));
-        let (mut valid, mut quarantined, mut deleted) = (0u32, 0u32, 0u32);
-        for i in 0..m.records {
-            let Some(r) = self.record(i) else {
+        let (mut valid, mut quarantined, mut deleted, mut keyed) = (0u32, 0u32, 0u32, 0u32);
+        let mut previous: Option<&[u8]> = None;
+        // The last empty slot of the key table: no key between its place
+        // and its record may pass one.
+        let mut last_empty: Option<usize> = None;
+        for i in 0..self.record_count() {
+            let bytes = self.record_bytes(i).expect("within the records section");
+            let key = &bytes[at::KEY];
+            if i < m.table as usize && key == NO_KEY {
+                if bytes.iter().any(|&b| b != 0) {
+                    return damaged(format!("slot {i}: empty but not zero"));
+                }
+                last_empty = Some(i);
+                continue;
+            }
+            let Some(r) = decode(bytes) else {
                 return damaged(format!("record {i}: its check does not match"));
             };
             if let Err(what) = self.check_record(&r) {
                 return damaged(format!("record {i}: {what}"));
+            }
+            if i < m.table as usize {
+                let home = place(key.try_into().expect("32 bytes"), m.capacity);
+                if previous.is_some_and(|p| p >= key)
+                    || home > i
+                    || last_empty.is_some_and(|e| e >= home)
+                {
+                    return damaged(format!("record {i}: not at its key's place"));
+                }
+                previous = Some(key);
+                keyed += 1;
+            } else if key != NO_KEY {
+                return damaged(format!("record {i}: a key past the key table"));
             }
             match r.kind() {
                 Some(Kind::Account) => valid += 1,
@@ -661,33 +825,42 @@ impl ConsentImage {
                 _ => deleted += 1,
             }
         }
-        if (valid, quarantined, deleted) != (m.valid, m.quarantined, m.deleted) {
+        if (valid, quarantined, deleted, keyed) != (m.valid, m.quarantined, m.deleted, m.keyed) {
             return damaged("record counts".into());
         }
-        let mut previous = None;
+        let mut listed = vec![false; self.record_count()];
         for i in self.quarantined() {
-            if previous.is_some_and(|p| p >= i)
-                || self.record(i).and_then(|r| r.kind()) != Some(Kind::Quarantined)
-            {
+            let first = match listed.get_mut(i as usize) {
+                Some(seen) if !*seen => {
+                    *seen = true;
+                    true
+                }
+                _ => false,
+            };
+            if !first || self.record(i).and_then(|r| r.kind()) != Some(Kind::Quarantined) {
                 return damaged("quarantine list".into());
             }
-            previous = Some(i);
         }
         let mut previous: Option<KeyHash> = None;
-        for (key, record) in self.keys() {
-            if previous.is_some_and(|p| p >= key) || record >= m.records {
+        for (key, record, check) in self.extra_entries() {
+            let id = self.record(record).and_then(|r| self.id(&r));
+            let own = self.find_own_key(&key);
+            if previous.is_some_and(|p| p >= key)
+                || own.is_some()
+                || id.is_none_or(|id| id_check(self.id_hash(id)) != check)
+            {
                 return damaged(
-                    "key table: not sorted, or naming a record that is not there".into(),
+                    "extra keys: not sorted, or an entry does not match its record".into(),
                 );
             }
             previous = Some(key);
         }
         if !is_directory_of(
-            self.section(Section::KeyDirectory),
-            m.key_bits,
-            self.keys().map(|(key, _)| key_prefix(&key)),
+            self.section(Section::ExtraDirectory),
+            m.extra_bits,
+            self.extra_entries().map(|(key, _, _)| key_prefix(&key)),
         ) {
-            return damaged("key directory: does not match the key table".into());
+            return damaged("extra key directory: does not match the extra keys".into());
         }
         let mut previous = 0u64;
         for (hash, record) in self.id_entries() {
@@ -710,7 +883,7 @@ impl ConsentImage {
     }
 
     /// What is wrong with `r`, if anything.
-    fn check_record(&self, r: &RawRecord) -> Result<(), &'static str> {
+    fn check_record(&self, r: &RawRecord<'_>) -> Result<(), &'static str> {
         let m = &self.meta;
         let kind = r.kind().ok_or("unknown kind")?;
         let id = self.id(r).ok_or("id outside the heap or not UTF-8")?;
@@ -769,14 +942,26 @@ fn check_meta(m: &Meta, sections: &[Range<usize>; SECTIONS]) -> Result<(), Image
     let fits =
         |s: Section, count: u64, width: u64| sections[s as usize].len() as u64 == count * width;
     let dir_len = |bits: u8| (1u64 << bits) + 1;
-    let problem = if m.key_bits > 31 || m.id_bits > 31 {
+    let problem = if m.extra_bits > 31 || m.id_bits > 31 {
         Some("directory widths over 31 bits")
-    } else if !fits(Section::Records, m.records.into(), RECORD_LEN as u64) {
+    } else if m.keyed > m.records
+        || m.capacity > m.table
+        || (m.capacity == 0) != (m.keyed == 0)
+        || !fits(
+            Section::Records,
+            u64::from(m.table) + u64::from(m.records - m.keyed),
+            RECORD_LEN as u64,
+        )
+    {
         Some("records")
-    } else if !fits(Section::Keys, m.keys.into(), KEY_ENTRY_LEN as u64) {
-        Some("keys")
-    } else if !fits(Section::KeyDirectory, dir_len(m.key_bits), 4) {
-        Some("key directory")
+    } else if !fits(
+        Section::ExtraKeys,
+        m.extra_keys.into(),
+        EXTRA_KEY_LEN as u64,
+    ) {
+        Some("extra keys")
+    } else if !fits(Section::ExtraDirectory, dir_len(m.extra_bits), 4) {
+        Some("extra key directory")
     } else if !fits(Section::Ids, m.ids.into(), ID_ENTRY_LEN as u64) {
         Some("ids")
     } else if !fits(Section::IdDirectory, dir_len(m.id_bits), 4) {
@@ -814,6 +999,15 @@ fn bucket_of(hash: u64, bits: u8) -> usize {
 /// The prefix a key's bucket is chosen by.
 fn key_prefix(key: &KeyHash) -> u64 {
     u64::from_be_bytes(key[..8].try_into().expect("8 bytes"))
+}
+
+/// The key of an empty slot (no SHA-256 output is all zeros in practice; the
+/// builder keeps such a key out of the key table).
+const NO_KEY: KeyHash = [0u8; 32];
+
+/// A key's place in a key table of `capacity`: its hash scaled to it.
+fn place(key: &KeyHash, capacity: u32) -> usize {
+    ((u128::from(key_prefix(key)) * u128::from(capacity)) >> 64) as usize
 }
 
 /// The radix directory of sorted `hashes`, entry by entry: entry `p` is the
@@ -966,9 +1160,12 @@ impl Line {
 /// that share a key hash or an id quarantine each other (the first, already
 /// stored as valid, is *demoted*: kept whole, marked, given a reason).
 pub struct ImageBuilder {
-    records: Vec<RawRecord>,
+    /// Records in the order added; `text` is an offset into `heap`.
+    records: Vec<Fields>,
+    /// Each record's id followed by its reason.
     heap: Vec<u8>,
-    /// Every indexed key hash with its record.
+    /// Every indexed key hash with its record, in the order added: a
+    /// record's first is its own key, the others are extra keys.
     keys: Vec<(KeyHash, u32)>,
     /// Positions in `keys`, hashed by key hash.
     by_key: HashTable<u32>,
@@ -990,10 +1187,16 @@ fn key_slot(key: &KeyHash) -> u64 {
     key_prefix(key)
 }
 
-fn record_id<'a>(records: &[RawRecord], heap: &'a [u8], index: u32) -> &'a [u8] {
+fn record_id<'a>(records: &[Fields], heap: &'a [u8], index: u32) -> &'a [u8] {
     let r = &records[index as usize];
     let start = r.text as usize;
     &heap[start..start + r.id_len as usize]
+}
+
+fn record_reason<'a>(records: &[Fields], heap: &'a [u8], index: u32) -> &'a [u8] {
+    let r = &records[index as usize];
+    let start = r.text as usize + r.id_len as usize;
+    &heap[start..start + r.reason_len as usize]
 }
 
 /// The hash the id table is sorted by.
@@ -1081,7 +1284,8 @@ impl ImageBuilder {
         }
     }
 
-    fn origin_of(&self, index: u32) -> Origin {
+    /// Where record `index` is.
+    pub fn origin(&self, index: u32) -> Origin {
         let r = &self.records[index as usize];
         Origin {
             source: r.source,
@@ -1117,6 +1321,15 @@ impl ImageBuilder {
     /// id or key another line already has is quarantined, and so is that
     /// other line.
     pub fn add(&mut self, line: Line, keys: &[KeyHash]) {
+        // The all-zero hash is no key's (it marks an empty slot of the key
+        // table): listed, it could never be matched anyway.
+        let owned: Vec<KeyHash>;
+        let keys = if keys.contains(&NO_KEY) {
+            owned = keys.iter().filter(|k| **k != NO_KEY).copied().collect();
+            &owned[..]
+        } else {
+            keys
+        };
         let origin = line.origin();
         let id_owner = line.id().and_then(|id| self.find_id(id));
         let mut key_owners: Vec<u32> = keys.iter().filter_map(|k| self.find_key(k)).collect();
@@ -1125,7 +1338,7 @@ impl ImageBuilder {
 
         let mut conflict = None;
         if let Some(owner) = id_owner {
-            let theirs = self.origin_of(owner);
+            let theirs = self.origin(owner);
             conflict = Some(format!(
                 "account id is also defined on {}",
                 self.place(theirs, origin.source)
@@ -1137,7 +1350,7 @@ impl ImageBuilder {
             self.demote(owner, &reason);
         }
         for &owner in &key_owners {
-            let theirs = self.origin_of(owner);
+            let theirs = self.origin(owner);
             if conflict.is_none() {
                 conflict = Some(format!(
                     "an API key hash is also listed on {}",
@@ -1176,9 +1389,9 @@ impl ImageBuilder {
     }
 
     /// The record of `line`; quarantined for `conflict` when it has one.
-    fn record_of(&mut self, line: Line, conflict: Option<&str>) -> RawRecord {
+    fn record_of(&mut self, line: Line, conflict: Option<&str>) -> Fields {
         let origin = line.origin();
-        let mut r = RawRecord {
+        let mut r = Fields {
             text: 0,
             id_len: 0,
             reason_len: 0,
@@ -1234,7 +1447,7 @@ impl ImageBuilder {
     }
 
     /// Counts (or uncounts) a valid account's use of its names.
-    fn count_use(&mut self, r: &RawRecord, delta: i64) {
+    fn count_use(&mut self, r: &Fields, delta: i64) {
         let add = |n: &mut u64| *n = n.saturating_add_signed(delta);
         let plan = &mut self.plans[r.plan as usize];
         add(&mut plan.accounts);
@@ -1267,19 +1480,9 @@ impl ImageBuilder {
         r.flags |= flag::CONFLICT;
     }
 
-    /// Where record `index` is.
-    pub fn origin(&self, index: u32) -> Origin {
-        self.origin_of(index)
-    }
-
     /// Every key added so far, with its record.
     pub fn key_entries(&self) -> &[(KeyHash, u32)] {
         &self.keys
-    }
-
-    /// Whether record `index` is a valid account.
-    pub fn is_valid(&self, index: u32) -> bool {
-        self.records[index as usize].kind == Kind::Account.code()
     }
 
     /// Writes the image to `out`: `revision` names its content, and
@@ -1290,45 +1493,104 @@ impl ImageBuilder {
         changes: (u64, Vec<IncludedChange>),
         out: &mut (impl Write + Seek),
     ) -> io::Result<()> {
-        if self.records.len() >= DAMAGED_RECORD as usize || self.heap.len() as u64 >= 1 << 48 {
+        let n = self.records.len();
+        if n >= DAMAGED_RECORD as usize || self.heap.len() as u64 >= 1 << 48 {
             return Err(io::Error::other(
                 "more accounts than one compiled snapshot holds (4 billion records, 256 TiB of ids)",
             ));
         }
-        let id_seed = self.id_seed;
+        // Each record's own key is the first of its keys added; the others
+        // are extra keys.
+        let mut own_key = vec![u32::MAX; n];
+        let mut extra_positions = Vec::new();
+        for (position, (_, record)) in self.keys.iter().enumerate() {
+            match &mut own_key[*record as usize] {
+                slot @ &mut u32::MAX => *slot = position as u32,
+                _ => extra_positions.push(position as u32),
+            }
+        }
+        // Keyed records sorted by their key, each at its key's place or
+        // the first free slot after it; then the others in file order.
+        let mut sorted: Vec<u32> = (0..n as u32)
+            .filter(|&i| own_key[i as usize] != u32::MAX)
+            .collect();
+        let keyed = sorted.len();
+        sorted.sort_unstable_by_key(|&i| self.keys[own_key[i as usize] as usize].0);
+        let capacity = (keyed * CAPACITY.0).div_ceil(CAPACITY.1);
+        if capacity >= DAMAGED_RECORD as usize {
+            return Err(io::Error::other(
+                "too many keyed accounts for one key table",
+            ));
+        }
+        let mut new_index = vec![0u32; n];
+        let mut free = 0usize;
+        for &old in &sorted {
+            let key = &self.keys[own_key[old as usize] as usize].0;
+            let at = place(key, capacity as u32).max(free);
+            new_index[old as usize] = at as u32;
+            free = at + 1;
+        }
+        let table = capacity.max(free);
+        let mut slots: Vec<u32> = vec![u32::MAX; table];
+        for &old in &sorted {
+            slots[new_index[old as usize] as usize] = old;
+        }
+        drop(sorted);
+        let mut order = slots;
+        for old in (0..n as u32).filter(|&i| own_key[i as usize] == u32::MAX) {
+            new_index[old as usize] = order.len() as u32;
+            order.push(old);
+        }
         // The id table: the first record of each id, as the lookups found it.
         let mut ids: Vec<(u64, u32)> = self
             .by_id
             .iter()
-            .map(|&i| (self.id_hashes[i as usize], i))
+            .map(|&i| (self.id_hashes[i as usize], new_index[i as usize]))
             .collect();
-        // The lookup tables are done with; free them before the sorts.
         self.by_key = HashTable::new();
         self.by_id = HashTable::new();
         ids.sort_unstable();
-        self.keys.sort_unstable_by_key(|k| k.0);
+        let mut extra: Vec<(KeyHash, u32, u32)> = extra_positions
+            .iter()
+            .map(|&p| {
+                let (key, record) = self.keys[p as usize];
+                (
+                    key,
+                    new_index[record as usize],
+                    id_check(self.id_hashes[record as usize]),
+                )
+            })
+            .collect();
+        extra.sort_unstable_by_key(|e| e.0);
+        let quarantine: Vec<u32> = (0..n as u32)
+            .filter(|&i| self.records[i as usize].kind == Kind::Quarantined.code())
+            .map(|i| new_index[i as usize])
+            .collect();
 
-        let (mut valid, mut quarantined, mut deleted) = (0u32, 0u32, 0u32);
+        let (mut valid, mut deleted) = (0u32, 0u32);
         for r in &self.records {
             match Kind::from_code(r.kind) {
                 Some(Kind::Account) => valid += 1,
-                Some(Kind::Quarantined) => quarantined += 1,
-                _ => deleted += 1,
+                Some(Kind::Deleted) => deleted += 1,
+                _ => {}
             }
         }
-        let key_bits = radix_bits(self.keys.len());
-        let id_bits = radix_bits(ids.len());
+        let heap_len: u64 = self.records.iter().map(|r| r.heap_len() as u64).sum();
+        let (extra_bits, id_bits) = (radix_bits(extra.len()), radix_bits(ids.len()));
         let meta = Meta {
             revision: revision.into(),
-            records: self.records.len() as u32,
+            records: n as u32,
+            keyed: keyed as u32,
+            capacity: capacity as u32,
+            table: table as u32,
             valid,
-            quarantined,
+            quarantined: quarantine.len() as u32,
             deleted,
-            keys: self.keys.len() as u32,
+            extra_keys: extra.len() as u32,
             ids: ids.len() as u32,
-            key_bits,
+            extra_bits,
             id_bits,
-            id_seed,
+            id_seed: self.id_seed,
             plans: self.plans,
             subprocessors: self.subprocessors,
             regions: self.regions,
@@ -1338,16 +1600,15 @@ impl ImageBuilder {
         };
         let meta_bytes = serde_json::to_vec(&meta).expect("the meta serialises");
         let directory_len = |bits: u8| ((1u64 << bits) + 1) * 4;
-
         let lengths = [
             meta_bytes.len() as u64,
-            (self.records.len() * RECORD_LEN) as u64,
-            (self.keys.len() * KEY_ENTRY_LEN) as u64,
-            directory_len(key_bits),
+            (order.len() * RECORD_LEN) as u64,
+            (extra.len() * EXTRA_KEY_LEN) as u64,
+            directory_len(extra_bits),
             (ids.len() * ID_ENTRY_LEN) as u64,
             directory_len(id_bits),
-            self.heap.len() as u64,
-            u64::from(quarantined) * 4,
+            heap_len,
+            quarantine.len() as u64 * 4,
         ];
         let mut head = vec![0u8; DIRECTORY_END];
         head[..8].copy_from_slice(&MAGIC);
@@ -1379,18 +1640,34 @@ impl ImageBuilder {
             hash: Sha256::new(),
             written: offsets[1],
         };
-        for r in &self.records {
-            body.write_all(&r.encode())?;
+        let mut heap = Vec::with_capacity(heap_len as usize);
+        for &old in &order {
+            if old == u32::MAX {
+                body.write_all(&[0u8; RECORD_LEN])?;
+                continue;
+            }
+            let mut fields = self.records[old as usize];
+            let id = record_id(&self.records, &self.heap, old);
+            let reason = record_reason(&self.records, &self.heap, old);
+            fields.text = heap.len() as u64;
+            if id.len() > INLINE_ID {
+                heap.extend_from_slice(id);
+            }
+            heap.extend_from_slice(reason);
+            let key = match own_key[old as usize] {
+                u32::MAX => &NO_KEY,
+                position => &self.keys[position as usize].0,
+            };
+            body.write_all(&encode(key, &fields, id))?;
         }
         body.pad_to(offsets[2])?;
-        for (key, record) in &self.keys {
-            let check = id_check(self.id_hashes[*record as usize]);
+        for (key, record, check) in &extra {
             body.write_all(key)?;
             body.write_all(&record.to_le_bytes())?;
             body.write_all(&check.to_le_bytes())?;
         }
         body.pad_to(offsets[3])?;
-        body.write_directory(key_bits, self.keys.iter().map(|k| key_prefix(&k.0)))?;
+        body.write_directory(extra_bits, extra.iter().map(|e| key_prefix(&e.0)))?;
         body.pad_to(offsets[4])?;
         for (hash, record) in &ids {
             body.write_all(&hash.to_le_bytes())?;
@@ -1399,12 +1676,10 @@ impl ImageBuilder {
         body.pad_to(offsets[5])?;
         body.write_directory(id_bits, ids.iter().map(|e| e.0))?;
         body.pad_to(offsets[6])?;
-        body.write_all(&self.heap)?;
+        body.write_all(&heap)?;
         body.pad_to(offsets[7])?;
-        for (i, r) in self.records.iter().enumerate() {
-            if r.kind == Kind::Quarantined.code() {
-                body.write_all(&(i as u32).to_le_bytes())?;
-            }
+        for index in &quarantine {
+            body.write_all(&index.to_le_bytes())?;
         }
         let body_check: [u8; 32] = body.hash.finalize().into();
         let end = out.stream_position()?;
@@ -1521,7 +1796,11 @@ mod tests {
                     origin,
                 })
             };
-            b.add(line, &[hash_api_key(format!("key-{i}").as_bytes())]);
+            let mut keys = vec![hash_api_key(format!("key-{i}").as_bytes())];
+            if i % 7 == 3 {
+                keys.push(hash_api_key(format!("extra-{i}").as_bytes()));
+            }
+            b.add(line, &keys);
         }
         let mut out = io::Cursor::new(Vec::new());
         b.write("abcdef0", (0, Vec::new()), &mut out)
@@ -1538,7 +1817,7 @@ mod tests {
             }
             let _ = image.find_id(&format!("acct-{i}"));
         }
-        for i in 0..image.meta().records.saturating_add(3) {
+        for i in image.record_indexes().chain([u32::MAX - 1, DAMAGED_RECORD]) {
             let _ = image.record(i).map(|r| (image.id(&r), image.reason(&r)));
         }
         let _ = image.quarantined().count();
@@ -1635,14 +1914,17 @@ mod tests {
     fn directories_pointing_anywhere_find_nothing_rather_than_read_past() {
         let bytes = image_bytes(100);
         let image = ConsentImage::from_vec(bytes.clone()).expect("opens");
-        for section in [Section::KeyDirectory, Section::IdDirectory] {
+        for section in [Section::ExtraDirectory, Section::IdDirectory] {
             let mut damaged = bytes.clone();
             for at in image.sections[section as usize].clone().step_by(4) {
                 damaged[at..at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
             }
             let image = ConsentImage::from_vec(damaged).expect("opens");
             match section {
-                Section::KeyDirectory => assert!(image.find_key(&hash_api_key(b"key-1")).is_none()),
+                Section::ExtraDirectory => {
+                    assert!(image.find_key(&hash_api_key(b"extra-3")).is_none());
+                    assert!(image.find_key(&hash_api_key(b"key-3")).is_some());
+                }
                 _ => assert!(image.find_id("acct-1").is_none()),
             }
             read_everything(&image, 100);
@@ -1650,22 +1932,64 @@ mod tests {
     }
 
     #[test]
-    fn a_key_entry_naming_another_record_leads_to_no_account() {
+    fn an_extra_key_entry_naming_another_record_leads_to_no_account() {
         let bytes = image_bytes(100);
         let image = ConsentImage::from_vec(bytes.clone()).expect("opens");
-        let key = hash_api_key(b"key-3");
-        let keys = image.sections[Section::Keys as usize].clone();
-        let at = keys.start
-            + bytes[keys]
-                .chunks_exact(KEY_ENTRY_LEN)
+        let key = hash_api_key(b"extra-3");
+        let owner = image.find_key(&key).expect("an extra key");
+        assert_eq!(image.find_key(&hash_api_key(b"key-3")), Some(owner));
+        let extra = image.sections[Section::ExtraKeys as usize].clone();
+        let at = extra.start
+            + bytes[extra]
+                .chunks_exact(EXTRA_KEY_LEN)
                 .position(|e| e[..32] == key[..])
                 .expect("entry")
-                * KEY_ENTRY_LEN;
+                * EXTRA_KEY_LEN;
         let mut damaged = bytes;
-        damaged[at + 32..at + 36].copy_from_slice(&4u32.to_le_bytes());
+        let other = if owner == 4 { 5u32 } else { 4 };
+        damaged[at + 32..at + 36].copy_from_slice(&other.to_le_bytes());
         let image = ConsentImage::from_vec(damaged).expect("opens");
         assert_eq!(image.find_key(&key), Some(DAMAGED_RECORD));
         assert!(image.record(DAMAGED_RECORD).is_none());
+    }
+
+    #[test]
+    fn long_ids_live_in_the_heap_and_keyless_accounts_are_found_by_id() {
+        let long = "acct-".to_string() + &"x".repeat(100);
+        let mut b = ImageBuilder::new(2, &[], &[], source(), 1);
+        for (i, (id, keys)) in [
+            (long.as_str(), vec![hash_api_key(b"long")]),
+            ("no-key", vec![]),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            b.add(
+                Line::Account(NewAccount {
+                    id: id.into(),
+                    product: Product::Chat,
+                    plan: "pro".into(),
+                    consents: Consents::default(),
+                    origin: Origin {
+                        source: 0,
+                        line: i as u32 + 1,
+                    },
+                }),
+                &keys,
+            );
+        }
+        let image = b.into_image("r", (0, Vec::new()));
+        image.verify().expect("verifies");
+        let r = image
+            .record(image.find_key(&hash_api_key(b"long")).expect("found"))
+            .expect("record");
+        assert_eq!(image.id(&r), Some(long.as_str()));
+        assert_eq!(image.find_id(&long), image.find_key(&hash_api_key(b"long")));
+        let r = image
+            .record(image.find_id("no-key").expect("found"))
+            .expect("record");
+        assert_eq!(image.id(&r), Some("no-key"));
+        assert_eq!(image.meta().keyed, 1);
     }
 
     #[test]
@@ -1673,12 +1997,17 @@ mod tests {
         let bytes = image_bytes(10);
         let image = ConsentImage::from_vec(bytes.clone()).expect("opens");
         let records = image.sections[Section::Records as usize].start;
-        let flags = records + 2 * RECORD_LEN + 16;
+        let index = image.find_key(&hash_api_key(b"key-2")).expect("found");
+        let other = image.find_key(&hash_api_key(b"key-1")).expect("found");
+        let flags = records + index as usize * RECORD_LEN + 48;
         let mut damaged = bytes;
         damaged[flags] ^= flag::TRAINING_OPT_OUT;
         let image = ConsentImage::from_vec(damaged).expect("opens");
-        assert!(image.record(2).is_none(), "an opt-out flipped unnoticed");
-        assert!(image.record(1).is_some());
+        assert!(
+            image.record(index).is_none(),
+            "an opt-out flipped unnoticed"
+        );
+        assert!(image.record(other).is_some());
     }
 
     #[test]
