@@ -9,6 +9,18 @@ use std::process::{Command, Output};
 /// Writes the shipped configuration into a temporary folder (its process
 /// files inside it), lets `edit` change files, and runs `command` on it.
 fn run_with(command: &[&str], edit: impl FnOnce(&Path)) -> Output {
+    let dir = shipped_copy();
+    edit(dir.path());
+    Command::new(support::binary())
+        .args(command)
+        .arg("--config")
+        .arg(dir.path().join("gateway.toml"))
+        .output()
+        .expect("run the gateway binary")
+}
+
+/// The shipped configuration in a temporary folder, its process files inside it.
+fn shipped_copy() -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("tempdir");
     for name in ["gateway.toml", "rules.toml", "pools.toml", "accounts.jsonl"] {
         let text = support::shipped(name).replace(
@@ -17,13 +29,7 @@ fn run_with(command: &[&str], edit: impl FnOnce(&Path)) -> Output {
         );
         std::fs::write(dir.path().join(name), text).expect("write");
     }
-    edit(dir.path());
-    Command::new(support::binary())
-        .args(command)
-        .arg("--config")
-        .arg(dir.path().join("gateway.toml"))
-        .output()
-        .expect("run the gateway binary")
+    dir
 }
 
 /// [`run_with`] for `check`.
@@ -652,14 +658,7 @@ fn a_torn_account_line_rejects_the_whole_file() {
 /// The shipped files in a temporary folder, `[files] accounts` naming the
 /// shipped export compiled into `accounts.pgcs`, and an empty `changes/`.
 fn compiled_setup() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().expect("tempdir");
-    for name in ["gateway.toml", "rules.toml", "pools.toml", "accounts.jsonl"] {
-        let text = support::shipped(name).replace(
-            "/tmp/privacy-gateway/",
-            &format!("{}/run/", dir.path().display()),
-        );
-        std::fs::write(dir.path().join(name), text).expect("write");
-    }
+    let dir = shipped_copy();
     let gateway = std::fs::read_to_string(dir.path().join("gateway.toml")).expect("read");
     let gateway: Vec<String> = gateway
         .lines()
@@ -689,6 +688,21 @@ fn gateway_in(dir: &Path, args: &[&str]) -> Output {
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Asserts a successful run that lists `location` (`file:line`) as
+/// quarantined for `reason` on standard error and prints `summary`.
+fn assert_lists_quarantine(out: &Output, location: &str, reason: &str, summary: &str) {
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    let line = format!(
+        "{location}: account quarantined (its requests are answered 403 consent_record_invalid): {reason}"
+    );
+    assert!(stderr.contains(&line), "expected `{line}` in:\n{stderr}");
+    assert!(
+        stdout.contains(summary),
+        "expected `{summary}` in: {stdout}"
+    );
 }
 
 /// `explain` of a chat request with API key `key`, as JSON.
@@ -736,19 +750,11 @@ fn compile_accounts_judges_the_export_as_a_load_does() {
             .output()
             .expect("compile-accounts")
     };
-    let out = compile(&[]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(
-        text(&out.stderr).contains(&format!(
-            "accounts.jsonl:{line}: account quarantined (its requests are answered 403 consent_record_invalid): plan `enterprise` is not defined"
-        )),
-        "{}",
-        text(&out.stderr)
-    );
-    assert!(
-        text(&out.stdout).starts_with("compiled 16 accounts (1 quarantined), consents "),
-        "{}",
-        text(&out.stdout)
+    assert_lists_quarantine(
+        &compile(&[]),
+        &format!("accounts.jsonl:{line}"),
+        "plan `enterprise` is not defined",
+        "compiled 16 accounts (1 quarantined), consents ",
     );
     assert_eq!(compile(&["--strict"]).status.code(), Some(1));
 
@@ -787,20 +793,13 @@ fn check_names_the_changes_and_explain_the_one_that_decided() {
         format!("{}\n{bad}\n", chat_free_opted_out()),
     )
     .expect("change");
-    let out = gateway_in(dir.path(), &["check", "--files-only"]);
-    let stdout = text(&out.stdout);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(
-        text(&out.stderr).contains("changes/7.jsonl:2: account quarantined (its requests are answered 403 consent_record_invalid): plan `enterprise`"),
-        "{}",
-        text(&out.stderr)
-    );
-    assert!(stdout.contains("15 accounts (1 quarantined)"), "{stdout}");
-    assert!(
-        stdout.contains(&format!(
-            "consents {consents}+7 (compiled base, 1 change file(s))"
-        )),
-        "{stdout}"
+    assert_lists_quarantine(
+        &gateway_in(dir.path(), &["check", "--files-only"]),
+        "changes/7.jsonl:2",
+        "plan `enterprise`",
+        &format!(
+            "15 accounts (1 quarantined), consents {consents}+7 (compiled base, 1 change file(s))"
+        ),
     );
 
     let explained = explain_key(dir.path(), "demo-chat-free");
@@ -884,19 +883,11 @@ fn a_name_gone_from_the_pools_quarantines_its_accounts_in_a_compiled_snapshot() 
         .position(|l| l.contains("\"acct-api-no-cerebras\""))
         .expect("line")
         + 1;
-    let out = gateway_in(dir.path(), &["check", "--files-only"]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(
-        text(&out.stderr).contains(&format!(
-            "accounts.jsonl:{line}: account quarantined (its requests are answered 403 consent_record_invalid): subprocessor `cerebras` is not used by any pool"
-        )),
-        "{}",
-        text(&out.stderr)
-    );
-    assert!(
-        text(&out.stdout).contains("15 accounts (1 quarantined)"),
-        "{}",
-        text(&out.stdout)
+    assert_lists_quarantine(
+        &gateway_in(dir.path(), &["check", "--files-only"]),
+        &format!("accounts.jsonl:{line}"),
+        "subprocessor `cerebras` is not used by any pool",
+        "15 accounts (1 quarantined)",
     );
     let explained = explain_key(dir.path(), "demo-api-no-cerebras");
     assert_eq!(explained["status"], 403);

@@ -163,22 +163,29 @@ async fn chat_free_loop(gw: &Gateway, n: usize) -> RequestLoop {
     run
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn an_opt_out_in_a_new_accounts_file_applies_without_a_restart_or_a_failed_request() {
-    let ups = Upstreams::start().await;
-    let gw = Gateway::start(&TestConfig::shipped_with(&ups));
-    let run = chat_free_loop(&gw, 20).await;
-
-    gw.replace_file("accounts.jsonl", &accounts_with_chat_free_opted_out());
+/// Lets `run` go on until demo-chat-free's requests are denied training (an
+/// opt-out applied), and 20 more; none may fail. Its outcomes.
+async fn until_denied(run: RequestLoop, gw: &Gateway) -> Vec<Outcome> {
     let applied = eventually(Duration::from_secs(10), || {
         run.last().and_then(|o| o.training).as_deref() == Some("denied")
     })
     .await;
-    run.advance(20).await;
+    if applied {
+        run.advance(20).await;
+    }
     let outcomes = run.finish().await;
     assert!(applied, "the opt-out was not applied; logs:\n{}", gw.logs());
     assert_none_failed(&outcomes);
-    // The swap is atomic: once denied, never allowed again.
+    outcomes
+}
+
+/// Runs `apply`, which opts demo-chat-free out of training, under a request
+/// loop as demo-chat-free: the opt-out applies and no request fails; the
+/// swap is atomic: once denied, never allowed again.
+async fn opt_out_applies_under_load(gw: &Gateway, apply: impl FnOnce()) {
+    let run = chat_free_loop(gw, 20).await;
+    apply();
+    let outcomes = until_denied(run, gw).await;
     let first_denied = outcomes
         .iter()
         .position(|o| o.training.as_deref() == Some("denied"))
@@ -189,6 +196,16 @@ async fn an_opt_out_in_a_new_accounts_file_applies_without_a_restart_or_a_failed
     assert!(outcomes[..first_denied]
         .iter()
         .all(|o| o.training.as_deref() == Some("allowed")));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_opt_out_in_a_new_accounts_file_applies_without_a_restart_or_a_failed_request() {
+    let ups = Upstreams::start().await;
+    let gw = Gateway::start(&TestConfig::shipped_with(&ups));
+    opt_out_applies_under_load(&gw, || {
+        gw.replace_file("accounts.jsonl", &accounts_with_chat_free_opted_out())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -331,6 +348,34 @@ async fn sighup_reloads_even_when_no_file_changed() {
     assert_eq!(resp.status(), 200);
 }
 
+/// Upgrades `gw` under `run`: starts the new process, lets `both_running`
+/// look at it (by pid) while the old one still serves, sends the old one
+/// `SIGQUIT`, and lets the new one serve 50 requests alone. The new process
+/// (killed when dropped) and every outcome; none failed.
+async fn upgrade_under_load(
+    gw: &mut Gateway,
+    run: RequestLoop,
+    both_running: impl FnOnce(u32),
+) -> (KillOnDrop, Vec<Outcome>) {
+    let upgrade_sock = gw.upgrade_sock();
+    let new = KillOnDrop(gw.start_upgrade());
+    assert!(
+        eventually(Duration::from_secs(10), || upgrade_sock.exists()).await,
+        "the new process did not open the upgrade socket"
+    );
+    both_running(new.0.id());
+    signal(gw.pid(), "QUIT");
+    assert!(
+        gw.wait_exit(Duration::from_secs(20)),
+        "the old process did not exit"
+    );
+    // The new process serves alone now.
+    run.advance(50).await;
+    let outcomes = run.finish().await;
+    assert_none_failed(&outcomes);
+    (new, outcomes)
+}
+
 /// Kills a second gateway process when the test ends, however it ends.
 struct KillOnDrop(std::process::Child);
 
@@ -353,23 +398,9 @@ async fn a_graceful_upgrade_under_load_loses_no_request() {
     );
     run.advance(30).await;
 
-    let upgrade_sock = gw.upgrade_sock();
-    let new = KillOnDrop(gw.start_upgrade());
-    assert!(
-        eventually(Duration::from_secs(10), || upgrade_sock.exists()).await,
-        "the new process did not open the upgrade socket"
-    );
-    signal(gw.pid(), "QUIT");
-    assert!(
-        gw.wait_exit(Duration::from_secs(20)),
-        "the old process did not exit"
-    );
-    // The new process serves alone now.
-    run.advance(50).await;
-    let outcomes = run.finish().await;
+    let (new, outcomes) = upgrade_under_load(&mut gw, run, |_| {}).await;
     let upgrade_log =
         std::fs::read_to_string(gw.dir.path().join("upgrade.log")).unwrap_or_default();
-    assert_none_failed(&outcomes);
     assert!(outcomes.len() >= 80, "only {} requests ran", outcomes.len());
     drop(new);
     assert!(upgrade_log.contains("listening on"), "{upgrade_log}");
@@ -529,24 +560,10 @@ async fn reload_counts(gw: &Gateway) -> (f64, f64) {
 async fn a_change_file_applies_on_a_compiled_snapshot_under_load_without_a_failed_request() {
     let ups = Upstreams::start().await;
     let gw = Gateway::start(&compiled_with(&ups));
-    let run = chat_free_loop(&gw, 20).await;
-
-    gw.write_change("1.jsonl", &(chat_free_opted_out_line() + "\n"));
-    let applied = eventually(Duration::from_secs(10), || {
-        run.last().and_then(|o| o.training).as_deref() == Some("denied")
+    opt_out_applies_under_load(&gw, || {
+        gw.write_change("1.jsonl", &(chat_free_opted_out_line() + "\n"))
     })
     .await;
-    run.advance(20).await;
-    let outcomes = run.finish().await;
-    assert!(applied, "the change was not applied; logs:\n{}", gw.logs());
-    assert_none_failed(&outcomes);
-    let first_denied = outcomes
-        .iter()
-        .position(|o| o.training.as_deref() == Some("denied"))
-        .expect("denied");
-    assert!(outcomes[first_denied..]
-        .iter()
-        .all(|o| o.training.as_deref() == Some("denied")));
 
     // Its audit lines say which change decided, under which revision.
     let audited = eventually(Duration::from_secs(5), || {
@@ -599,13 +616,7 @@ async fn a_bad_change_file_is_refused_whole_and_a_bad_line_in_one_quarantines_on
         "1.jsonl",
         &format!("{opted_out}\n{}\n", api_paid_on_an_unknown_plan()),
     );
-    let applied = eventually(Duration::from_secs(10), || {
-        run.last().and_then(|o| o.training).as_deref() == Some("denied")
-    })
-    .await;
-    let outcomes = run.finish().await;
-    assert!(applied, "{}", gw.logs());
-    assert_none_failed(&outcomes);
+    until_denied(run, &gw).await;
     let before = ups.all_requests().len();
     assert_eq!(support::post_as(&c, &paid, "demo-api-paid").await, 403);
     assert_eq!(ups.all_requests().len(), before, "nothing forwarded");
@@ -663,13 +674,7 @@ async fn a_damaged_compiled_snapshot_is_refused_and_the_last_good_one_keeps_serv
     )
     .expect("export");
     support::compile_accounts(gw.dir.path(), "export.jsonl", "accounts.pgcs");
-    let applied = eventually(Duration::from_secs(10), || {
-        run.last().and_then(|o| o.training).as_deref() == Some("denied")
-    })
-    .await;
-    let outcomes = run.finish().await;
-    assert!(applied, "{}", gw.logs());
-    assert_none_failed(&outcomes);
+    until_denied(run, &gw).await;
 }
 
 /// The `/proc/PID/maps` lines mapping `accounts.pgcs`, as `(device, inode)`.
@@ -695,24 +700,12 @@ async fn old_and_new_process_share_one_compiled_snapshot_through_an_upgrade() {
     run.advance(30).await;
     let old = mapped_snapshot(gw.pid()).expect("the running process maps the snapshot");
 
-    let upgrade_sock = gw.upgrade_sock();
-    let new = KillOnDrop(gw.start_upgrade());
-    assert!(
-        eventually(Duration::from_secs(10), || upgrade_sock.exists()).await,
-        "the new process did not open the upgrade socket"
-    );
     // Both map the same file (one copy in the page cache), while the old
     // one still serves.
-    assert_eq!(mapped_snapshot(new.0.id()), Some(old));
-    run.advance(10).await;
-    signal(gw.pid(), "QUIT");
-    assert!(
-        gw.wait_exit(Duration::from_secs(20)),
-        "the old process did not exit"
-    );
-    run.advance(50).await;
-    let outcomes = run.finish().await;
-    assert_none_failed(&outcomes);
-    assert!(outcomes.len() >= 90, "only {} requests ran", outcomes.len());
+    let (new, outcomes) = upgrade_under_load(&mut gw, run, |new| {
+        assert_eq!(mapped_snapshot(new), Some(old));
+    })
+    .await;
+    assert!(outcomes.len() >= 80, "only {} requests ran", outcomes.len());
     drop(new);
 }

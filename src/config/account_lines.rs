@@ -14,7 +14,8 @@ use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 use super::accounts::KeyHash;
-use super::consent_image::{Line, NewAccount, Origin, QuarantinedLine};
+use super::accounts::Quarantined;
+use super::consent_image::{Line, NewAccount, Origin};
 use super::diagnostics::{is_token, one_error, ConfigErrors, FileErrors};
 use super::files::AccountLine;
 use super::pools::Pools;
@@ -152,7 +153,7 @@ fn parse_line(
             if t.deleted {
                 return Ok(rules.known.map(|_| match usable_id(&t.id) {
                     Some(id) => Line::Deleted { id, origin },
-                    None => Line::Quarantined(QuarantinedLine {
+                    None => Line::Quarantined(Quarantined {
                         id: None,
                         origin,
                         reason: BAD_ID.into(),
@@ -206,7 +207,7 @@ fn salvage(
     origin: Origin,
     error: &serde_json::Error,
     keys: &mut Vec<KeyHash>,
-) -> QuarantinedLine {
+) -> Quarantined {
     if let Some(Value::Array(hashes)) = object.get("api_key_sha256") {
         keys.extend(
             hashes
@@ -215,7 +216,7 @@ fn salvage(
                 .filter_map(parse_key_hash),
         );
     }
-    QuarantinedLine {
+    Quarantined {
         id: object.get("id").and_then(Value::as_str).and_then(usable_id),
         origin,
         reason: describe(error).into(),
@@ -257,7 +258,7 @@ fn compile_account(
     plans: &PlanNames,
     pools: &Pools,
     keys: &mut Vec<KeyHash>,
-) -> Result<NewAccount, QuarantinedLine> {
+) -> Result<NewAccount, Quarantined> {
     let mut bad_key = false;
     for h in &record.api_key_sha256 {
         match parse_key_hash(h) {
@@ -266,7 +267,7 @@ fn compile_account(
         }
     }
     let id = usable_id(&record.id);
-    let quarantine = |reason: String| QuarantinedLine {
+    let quarantine = |reason: String| Quarantined {
         id: id.clone(),
         origin,
         reason: reason.into(),

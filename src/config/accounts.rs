@@ -38,8 +38,7 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 
 use super::consent_image::{
-    flag, ConsentImage, Kind, Line, Meta, NewAccount, QuarantinedLine, RawRecord, SourceFile,
-    NO_REGION,
+    flag, ConsentImage, Kind, Line, Meta, NewAccount, RawRecord, SourceFile, NO_REGION,
 };
 use super::snapshot::PlanNames;
 use crate::policy::{Consents, PlanClass, Product, RegionId, SubprocessorSet, MAX_SUBPROCESSORS};
@@ -282,6 +281,15 @@ impl Layer {
         self.image.id(r).filter(|id| !id.is_empty())
     }
 
+    /// Record `r` as a quarantined line, for `reason`.
+    fn quarantine(&self, r: &RawRecord<'_>, reason: &str) -> Quarantined {
+        Quarantined {
+            id: self.id_of(r).map(Into::into),
+            origin: r.origin(),
+            reason: reason.into(),
+        }
+    }
+
     fn decode(&self, index: u32) -> Decoded<'_> {
         let Some(r) = self.image.record(index) else {
             return Decoded::Quarantined(Quarantined {
@@ -290,17 +298,8 @@ impl Layer {
                 reason: DAMAGED.into(),
             });
         };
-        let origin = Origin {
-            source: r.source,
-            line: r.line,
-        };
-        let quarantined = |reason: &str| {
-            Decoded::Quarantined(Quarantined {
-                id: self.id_of(&r).map(Into::into),
-                origin,
-                reason: reason.into(),
-            })
-        };
+        let origin = r.origin();
+        let quarantined = |reason: &str| Decoded::Quarantined(self.quarantine(&r, reason));
         match r.kind() {
             Some(Kind::Deleted) => Decoded::Deleted,
             Some(Kind::Quarantined) => quarantined(self.image.reason(&r).unwrap_or(DAMAGED)),
@@ -318,17 +317,8 @@ impl Layer {
     /// names as the running tables have them.
     fn rebuild_line(&self, index: u32) -> Option<Line> {
         let r = self.image.record(index)?;
-        let origin = Origin {
-            source: r.source,
-            line: r.line,
-        };
-        let quarantined = |reason: &str| {
-            Line::Quarantined(QuarantinedLine {
-                id: self.id_of(&r).map(Into::into),
-                origin,
-                reason: reason.into(),
-            })
-        };
+        let origin = r.origin();
+        let quarantined = |reason: &str| Line::Quarantined(self.quarantine(&r, reason));
         match r.kind() {
             None => Some(quarantined(DAMAGED)),
             Some(Kind::Deleted) => None,
@@ -624,7 +614,7 @@ fn quarantine(decoded: Decoded<'_>) -> Option<Quarantined> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::consent_image::{ImageBuilder, Line, NewAccount, QuarantinedLine};
+    use crate::config::consent_image::{ImageBuilder, Line, NewAccount};
 
     fn plans() -> PlanNames {
         let mut plans = PlanNames::default();
@@ -664,7 +654,7 @@ mod tests {
     }
 
     fn quarantined_line(id: Option<&str>, line: u32) -> Line {
-        Line::Quarantined(QuarantinedLine {
+        Line::Quarantined(Quarantined {
             id: id.map(Into::into),
             origin: at(line),
             reason: "plan `enterprise` is not defined".into(),

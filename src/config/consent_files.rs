@@ -33,7 +33,7 @@ use sha2::{Digest, Sha256};
 use super::account_lines::{LineFile, LineRules};
 use super::accounts::{AccountStore, KeyHash, NameContext};
 use super::consent_image::{
-    is_compiled, ConsentImage, ImageBuilder, IncludedChange, Line, Origin, SourceFile,
+    is_compiled, ConsentImage, ImageBuilder, IncludedChange, Line, SourceFile,
 };
 use super::diagnostics::{one_error, ConfigError, ConfigErrors, FileErrors};
 use super::load::{read_policy_files, LoadOptions};
@@ -387,10 +387,7 @@ fn demote_shared_with_base(builder: &mut ImageBuilder, base: &ConsentImage) {
         let id = base.id(&record).unwrap_or("");
         let replaced = !id.is_empty() && builder.has_id(id);
         if !replaced {
-            let origin = Origin {
-                source: record.source,
-                line: record.line,
-            };
+            let origin = record.origin();
             let valid = record.kind() == Some(super::consent_image::Kind::Account);
             conflicts.push((*change, id.to_owned(), origin, valid));
         }

@@ -58,7 +58,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
-use super::accounts::KeyHash;
+use super::accounts::{KeyHash, Quarantined};
 use crate::policy::{Consents, Product, SubprocessorSet, MAX_SUBPROCESSORS};
 
 /// The first eight bytes of every compiled consent snapshot.
@@ -220,6 +220,14 @@ impl Fields {
             ip_personalization_opt_out: self.flags & flag::IP_OPT_OUT != 0,
             restricted: self.flags & flag::RESTRICTED != 0,
             ..Consents::NONE
+        }
+    }
+
+    /// The line the record comes from.
+    pub fn origin(&self) -> Origin {
+        Origin {
+            source: self.source,
+            line: self.line,
         }
     }
 
@@ -1089,24 +1097,13 @@ pub struct NewAccount {
     pub origin: Origin,
 }
 
-/// A line quarantined whatever else the file holds.
-#[derive(Clone, Debug)]
-pub struct QuarantinedLine {
-    /// Its account id, when usable.
-    pub id: Option<Box<str>>,
-    /// Where it is.
-    pub origin: Origin,
-    /// Why.
-    pub reason: Box<str>,
-}
-
 /// A line to add to an image.
 #[derive(Clone, Debug)]
 pub enum Line {
     /// A fully understood account.
     Account(NewAccount),
     /// A line that is quarantined whatever else the file holds.
-    Quarantined(QuarantinedLine),
+    Quarantined(Quarantined),
     /// A deleted account (a change file's tombstone).
     Deleted {
         /// The account.
@@ -1286,11 +1283,7 @@ impl ImageBuilder {
 
     /// Where record `index` is.
     pub fn origin(&self, index: u32) -> Origin {
-        let r = &self.records[index as usize];
-        Origin {
-            source: r.source,
-            line: r.line,
-        }
+        self.records[index as usize].origin()
     }
 
     fn push_text(&mut self, id: &str, reason: &str) -> (u64, u16, u16) {
@@ -1338,30 +1331,20 @@ impl ImageBuilder {
 
         let mut conflict = None;
         if let Some(owner) = id_owner {
-            let theirs = self.origin(owner);
-            conflict = Some(format!(
-                "account id is also defined on {}",
-                self.place(theirs, origin.source)
-            ));
-            let reason = format!(
-                "account id is also defined on {}",
-                self.place(origin, theirs.source)
+            self.conflict(
+                owner,
+                origin,
+                "account id is also defined on",
+                &mut conflict,
             );
-            self.demote(owner, &reason);
         }
         for &owner in &key_owners {
-            let theirs = self.origin(owner);
-            if conflict.is_none() {
-                conflict = Some(format!(
-                    "an API key hash is also listed on {}",
-                    self.place(theirs, origin.source)
-                ));
-            }
-            let reason = format!(
-                "an API key hash is also listed on {}",
-                self.place(origin, theirs.source)
+            self.conflict(
+                owner,
+                origin,
+                "an API key hash is also listed on",
+                &mut conflict,
             );
-            self.demote(owner, &reason);
         }
 
         let record = self.record_of(line, conflict.as_deref());
@@ -1386,6 +1369,18 @@ impl ImageBuilder {
                 self.keys.push((*key, index));
             }
         }
+    }
+
+    /// A line at `origin` conflicts with record `owner` (`what` they share):
+    /// the owner is demoted, naming the line, and the line's reason, unless
+    /// it has one already, names the owner.
+    fn conflict(&mut self, owner: u32, origin: Origin, what: &str, reason: &mut Option<String>) {
+        let theirs = self.origin(owner);
+        if reason.is_none() {
+            *reason = Some(format!("{what} {}", self.place(theirs, origin.source)));
+        }
+        let demotion = format!("{what} {}", self.place(origin, theirs.source));
+        self.demote(owner, &demotion);
     }
 
     /// The record of `line`; quarantined for `conflict` when it has one.
@@ -1776,7 +1771,7 @@ mod tests {
                 line: i + 1,
             };
             let line = if i % 10 == 9 {
-                Line::Quarantined(QuarantinedLine {
+                Line::Quarantined(Quarantined {
                     id: Some(format!("acct-{i}").into()),
                     origin,
                     reason: "plan `enterprise` is not defined".into(),

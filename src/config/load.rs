@@ -39,19 +39,12 @@ pub fn load(
     gateway_path: &Path,
     options: &LoadOptions,
 ) -> Result<(GatewaySettings, Snapshot), ConfigErrors> {
-    let PolicyFiles {
-        gateway_file,
-        gateway,
-        base,
-        rules_source,
-        pools_source,
-        rules,
-        pools,
-        accounts_path,
-        changes_path,
-        mut sources,
-        mut errors,
-    } = read_policy_files(gateway_path, options)?;
+    let policy = read_policy_files(gateway_path, options)?;
+    let (gateway_file, gateway, base) = (policy.gateway_file, policy.gateway, policy.base);
+    let (rules, pools) = (policy.rules, policy.pools);
+    let (accounts_path, mut sources, mut errors) =
+        (policy.accounts_path, policy.sources, policy.errors);
+    let (rules_source, pools_source) = (policy.rules_source, policy.pools_source);
 
     let known = rules
         .as_ref()
@@ -59,7 +52,7 @@ pub fn load(
         .map(|(r, p)| (&r.plans, p));
     let consents = open_consents(
         &accounts_path,
-        changes_path.as_deref(),
+        policy.changes_path.as_deref(),
         known,
         options.verify_accounts,
         &mut errors,
