@@ -20,7 +20,7 @@ use crate::metrics::EndpointCounters;
 use crate::observe::{Completed, Observers};
 use crate::policy::Product;
 use crate::routing::Target;
-use crate::stamp;
+use crate::stamp::{self, DecisionId};
 
 /// The custom error raised when every permitted endpoint has been tried.
 const NO_PERMITTED_ENDPOINT: ErrorType = ErrorType::Custom("permitted_pools_unavailable");
@@ -65,7 +65,7 @@ impl PrivacyProxy {
 /// Per-request state, carried through every phase.
 pub struct RequestCtx {
     started: Instant,
-    decision_id: String,
+    decision_id: DecisionId,
     /// The one snapshot this request is decided and forwarded under.
     snapshot: Arc<Snapshot>,
     admission: Option<Admission>,
@@ -182,7 +182,7 @@ impl ProxyHttp for PrivacyProxy {
     fn new_ctx(&self) -> Self::CTX {
         RequestCtx {
             started: Instant::now(),
-            decision_id: uuid::Uuid::now_v7().simple().to_string(),
+            decision_id: DecisionId::new(),
             snapshot: self.snapshots.current(),
             admission: None,
             quarantine: None,
@@ -200,10 +200,10 @@ impl ProxyHttp for PrivacyProxy {
             let body = error_body(
                 "no_peer_address",
                 "the connection has no IP peer",
-                &ctx.decision_id,
+                ctx.decision_id.as_str(),
                 None,
             );
-            respond_json(session, 400, &ctx.decision_id, body).await?;
+            respond_json(session, 400, ctx.decision_id.as_str(), body).await?;
             return Ok(true);
         };
         let req = session.req_header();
@@ -224,7 +224,12 @@ impl ProxyHttp for PrivacyProxy {
                     Refusal::NoPermittedRoute(a) => Some(route_refusal_detail(a)),
                     _ => None,
                 };
-                let body = error_body(refusal.code(), &refusal.message(), &ctx.decision_id, extra);
+                let body = error_body(
+                    refusal.code(),
+                    &refusal.message(),
+                    ctx.decision_id.as_str(),
+                    extra,
+                );
                 ctx.error_code = Some(refusal.code());
                 let status = refusal.status();
                 match refusal {
@@ -232,7 +237,7 @@ impl ProxyHttp for PrivacyProxy {
                     Refusal::ConsentRecordInvalid(q) => ctx.quarantine = Some(*q),
                     _ => {}
                 }
-                respond_json(session, status, &ctx.decision_id, body).await?;
+                respond_json(session, status, ctx.decision_id.as_str(), body).await?;
                 Ok(true)
             }
         }
@@ -326,7 +331,9 @@ impl ProxyHttp for PrivacyProxy {
             .target
             .and_then(|t| ctx.snapshot.upstreams.pool(t.pool))
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "no target chosen"))?;
-        for (name, value) in admission.upstream_headers(&ctx.snapshot, &ctx.decision_id, pool) {
+        for (name, value) in
+            admission.upstream_headers(&ctx.snapshot, ctx.decision_id.as_str(), pool)
+        {
             upstream_request.insert_header(name, value)?;
         }
         if let Some(credential) = &pool.credential {
@@ -351,7 +358,7 @@ impl ProxyHttp for PrivacyProxy {
         for name in ctx.snapshot.upstreams.credential_headers() {
             upstream_response.remove_header(name);
         }
-        upstream_response.insert_header(stamp::DECISION_ID, &ctx.decision_id)?;
+        upstream_response.insert_header(stamp::DECISION_ID, ctx.decision_id.as_str())?;
         Ok(())
     }
 
@@ -388,9 +395,9 @@ impl ProxyHttp for PrivacyProxy {
                 .as_ref()
                 .filter(|_| status == 503)
                 .map(route_refusal_detail);
-            let body = error_body(code, message, &ctx.decision_id, extra);
+            let body = error_body(code, message, ctx.decision_id.as_str(), extra);
             // The client may be gone; there is nobody left to tell.
-            let _ = respond_json(session, status, &ctx.decision_id, body).await;
+            let _ = respond_json(session, status, ctx.decision_id.as_str(), body).await;
         }
         FailToProxy {
             error_code: status,
@@ -416,7 +423,7 @@ impl ProxyHttp for PrivacyProxy {
         let req = session.req_header();
         let (method, path) = (req.method.as_str(), req.uri.path());
         self.observers.request_done(&Completed {
-            decision_id: &ctx.decision_id,
+            decision_id: ctx.decision_id.as_str(),
             method,
             path,
             snapshot: &ctx.snapshot,
