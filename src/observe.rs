@@ -125,14 +125,12 @@ impl Observers {
         );
         if let Some(audit) = &self.audit {
             let record = AuditRecord {
-                ts: audit::timestamp(),
+                ts: audit::Timestamp::now(),
                 view: &view,
                 upstream_ms: upstream.map(|d| d.as_secs_f64() * 1000.0),
                 total_ms: total.as_secs_f64() * 1000.0,
             };
-            if let Ok(line) = serde_json::to_string(&record) {
-                audit.record(line);
-            }
+            audit.record(&record);
         }
     }
 }
