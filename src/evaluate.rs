@@ -13,7 +13,7 @@ use crate::geo::CountryCode;
 use crate::identity::{self, Caller, Credentials, IdentityError};
 use crate::policy::{self, Capability, Consents, Decision, PlanClass, Product, RequestFacts};
 use crate::routing::PoolUpstream;
-use crate::stamp::{self, StampInput};
+use crate::stamp::{self, StampInput, Stamps, UnsendableStamp};
 
 /// The parts of a request the gateway decides on.
 #[derive(Clone, Copy, Debug)]
@@ -90,12 +90,12 @@ impl Admission {
 
     /// The headers stamped upstream when `pool` receives the request: the
     /// one place that turns an admission into the header contract.
-    pub fn upstream_headers(
+    pub fn stamps(
         &self,
         snapshot: &Snapshot,
         decision_id: &str,
         pool: &PoolUpstream,
-    ) -> Vec<(&'static str, String)> {
+    ) -> Result<Stamps, UnsendableStamp> {
         let input = StampInput {
             decision_id,
             policy_version: &snapshot.policy_version,
@@ -108,7 +108,7 @@ impl Admission {
             pool: &pool.name,
             subprocessor: &pool.subprocessor,
         };
-        stamp::upstream_headers(&input, snapshot.signing_key.as_ref())
+        stamp::stamps(&input, snapshot.signing_key.as_ref())
     }
 
     /// Where the shadow rules would have decided otherwise (empty when they agree).

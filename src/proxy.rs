@@ -186,7 +186,10 @@ pub fn rewrite_upstream_request(
     pool: &PoolUpstream,
 ) -> Result<()> {
     strip_client_controlled(req, snapshot);
-    for (name, value) in admission.upstream_headers(snapshot, decision_id, pool) {
+    let stamps = admission
+        .stamps(snapshot, decision_id, pool)
+        .map_err(|e| Error::explain(ErrorType::InternalError, e.to_string()))?;
+    for (name, value) in stamps {
         req.insert_header(name, value)?;
     }
     if let Some(credential) = &pool.credential {
