@@ -4,6 +4,7 @@
 //! share this path, so what they report is what the proxy does.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use http::{HeaderMap, Method};
 
@@ -36,8 +37,8 @@ pub struct RequestHead<'r> {
 pub struct Admission {
     /// Account id, or `anonymous`.
     pub account: Box<str>,
-    /// Plan name, or `anonymous`.
-    pub plan: Box<str>,
+    /// Plan name, or `anonymous` (shared with the account store: no copy).
+    pub plan: Arc<str>,
     /// Product.
     pub product: Product,
     /// Capability.
@@ -214,6 +215,13 @@ impl Refusal {
     }
 }
 
+/// The plan name of anonymous callers, shared by all of them.
+fn anonymous_plan() -> Arc<str> {
+    static ANONYMOUS: std::sync::LazyLock<Arc<str>> =
+        std::sync::LazyLock::new(|| "anonymous".into());
+    ANONYMOUS.clone()
+}
+
 /// Decides one request under `snapshot`.
 pub fn evaluate(snapshot: &Snapshot, head: &RequestHead<'_>) -> Result<Admission, Refusal> {
     let trusted_peer = snapshot.trusted_proxies.contains(head.peer);
@@ -243,10 +251,10 @@ pub fn evaluate(snapshot: &Snapshot, head: &RequestHead<'_>) -> Result<Admission
     // A quarantined consent record is answered before anything is decided for it.
     let (account, plan, product, plan_class, consents) = match caller {
         Caller::Quarantined(q) => return Err(Refusal::ConsentRecordInvalid(Box::new(q.clone()))),
-        Caller::Account(a) => (&*a.id, &*a.plan, a.product, a.plan_class, &a.consents),
+        Caller::Account(a) => (&*a.id, a.plan.clone(), a.product, a.plan_class, &a.consents),
         Caller::Anonymous => (
             "anonymous",
-            "anonymous",
+            anonymous_plan(),
             head.listener_product,
             PlanClass::ChatAnonymous,
             &Consents::NONE,
@@ -300,7 +308,7 @@ pub fn evaluate(snapshot: &Snapshot, head: &RequestHead<'_>) -> Result<Admission
     };
     let admission = Admission {
         account: account.into(),
-        plan: plan.into(),
+        plan,
         product,
         capability,
         decision,

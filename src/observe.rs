@@ -104,7 +104,10 @@ impl Observers {
                 retention_basis = %d.retention_basis,
                 pool = view.served.map_or("-", |s| s.pool),
                 tier_basis = view.served.and_then(|s| s.tier_basis).unwrap_or("-"),
-                client_prefix = d.client_prefix.as_deref().unwrap_or("-"),
+                client_prefix = %d
+                    .client_prefix
+                    .as_ref()
+                    .map_or(&"-" as &dyn std::fmt::Display, |p| p),
                 total_us = total.as_micros() as u64,
             ),
             None => tracing::info!(
