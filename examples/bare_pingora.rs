@@ -35,6 +35,10 @@ struct Args {
     work_stealing: bool,
 }
 
+/// The gateway's allocator, so that the two differ only in what they do.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 struct Passthrough {
     upstream: SocketAddr,
 }
