@@ -1,34 +1,68 @@
-//! A minimal upstream for `scripts/bench-peers` on machines without nginx:
-//! answers every request with the same small JSON body, on one thread.
+//! A minimal upstream for `scripts/bench-peers`: answers every request with
+//! the same small JSON body, on one thread; a request that accepts
+//! `text/event-stream` gets a stream of events instead, written as fast as
+//! the connection takes them.
 //!
 //! ```text
-//! cargo run --release --example fixed_upstream -- 127.0.0.1:18081
+//! cargo run --release --example fixed_upstream -- 127.0.0.1:18081 [EVENTS]
 //! ```
 //!
-//! With nginx installed the script uses nginx instead (cheaper per
+//! EVENTS (default 10,000) is how many events a stream has. For plain
+//! requests the script uses nginx when it is installed (cheaper per
 //! request, so more of the machine is left to the proxies measured).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper::Response;
+use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 
 /// A chat completion of about 100 bytes, as the peer table's upstream answers.
 const BODY: &[u8] = br#"{"id":"cmpl-1","object":"chat.completion","choices":[{"message":{"role":"assistant","content":"hello"}}]}"#;
 
+type Body = BoxBody<Bytes, Infallible>;
+
+fn answer(req: &Request<Incoming>, events: usize) -> Response<Body> {
+    let stream = req
+        .headers()
+        .get(http::header::ACCEPT)
+        .is_some_and(|a| a.as_bytes().starts_with(b"text/event-stream"));
+    if !stream {
+        return Response::builder()
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from_static(BODY)).boxed())
+            .unwrap_or_default();
+    }
+    let (mut tx, body) = http_body_util::channel::Channel::<Bytes, Infallible>::new(16);
+    tokio::spawn(async move {
+        for i in 0..events {
+            let event = format!("data: {{\"index\":{i},\"delta\":\"token\"}}\n\n");
+            if tx.send_data(Bytes::from(event)).await.is_err() {
+                return;
+            }
+        }
+        let _ = tx.send_data(Bytes::from_static(b"data: [DONE]\n\n")).await;
+    });
+    Response::builder()
+        .header("content-type", "text/event-stream")
+        .header("cache-control", "no-cache")
+        .body(body.boxed())
+        .unwrap_or_default()
+}
+
 fn main() -> std::io::Result<()> {
-    let Some(address) = std::env::args()
-        .nth(1)
-        .and_then(|a| a.parse::<SocketAddr>().ok())
-    else {
-        eprintln!("usage: fixed_upstream ADDRESS:PORT");
+    let mut args = std::env::args().skip(1);
+    let Some(address) = args.next().and_then(|a| a.parse::<SocketAddr>().ok()) else {
+        eprintln!("usage: fixed_upstream ADDRESS:PORT [EVENTS]");
         std::process::exit(2);
     };
+    let events = args.next().and_then(|n| n.parse().ok()).unwrap_or(10_000);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -37,14 +71,8 @@ fn main() -> std::io::Result<()> {
         loop {
             let (tcp, _) = listener.accept().await?;
             tokio::spawn(async move {
-                let service = service_fn(|_req| async {
-                    Ok::<_, Infallible>(
-                        Response::builder()
-                            .header("content-type", "application/json")
-                            .body(Full::new(Bytes::from_static(BODY)))
-                            .unwrap_or_default(),
-                    )
-                });
+                let service =
+                    service_fn(|req| async move { Ok::<_, Infallible>(answer(&req, events)) });
                 let _ = http1::Builder::new()
                     .serve_connection(TokioIo::new(tcp), service)
                     .await;
