@@ -188,13 +188,13 @@ fn report(name: &str, steps: &Steps, requests: u64) {
             add(&mut total, info);
         }
         println!(
-            "  {step:<32} {:>6.1} ({:>6.0} B)",
+            "  {step:<32} {:>7.2} ({:>6.0} B)",
             info.count_total as f64 / requests as f64,
             info.bytes_total as f64 / requests as f64
         );
     }
     println!(
-        "  {:<32} {:>6.1} ({:>6.0} B)",
+        "  {:<32} {:>7.2} ({:>6.0} B)",
         "total",
         total.count_total as f64 / requests as f64,
         total.bytes_total as f64 / requests as f64

@@ -83,7 +83,7 @@ pub struct Args {
 }
 
 /// The demo accounts' keys (README, "Demo accounts").
-pub const DEMO_KEYS: [&str; 14] = [
+pub const DEMO_KEYS: [&str; 16] = [
     "demo-api-free",
     "demo-api-free-objected",
     "demo-api-paid",
@@ -98,6 +98,8 @@ pub const DEMO_KEYS: [&str; 14] = [
     "demo-chat-team-optin",
     "demo-chat-no-geo",
     "demo-chat-restricted",
+    "demo-api-free-zdr",
+    "demo-chat-team-objected",
 ];
 
 /// The shipped routes, chat three times as often as each other one.
