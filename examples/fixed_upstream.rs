@@ -15,20 +15,18 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 
 use bytes::Bytes;
-use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
+use privacy_gateway::echo::{event_stream, EchoBody};
 
 /// A chat completion of about 100 bytes, as the peer table's upstream answers.
 const BODY: &[u8] = br#"{"id":"cmpl-1","object":"chat.completion","choices":[{"message":{"role":"assistant","content":"hello"}}]}"#;
 
-type Body = BoxBody<Bytes, Infallible>;
-
-fn answer(req: &Request<Incoming>, events: usize) -> Response<Body> {
+fn answer(req: &Request<Incoming>, events: usize) -> Response<EchoBody> {
     let stream = req
         .headers()
         .get(http::header::ACCEPT)
@@ -39,21 +37,8 @@ fn answer(req: &Request<Incoming>, events: usize) -> Response<Body> {
             .body(Full::new(Bytes::from_static(BODY)).boxed())
             .unwrap_or_default();
     }
-    let (mut tx, body) = http_body_util::channel::Channel::<Bytes, Infallible>::new(16);
-    tokio::spawn(async move {
-        for i in 0..events {
-            let event = format!("data: {{\"index\":{i},\"delta\":\"token\"}}\n\n");
-            if tx.send_data(Bytes::from(event)).await.is_err() {
-                return;
-            }
-        }
-        let _ = tx.send_data(Bytes::from_static(b"data: [DONE]\n\n")).await;
-    });
-    Response::builder()
-        .header("content-type", "text/event-stream")
-        .header("cache-control", "no-cache")
-        .body(body.boxed())
-        .unwrap_or_default()
+    let events = (0..events).map(|i| format!("{{\"index\":{i},\"delta\":\"token\"}}"));
+    event_stream(events, None, 16).unwrap_or_default()
 }
 
 fn main() -> std::io::Result<()> {
