@@ -4,6 +4,7 @@
 //! share this path, so what they report is what the proxy does.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use http::{HeaderMap, Method};
 
@@ -13,7 +14,7 @@ use crate::geo::CountryCode;
 use crate::identity::{self, Caller, Credentials, IdentityError};
 use crate::policy::{self, Capability, Consents, Decision, PlanClass, Product, RequestFacts};
 use crate::routing::PoolUpstream;
-use crate::stamp::{self, StampInput};
+use crate::stamp::{self, StampInput, Stamps, UnsendableStamp};
 
 /// The parts of a request the gateway decides on.
 #[derive(Clone, Copy, Debug)]
@@ -36,8 +37,8 @@ pub struct RequestHead<'r> {
 pub struct Admission {
     /// Account id, or `anonymous`.
     pub account: Box<str>,
-    /// Plan name, or `anonymous`.
-    pub plan: Box<str>,
+    /// Plan name, or `anonymous` (shared with the account store: no copy).
+    pub plan: Arc<str>,
     /// Product.
     pub product: Product,
     /// Capability.
@@ -92,12 +93,12 @@ impl Admission {
 
     /// The headers stamped upstream when `pool` receives the request: the
     /// one place that turns an admission into the header contract.
-    pub fn upstream_headers(
+    pub fn stamps(
         &self,
         snapshot: &Snapshot,
         decision_id: &str,
         pool: &PoolUpstream,
-    ) -> Vec<(&'static str, String)> {
+    ) -> Result<Stamps, UnsendableStamp> {
         let input = StampInput {
             decision_id,
             policy_version: &snapshot.policy_version,
@@ -110,7 +111,7 @@ impl Admission {
             pool: &pool.name,
             subprocessor: &pool.subprocessor,
         };
-        stamp::upstream_headers(&input, snapshot.signing_key.as_ref())
+        stamp::stamps(&input, snapshot.signing_key.as_ref())
     }
 
     /// Where the shadow rules would have decided otherwise (empty when they agree).
@@ -216,6 +217,13 @@ impl Refusal {
     }
 }
 
+/// The plan name of anonymous callers, shared by all of them.
+fn anonymous_plan() -> Arc<str> {
+    static ANONYMOUS: std::sync::LazyLock<Arc<str>> =
+        std::sync::LazyLock::new(|| "anonymous".into());
+    ANONYMOUS.clone()
+}
+
 /// Decides one request under `snapshot`.
 pub fn evaluate(snapshot: &Snapshot, head: &RequestHead<'_>) -> Result<Admission, Refusal> {
     let trusted_peer = snapshot.trusted_proxies.contains(head.peer);
@@ -249,10 +257,10 @@ pub fn evaluate(snapshot: &Snapshot, head: &RequestHead<'_>) -> Result<Admission
         Caller::Anonymous => None,
     };
     let (account, plan, product, plan_class, consents) = match &record {
-        Some(a) => (a.id, &**a.plan, a.product, a.plan_class, &a.consents),
+        Some(a) => (a.id, Arc::clone(a.plan), a.product, a.plan_class, &a.consents),
         None => (
             "anonymous",
-            "anonymous",
+            anonymous_plan(),
             head.listener_product,
             PlanClass::ChatAnonymous,
             &Consents::NONE,
@@ -306,7 +314,7 @@ pub fn evaluate(snapshot: &Snapshot, head: &RequestHead<'_>) -> Result<Admission
     };
     let admission = Admission {
         account: account.into(),
-        plan: plan.into(),
+        plan,
         product,
         capability,
         decision,

@@ -19,8 +19,8 @@ use crate::lifecycle::{InFlight, Lifecycle};
 use crate::metrics::EndpointCounters;
 use crate::observe::{Completed, Observers};
 use crate::policy::Product;
-use crate::routing::Target;
-use crate::stamp;
+use crate::routing::{PoolUpstream, Target};
+use crate::stamp::{self, DecisionId};
 
 /// The custom error raised when every permitted endpoint has been tried.
 const NO_PERMITTED_ENDPOINT: ErrorType = ErrorType::Custom("permitted_pools_unavailable");
@@ -65,7 +65,7 @@ impl PrivacyProxy {
 /// Per-request state, carried through every phase.
 pub struct RequestCtx {
     started: Instant,
-    decision_id: String,
+    decision_id: DecisionId,
     /// The one snapshot this request is decided and forwarded under.
     snapshot: Arc<Snapshot>,
     admission: Option<Admission>,
@@ -175,6 +175,29 @@ fn strip_client_controlled(req: &mut RequestHeader, snapshot: &Snapshot) {
     }
 }
 
+/// The request as it leaves for `pool`: what the client may not decide
+/// removed, the header contract stamped. (Public for the benchmarks, which
+/// count what it allocates.)
+pub fn rewrite_upstream_request(
+    req: &mut RequestHeader,
+    snapshot: &Snapshot,
+    admission: &Admission,
+    decision_id: &str,
+    pool: &PoolUpstream,
+) -> Result<()> {
+    strip_client_controlled(req, snapshot);
+    let stamps = admission
+        .stamps(snapshot, decision_id, pool)
+        .map_err(|e| Error::explain(ErrorType::InternalError, e.to_string()))?;
+    for (name, value) in stamps {
+        req.insert_header(name, value)?;
+    }
+    if let Some(credential) = &pool.credential {
+        req.insert_header(credential.header().clone(), credential.value())?;
+    }
+    Ok(())
+}
+
 #[async_trait]
 impl ProxyHttp for PrivacyProxy {
     type CTX = RequestCtx;
@@ -182,7 +205,7 @@ impl ProxyHttp for PrivacyProxy {
     fn new_ctx(&self) -> Self::CTX {
         RequestCtx {
             started: Instant::now(),
-            decision_id: uuid::Uuid::now_v7().simple().to_string(),
+            decision_id: DecisionId::new(),
             snapshot: self.snapshots.current(),
             admission: None,
             quarantine: None,
@@ -200,10 +223,10 @@ impl ProxyHttp for PrivacyProxy {
             let body = error_body(
                 "no_peer_address",
                 "the connection has no IP peer",
-                &ctx.decision_id,
+                ctx.decision_id.as_str(),
                 None,
             );
-            respond_json(session, 400, &ctx.decision_id, body).await?;
+            respond_json(session, 400, ctx.decision_id.as_str(), body).await?;
             return Ok(true);
         };
         let req = session.req_header();
@@ -224,7 +247,12 @@ impl ProxyHttp for PrivacyProxy {
                     Refusal::NoPermittedRoute(a) => Some(route_refusal_detail(a)),
                     _ => None,
                 };
-                let body = error_body(refusal.code(), &refusal.message(), &ctx.decision_id, extra);
+                let body = error_body(
+                    refusal.code(),
+                    &refusal.message(),
+                    ctx.decision_id.as_str(),
+                    extra,
+                );
                 ctx.error_code = Some(refusal.code());
                 let status = refusal.status();
                 match refusal {
@@ -232,7 +260,7 @@ impl ProxyHttp for PrivacyProxy {
                     Refusal::ConsentRecordInvalid(q) => ctx.quarantine = Some(*q),
                     _ => {}
                 }
-                respond_json(session, status, &ctx.decision_id, body).await?;
+                respond_json(session, status, ctx.decision_id.as_str(), body).await?;
                 Ok(true)
             }
         }
@@ -320,19 +348,18 @@ impl ProxyHttp for PrivacyProxy {
         upstream_request: &mut RequestHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
-        strip_client_controlled(upstream_request, &ctx.snapshot);
         let admission = ctx.admitted()?;
         let pool = ctx
             .target
             .and_then(|t| ctx.snapshot.upstreams.pool(t.pool))
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "no target chosen"))?;
-        for (name, value) in admission.upstream_headers(&ctx.snapshot, &ctx.decision_id, pool) {
-            upstream_request.insert_header(name, value)?;
-        }
-        if let Some(credential) = &pool.credential {
-            upstream_request.insert_header(credential.header().clone(), credential.value())?;
-        }
-        Ok(())
+        rewrite_upstream_request(
+            upstream_request,
+            &ctx.snapshot,
+            admission,
+            ctx.decision_id.as_str(),
+            pool,
+        )
     }
 
     async fn response_filter(
@@ -351,7 +378,7 @@ impl ProxyHttp for PrivacyProxy {
         for name in ctx.snapshot.upstreams.credential_headers() {
             upstream_response.remove_header(name);
         }
-        upstream_response.insert_header(stamp::DECISION_ID, &ctx.decision_id)?;
+        upstream_response.insert_header(stamp::DECISION_ID, ctx.decision_id.as_str())?;
         Ok(())
     }
 
@@ -388,9 +415,9 @@ impl ProxyHttp for PrivacyProxy {
                 .as_ref()
                 .filter(|_| status == 503)
                 .map(route_refusal_detail);
-            let body = error_body(code, message, &ctx.decision_id, extra);
+            let body = error_body(code, message, ctx.decision_id.as_str(), extra);
             // The client may be gone; there is nobody left to tell.
-            let _ = respond_json(session, status, &ctx.decision_id, body).await;
+            let _ = respond_json(session, status, ctx.decision_id.as_str(), body).await;
         }
         FailToProxy {
             error_code: status,
@@ -416,7 +443,7 @@ impl ProxyHttp for PrivacyProxy {
         let req = session.req_header();
         let (method, path) = (req.method.as_str(), req.uri.path());
         self.observers.request_done(&Completed {
-            decision_id: &ctx.decision_id,
+            decision_id: ctx.decision_id.as_str(),
             method,
             path,
             snapshot: &ctx.snapshot,
