@@ -257,7 +257,13 @@ pub fn evaluate(snapshot: &Snapshot, head: &RequestHead<'_>) -> Result<Admission
         Caller::Anonymous => None,
     };
     let (account, plan, product, plan_class, consents) = match &record {
-        Some(a) => (a.id, Arc::clone(a.plan), a.product, a.plan_class, &a.consents),
+        Some(a) => (
+            a.id,
+            Arc::clone(a.plan),
+            a.product,
+            a.plan_class,
+            &a.consents,
+        ),
         None => (
             "anonymous",
             anonymous_plan(),

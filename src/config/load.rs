@@ -148,7 +148,10 @@ pub(super) fn read_policy_files(
     gateway_path: &Path,
     options: &LoadOptions,
 ) -> Result<PolicyFiles, ConfigErrors> {
-    let base = gateway_path.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let base = gateway_path
+        .parent()
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
     let gateway_text = read(gateway_path)?;
     let gateway_file: GatewayFile = parse_toml(gateway_path, &gateway_text)?;
     let mut errors = Vec::new();
