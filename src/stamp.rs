@@ -129,14 +129,19 @@ pub fn is_reserved(name: &str) -> bool {
 }
 
 /// The key that signs stamped headers, so an upstream can tell they came
-/// from the gateway. Never printed.
+/// from the gateway. Never printed. Kept as HMAC's state after the key is
+/// absorbed (the key itself is not kept): each signature starts from a copy
+/// instead of hashing the key again, two SHA-256 blocks fewer a request.
 #[derive(Clone)]
-pub struct SigningKey(Vec<u8>);
+pub struct SigningKey(Hmac<Sha256>);
 
 impl SigningKey {
     /// Wraps raw key bytes.
     pub fn new(bytes: Vec<u8>) -> Self {
-        SigningKey(bytes)
+        // HMAC accepts keys of any length, so `new_from_slice` cannot fail.
+        let mac =
+            Hmac::<Sha256>::new_from_slice(&bytes).expect("HMAC-SHA256 takes a key of any length");
+        SigningKey(mac)
     }
 
     /// A keyed id of the key: the HMAC of a fixed label. It changes with the
@@ -365,10 +370,7 @@ pub fn signature<'n, 'v>(
     key: &SigningKey,
     headers: impl IntoIterator<Item = (&'n str, &'v [u8])>,
 ) -> [u8; 64] {
-    // HMAC accepts keys of any length, so `new_from_slice` cannot fail.
-    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(&key.0) else {
-        return [b'0'; 64];
-    };
+    let mut mac = key.0.clone();
     for (name, value) in headers {
         mac.update(name.as_bytes());
         mac.update(b":");
