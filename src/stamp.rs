@@ -305,6 +305,42 @@ fn displayed(buf: &mut BytesMut, value: impl std::fmt::Display) -> Value {
     Value::Written(start, buf.len())
 }
 
+/// Appends `prefix` in CIDR form, e.g. `203.0.113.0/24`, as a copy of its
+/// `address` already written (formatting an address costs more than
+/// copying it) and its length; where it is.
+fn with_length(buf: &mut BytesMut, address: Value, prefix: ClientPrefix) -> Value {
+    // The longest address text (an IPv6 address with an IPv4 tail) has 45 bytes.
+    let mut copy = [0u8; 48];
+    let text = match address {
+        Value::Written(a, b) if b - a <= copy.len() => {
+            copy[..b - a].copy_from_slice(&buf[a..b]);
+            &copy[..b - a]
+        }
+        _ => return displayed(buf, prefix),
+    };
+    let start = buf.len();
+    buf.extend_from_slice(text);
+    buf.extend_from_slice(b"/");
+    let mut digits = [0u8; 3];
+    let len = prefix.prefix_len();
+    let shown: &[u8] = match len {
+        0..=9 => {
+            digits[0] = b'0' + len;
+            &digits[..1]
+        }
+        10..=99 => {
+            digits = [b'0' + len / 10, b'0' + len % 10, 0];
+            &digits[..2]
+        }
+        _ => {
+            digits = [b'0' + len / 100, b'0' + len / 10 % 10, b'0' + len % 10];
+            &digits[..]
+        }
+    };
+    buf.extend_from_slice(shown);
+    Value::Written(start, buf.len())
+}
+
 fn write_stamps(
     buf: &mut BytesMut,
     input: &StampInput<'_>,
@@ -338,8 +374,9 @@ fn write_stamps(
         draft.push(&names::COUNTRY, written(buf, country.as_str()));
     }
     if let Some(prefix) = input.client_prefix {
-        draft.push(&names::FORWARDED_FOR, displayed(buf, prefix.address()));
-        draft.push(&names::CLIENT_PREFIX, displayed(buf, prefix));
+        let address = displayed(buf, prefix.address());
+        draft.push(&names::FORWARDED_FOR, address);
+        draft.push(&names::CLIENT_PREFIX, with_length(buf, address, prefix));
     }
     draft.push(&names::POOL, written(buf, input.pool));
     draft.push(&names::SUBPROCESSOR, written(buf, input.subprocessor));
@@ -398,6 +435,34 @@ mod tests {
             assert!(is_reserved(name), "{name}");
         }
         assert!(!is_reserved("x-request-id"));
+    }
+
+    #[test]
+    fn client_prefix_is_written_as_its_cidr_form() {
+        use crate::client_ip::PrefixLengths;
+        for (ip, v4, v6) in [
+            ("203.0.113.77", 24, 48),
+            ("203.0.113.77", 32, 48),
+            ("203.0.113.77", 0, 48),
+            ("203.0.113.77", 8, 48),
+            ("2001:db8:abcd:12::9", 24, 48),
+            ("2001:db8:abcd:12::9", 24, 128),
+            ("2001:db8:abcd:12::9", 24, 7),
+            ("::ffff:198.51.100.9", 16, 56),
+        ] {
+            let lengths = PrefixLengths { ipv4: v4, ipv6: v6 };
+            let prefix = ClientPrefix::new(ip.parse().unwrap(), lengths);
+            let mut buf = BytesMut::new();
+            let address = displayed(&mut buf, prefix.address());
+            let Value::Written(a, b) = with_length(&mut buf, address, prefix) else {
+                panic!("written");
+            };
+            assert_eq!(
+                &buf[a..b],
+                prefix.to_string().as_bytes(),
+                "{ip} /{v4} /{v6}"
+            );
+        }
     }
 
     #[test]
