@@ -14,9 +14,9 @@
 //! - `stamps`: the contract's values and signature for this request
 //!   (`Admission::stamps`), the gateway's own work;
 //! - `rewrite`: all of the upstream rewrite as the proxy does it: strip
-//!   what a client may not send, then the stamps inserted into Pingora's
-//!   `RequestHeader` (whose `insert_header` copies every custom header
-//!   name, and whose map grows to hold them);
+//!   what a client may not send, then the stamps inserted into the
+//!   request's header map (taken out of Pingora's `RequestHeader` and put
+//!   back, with room for them reserved once);
 //! - `observe`: metrics, access line (filtered out, as by default) and the
 //!   audit line queued to its writer.
 //!
