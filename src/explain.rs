@@ -108,7 +108,7 @@ pub fn explain(snapshot: &Snapshot, request: &DescribedRequest) -> Result<Value,
     let decision_id = request
         .decision_id
         .clone()
-        .unwrap_or_else(|| uuid::Uuid::now_v7().simple().to_string());
+        .unwrap_or_else(crate::stamp::new_decision_id);
     let outcome = evaluate(snapshot, &head);
     let status = outcome.as_ref().map_or_else(Refusal::status, |_| 200);
     let request_line = RequestLine {

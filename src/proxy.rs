@@ -151,18 +151,28 @@ fn peer_ip(session: &Session) -> Option<IpAddr> {
         .map(|a| a.ip())
 }
 
-/// Removes what a client may never decide (spec §7) from the upstream request.
-fn strip_client_controlled(req: &mut RequestHeader, snapshot: &Snapshot) {
-    let reserved: Vec<http::HeaderName> = req
+/// Removes every header whose name satisfies `doomed`, in any case and number.
+fn remove_headers_where(req: &mut RequestHeader, doomed: impl Fn(&str) -> bool) {
+    let names: Vec<http::HeaderName> = req
         .headers
         .keys()
-        .filter(|name| stamp::is_reserved(name.as_str()))
+        .filter(|name| doomed(name.as_str()))
         .cloned()
         .collect();
-    for name in reserved {
+    for name in names {
         req.remove_header(&name);
     }
+}
+
+/// Removes what a client may never decide (spec §7) from the upstream request.
+fn strip_client_controlled(req: &mut RequestHeader, snapshot: &Snapshot) {
+    remove_headers_where(req, |name| {
+        stamp::is_reserved(name) || stamp::is_underscore_name(name)
+    });
     for name in stamp::ADDRESS_HEADERS {
+        req.remove_header(name);
+    }
+    for name in &snapshot.strip_headers {
         req.remove_header(name);
     }
     if let Some(identity) = &snapshot.identity_header {
@@ -182,7 +192,7 @@ impl ProxyHttp for PrivacyProxy {
     fn new_ctx(&self) -> Self::CTX {
         RequestCtx {
             started: Instant::now(),
-            decision_id: uuid::Uuid::now_v7().simple().to_string(),
+            decision_id: stamp::new_decision_id(),
             snapshot: self.snapshots.current(),
             admission: None,
             quarantine: None,
@@ -206,6 +216,8 @@ impl ProxyHttp for PrivacyProxy {
             respond_json(session, 400, &ctx.decision_id, body).await?;
             return Ok(true);
         };
+        // Underscore names go before anything reads the request (spec §7).
+        remove_headers_where(session.req_header_mut(), stamp::is_underscore_name);
         let req = session.req_header();
         let head = RequestHead {
             method: &req.method,

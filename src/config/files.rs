@@ -151,6 +151,10 @@ pub struct TrustEntry {
     /// Header naming the account, set by a trusted front service.
     #[serde(default)]
     pub identity_header: Option<String>,
+    /// More headers that carry a client address, removed from every request
+    /// like the built-in list (e.g. a CDN's own `x-cdn-client-addr`).
+    #[serde(default)]
+    pub strip_headers: Vec<String>,
 }
 
 /// `[signing]`.

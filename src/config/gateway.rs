@@ -4,6 +4,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use http::header::{CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
 use http::HeaderName;
 use ipnet::IpNet;
 
@@ -25,6 +26,7 @@ pub(super) struct Gateway {
     pub settings: GatewaySettings,
     pub trusted_proxies: TrustedProxies,
     pub identity_header: Option<HeaderName>,
+    pub strip_headers: Vec<HeaderName>,
     pub signing_key: Option<SigningKey>,
     pub timeouts: UpstreamTimeouts,
     pub admin_token: Option<AdminToken>,
@@ -61,6 +63,13 @@ pub(super) fn compile_gateway(
                 g.at_line(None, format!("identity header `{name}` is a reserved name"));
                 None
             }
+            Ok(h) if crate::stamp::is_underscore_name(h.as_str()) => {
+                g.at_line(
+                    None,
+                    format!("identity header `{name}` has an underscore: such headers are dropped on arrival"),
+                );
+                None
+            }
             Ok(h) => Some(h),
             Err(_) => {
                 g.at_line(
@@ -71,6 +80,7 @@ pub(super) fn compile_gateway(
             }
         },
     };
+    let strip_headers = strip_headers(&gateway.trust.strip_headers, g);
     let mut sources = Vec::new();
     let signing_key = match &gateway.signing.key_file {
         None => None,
@@ -140,6 +150,7 @@ pub(super) fn compile_gateway(
         dns,
         trusted_proxies: TrustedProxies::new(trusted),
         identity_header,
+        strip_headers,
         signing_key,
         timeouts,
         admin_token,
@@ -161,6 +172,22 @@ fn collide(a: SocketAddr, b: SocketAddr) -> bool {
     a.port() == b.port()
         && a.port() != 0
         && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+/// `[trust] strip_headers`: header names, none that forwarding needs.
+fn strip_headers(names: &[String], g: &mut FileErrors<'_>) -> Vec<HeaderName> {
+    let mut out = Vec::new();
+    for name in names {
+        match HeaderName::try_from(name.as_str()) {
+            Ok(h) if [HOST, CONTENT_LENGTH, TRANSFER_ENCODING].contains(&h) => g.at_line(
+                None,
+                format!("strip header `{name}` is needed to forward a request"),
+            ),
+            Ok(h) => out.push(h),
+            Err(_) => g.at_line(None, format!("strip header `{name}` is not a header name")),
+        }
+    }
+    out
 }
 
 fn gateway_settings(gateway: &GatewayFile, base: &Path, g: &mut FileErrors<'_>) -> GatewaySettings {

@@ -98,6 +98,8 @@ pub struct Snapshot {
     pub trusted_proxies: TrustedProxies,
     /// Header naming the account, from trusted peers only.
     pub identity_header: Option<HeaderName>,
+    /// `[trust] strip_headers`: address-carrying headers beyond the built-in list.
+    pub strip_headers: Vec<HeaderName>,
     /// Key for `x-privacy-signature`.
     pub signing_key: Option<SigningKey>,
     /// The bearer token `/metrics` requires, when configured.
