@@ -12,6 +12,7 @@ use crate::config::{Quarantined, Snapshot};
 use crate::geo::CountryCode;
 use crate::identity::{self, Caller, Credentials, IdentityError};
 use crate::policy::{self, Capability, Consents, Decision, PlanClass, Product, RequestFacts};
+use crate::request_target::{RequestTarget, TargetError};
 use crate::routing::PoolUpstream;
 use crate::stamp::{self, StampInput};
 
@@ -20,8 +21,8 @@ use crate::stamp::{self, StampInput};
 pub struct RequestHead<'r> {
     /// HTTP method.
     pub method: &'r Method,
-    /// Path without the query.
-    pub path: &'r str,
+    /// The request target as received (origin- or absolute-form, with its query).
+    pub target: &'r [u8],
     /// Request headers as received.
     pub headers: &'r HeaderMap,
     /// The TCP peer.
@@ -42,6 +43,8 @@ pub struct Admission {
     pub product: Product,
     /// Capability.
     pub capability: Capability,
+    /// The normalised target: the path the route matched, forwarded as is.
+    pub target: RequestTarget,
     /// The policy's decision.
     pub decision: Decision,
     /// Country, when the decision allowed the lookup and it found one.
@@ -166,6 +169,8 @@ pub enum Refusal {
     Identity(IdentityError),
     /// The client address could not be established (400).
     ClientIp(ClientIpError),
+    /// The path could make an upstream see another route than the one decided (400).
+    Target(TargetError),
     /// No capability route matches method and path (404).
     UnknownRoute,
     /// The account's constraints leave no pool for the capability (451).
@@ -179,7 +184,7 @@ impl Refusal {
     pub fn status(&self) -> u16 {
         match self {
             Refusal::Identity(_) => 401,
-            Refusal::ClientIp(_) => 400,
+            Refusal::ClientIp(_) | Refusal::Target(_) => 400,
             Refusal::UnknownRoute => 404,
             Refusal::NoPermittedRoute(_) => 451,
             Refusal::ConsentRecordInvalid(_) => 403,
@@ -191,6 +196,7 @@ impl Refusal {
         match self {
             Refusal::Identity(e) => e.code(),
             Refusal::ClientIp(_) => "malformed_forwarded_for",
+            Refusal::Target(_) => "invalid_path",
             Refusal::UnknownRoute => "unknown_route",
             Refusal::NoPermittedRoute(_) => "no_permitted_route",
             Refusal::ConsentRecordInvalid(_) => "consent_record_invalid",
@@ -202,6 +208,7 @@ impl Refusal {
         match self {
             Refusal::Identity(e) => e.to_string(),
             Refusal::ClientIp(e) => e.to_string(),
+            Refusal::Target(e) => e.to_string(),
             Refusal::UnknownRoute => "no capability is configured for this method and path".into(),
             Refusal::NoPermittedRoute(a) => format!(
                 "the account's privacy settings leave no permitted pool for capability `{}`",
@@ -216,6 +223,7 @@ impl Refusal {
 
 /// Decides one request under `snapshot`.
 pub fn evaluate(snapshot: &Snapshot, head: &RequestHead<'_>) -> Result<Admission, Refusal> {
+    let target = RequestTarget::parse(head.target).map_err(Refusal::Target)?;
     let trusted_peer = snapshot.trusted_proxies.contains(head.peer);
     let forwarded_for = head
         .headers
@@ -254,7 +262,7 @@ pub fn evaluate(snapshot: &Snapshot, head: &RequestHead<'_>) -> Result<Admission
     };
     let capability = snapshot
         .routes
-        .capability(head.method, head.path)
+        .capability(head.method, target.path())
         .ok_or(Refusal::UnknownRoute)?;
 
     let facts = RequestFacts {
@@ -270,7 +278,7 @@ pub fn evaluate(snapshot: &Snapshot, head: &RequestHead<'_>) -> Result<Admission
     let decision = policy::decide(&snapshot.pools, &facts);
     let shadow = snapshot.shadow.as_ref().and_then(|rules| {
         let capability = match &rules.routes {
-            Some(routes) => routes.capability(head.method, head.path),
+            Some(routes) => routes.capability(head.method, target.path()),
             None => Some(capability),
         };
         let plan = match caller {
@@ -303,6 +311,7 @@ pub fn evaluate(snapshot: &Snapshot, head: &RequestHead<'_>) -> Result<Admission
         plan: plan.into(),
         product,
         capability,
+        target,
         decision,
         country,
         client_prefix: ClientPrefix::new(client, snapshot.prefix_lengths),

@@ -100,7 +100,7 @@ pub fn explain(snapshot: &Snapshot, request: &DescribedRequest) -> Result<Value,
     let path = request.path.split('?').next().unwrap_or("/");
     let head = RequestHead {
         method: &request.method,
-        path,
+        target: request.path.as_bytes(),
         headers: &headers,
         peer: request.peer,
         listener_product: request.listener_product,

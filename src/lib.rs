@@ -8,6 +8,7 @@
 //! - [`identity`]: API key / trusted identity header -> account.
 //! - [`client_ip`]: peer + trusted hops -> client address -> [`client_ip::ClientPrefix`].
 //! - [`geo`]: country of an address from a `.mmdb` file.
+//! - [`request_target`]: the raw target -> the one normalised path routes match and upstreams get.
 //! - [`capability`]: method + path -> capability.
 //! - [`evaluate`]: one request head -> facts -> decision (shared by the proxy and tools).
 //! - [`explain`]: the decision for a described request, as JSON.
@@ -52,6 +53,7 @@ pub mod policy;
 pub mod preflight;
 pub mod proxy;
 pub mod proxy_protocol;
+pub mod request_target;
 pub mod reload;
 pub mod routing;
 pub mod server;

@@ -221,7 +221,7 @@ impl ProxyHttp for PrivacyProxy {
         let req = session.req_header();
         let head = RequestHead {
             method: &req.method,
-            path: req.uri.path(),
+            target: req.raw_path(),
             headers: &req.headers,
             peer,
             listener_product: self.listener_product,
@@ -334,10 +334,17 @@ impl ProxyHttp for PrivacyProxy {
     ) -> Result<()> {
         strip_client_controlled(upstream_request, &ctx.snapshot);
         let admission = ctx.admitted()?;
-        let pool = ctx
-            .target
-            .and_then(|t| ctx.snapshot.upstreams.pool(t.pool))
-            .ok_or_else(|| Error::explain(ErrorType::InternalError, "no target chosen"))?;
+        let no_target = || Error::explain(ErrorType::InternalError, "no target chosen");
+        let target = ctx.target.ok_or_else(no_target)?;
+        let upstreams = &ctx.snapshot.upstreams;
+        let pool = upstreams.pool(target.pool).ok_or_else(no_target)?;
+        // The request that goes upstream is the one decided (spec §7): the
+        // normalised path in origin form, and the pool's Host, never the client's.
+        let uri = http::Uri::try_from(admission.target.to_string())
+            .or_err(ErrorType::InternalError, "normalised target is not a URI")?;
+        upstream_request.set_uri(uri);
+        let host = upstreams.host(target).ok_or_else(no_target)?;
+        upstream_request.insert_header(http::header::HOST, host)?;
         for (name, value) in admission.upstream_headers(&ctx.snapshot, &ctx.decision_id, pool) {
             upstream_request.insert_header(name, value)?;
         }
@@ -426,7 +433,12 @@ impl ProxyHttp for PrivacyProxy {
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Self::CTX) {
         let now = Instant::now();
         let req = session.req_header();
-        let (method, path) = (req.method.as_str(), req.uri.path());
+        // An admitted request is recorded under the path it was decided and forwarded on.
+        let path = ctx
+            .admission
+            .as_ref()
+            .map_or(req.uri.path(), |a| a.target.path());
+        let method = req.method.as_str();
         self.observers.request_done(&Completed {
             decision_id: &ctx.decision_id,
             method,

@@ -308,6 +308,10 @@ pub struct PoolEntry {
     /// (default: the system's).
     #[serde(default)]
     pub tls_ca_file: Option<PathBuf>,
+    /// `Host` sent with every request to the pool, `host` or `host:port`
+    /// (default: each address's own host, and port when not the default).
+    #[serde(default)]
+    pub host: Option<String>,
     /// Active health checks of the pool's addresses; none when absent.
     #[serde(default)]
     pub health_check: Option<HealthCheckEntry>,
