@@ -5,7 +5,7 @@
 
 use std::net::IpAddr;
 
-use http::{HeaderMap, Method};
+use http::{HeaderMap, HeaderName, Method};
 
 use crate::client_ip::{client_address, ClientIpError, ClientPrefix};
 use crate::config::{Quarantined, Snapshot};
@@ -171,6 +171,8 @@ pub enum Refusal {
     ClientIp(ClientIpError),
     /// The path could make an upstream see another route than the one decided (400).
     Target(TargetError),
+    /// A trusted proxy named more than one account (400).
+    AmbiguousIdentity,
     /// No capability route matches method and path (404).
     UnknownRoute,
     /// The account's constraints leave no pool for the capability (451).
@@ -184,7 +186,7 @@ impl Refusal {
     pub fn status(&self) -> u16 {
         match self {
             Refusal::Identity(_) => 401,
-            Refusal::ClientIp(_) | Refusal::Target(_) => 400,
+            Refusal::ClientIp(_) | Refusal::Target(_) | Refusal::AmbiguousIdentity => 400,
             Refusal::UnknownRoute => 404,
             Refusal::NoPermittedRoute(_) => 451,
             Refusal::ConsentRecordInvalid(_) => 403,
@@ -197,6 +199,7 @@ impl Refusal {
             Refusal::Identity(e) => e.code(),
             Refusal::ClientIp(_) => "malformed_forwarded_for",
             Refusal::Target(_) => "invalid_path",
+            Refusal::AmbiguousIdentity => "ambiguous_identity",
             Refusal::UnknownRoute => "unknown_route",
             Refusal::NoPermittedRoute(_) => "no_permitted_route",
             Refusal::ConsentRecordInvalid(_) => "consent_record_invalid",
@@ -209,6 +212,9 @@ impl Refusal {
             Refusal::Identity(e) => e.to_string(),
             Refusal::ClientIp(e) => e.to_string(),
             Refusal::Target(e) => e.to_string(),
+            Refusal::AmbiguousIdentity => {
+                "the identity header holds more than one value; a request has one caller".into()
+            }
             Refusal::UnknownRoute => "no capability is configured for this method and path".into(),
             Refusal::NoPermittedRoute(a) => format!(
                 "the account's privacy settings leave no permitted pool for capability `{}`",
@@ -219,6 +225,29 @@ impl Refusal {
             }
         }
     }
+}
+
+/// Every element of every field line of `name`: comma-separated, trimmed,
+/// empty ones skipped (RFC 9110 §5.6.1 lists).
+fn list_elements<'h>(headers: &'h HeaderMap, name: &str) -> impl Iterator<Item = &'h [u8]> {
+    headers
+        .get_all(name)
+        .into_iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|e| !e.is_empty())
+}
+
+/// The one value of a singleton header: `Some(None)` when absent,
+/// `Some(Some(value))` with its only element (empty when the line is blank),
+/// `None` when it holds two or more (lines or list elements).
+fn single_value<'h>(headers: &'h HeaderMap, name: &HeaderName) -> Option<Option<&'h [u8]>> {
+    if !headers.contains_key(name) {
+        return Some(None);
+    }
+    let mut elements = list_elements(headers, name.as_str());
+    let first = elements.next().unwrap_or_default();
+    elements.next().is_none().then_some(Some(first))
 }
 
 /// Decides one request under `snapshot`.
@@ -233,18 +262,19 @@ pub fn evaluate(snapshot: &Snapshot, head: &RequestHead<'_>) -> Result<Admission
     let client = client_address(head.peer, forwarded_for, &snapshot.trusted_proxies)
         .map_err(Refusal::ClientIp)?;
 
-    let credentials = Credentials {
-        authorization: head
-            .headers
-            .get(http::header::AUTHORIZATION)
-            .map(|v| v.as_bytes()),
-        trusted_identity: snapshot
-            .identity_header
-            .as_ref()
-            .filter(|_| trusted_peer)
-            .and_then(|name| head.headers.get(name))
-            .map(|v| v.as_bytes()),
+    let trusted_identity = match snapshot.identity_header.as_ref().filter(|_| trusted_peer) {
+        Some(name) => single_value(head.headers, name).ok_or(Refusal::AmbiguousIdentity)?,
+        None => None,
     };
+    let mut authorization = head.headers.get_all(http::header::AUTHORIZATION).iter();
+    let credentials = Credentials {
+        authorization: authorization.next().map(|v| v.as_bytes()),
+        trusted_identity,
+    };
+    // Two keys are not a choice the gateway makes for the client.
+    if authorization.next().is_some() {
+        return Err(Refusal::Identity(IdentityError::MalformedAuthorization));
+    }
     let caller = identity::resolve(&snapshot.accounts, head.listener_product, credentials)
         .map_err(Refusal::Identity)?;
 
@@ -270,10 +300,8 @@ pub fn evaluate(snapshot: &Snapshot, head: &RequestHead<'_>) -> Result<Admission
         plan: Some(plan_class),
         consents,
         capability,
-        global_privacy_control: head
-            .headers
-            .get("sec-gpc")
-            .is_some_and(|v| v.as_bytes().trim_ascii() == b"1"),
+        // Sent more than once, the protective reading wins: on if any value is 1.
+        global_privacy_control: list_elements(head.headers, "sec-gpc").any(|v| v == b"1"),
     };
     let decision = policy::decide(&snapshot.pools, &facts);
     let shadow = snapshot.shadow.as_ref().and_then(|rules| {
