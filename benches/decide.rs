@@ -270,7 +270,7 @@ const PATH: &str = "/v1/chat/completions";
 fn head(headers: &HeaderMap) -> RequestHead<'_> {
     RequestHead {
         method: &Method::POST,
-        path: PATH,
+        target: PATH.as_bytes(),
         headers,
         peer: PEER,
         listener_product: Product::Api,

@@ -17,6 +17,8 @@
 //! - [`health`]: active and passive health of pool addresses.
 //! - [`dns`]: pool host names, resolved at load and re-resolved as answers expire.
 //! - [`stamp`]: the upstream header contract and its signature.
+//! - [`request_shape`]: raw HTTP/1 heads and upgrades, checked before anything decides.
+//! - [`listener`]: per-connection limits in front of Pingora's proxy.
 //! - [`proxy`]: the Pingora `ProxyHttp` adapter.
 //! - [`proxy_protocol`]: the client address from an L4 balancer's PROXY header.
 //! - [`reload`]: file watching and `SIGHUP` -> validated snapshot swap.
@@ -46,6 +48,7 @@ pub mod geo;
 pub mod health;
 pub mod identity;
 pub mod lifecycle;
+pub mod listener;
 pub mod logging;
 pub mod metrics;
 pub mod observe;
@@ -53,6 +56,7 @@ pub mod policy;
 pub mod preflight;
 pub mod proxy;
 pub mod proxy_protocol;
+pub mod request_shape;
 pub mod request_target;
 pub mod reload;
 pub mod routing;

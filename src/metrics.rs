@@ -52,6 +52,13 @@ pub struct Metrics {
     pub accounts_quarantined: IntGauge,
     /// Audit lines dropped because the writer fell behind.
     pub audit_dropped: IntCounter,
+    /// Requests the gateway refused (4xx) by `error.code`, and connections
+    /// refused by the connection limit (`too_many_connections`).
+    pub rejected: IntCounterVec,
+    /// Connections closed by a limit, by reason (`idle_timeout`, `shed`).
+    pub connections_closed: IntCounterVec,
+    /// Open client connections, by listener address.
+    pub connections_open: IntGaugeVec,
     /// Attempts by pool and address.
     pool_attempts: IntCounterVec,
     /// Failed attempts by pool, address and kind.
@@ -218,6 +225,24 @@ impl Metrics {
             "Connections closed over their PROXY protocol header, by reason.",
             &["reason"],
         );
+        let rejected = counter_vec(
+            &r,
+            "privacy_gateway_rejected_total",
+            "Requests the gateway refused (4xx) by error code, and connections refused by the connection limit.",
+            &["reason"],
+        );
+        let connections_closed = counter_vec(
+            &r,
+            "privacy_gateway_connections_closed_total",
+            "Client connections closed by a limit, by reason (idle_timeout, shed).",
+            &["reason"],
+        );
+        let connections_open = gauge_vec(
+            &r,
+            "privacy_gateway_connections_open",
+            "Open client connections, by listener.",
+            &["listener"],
+        );
         Metrics {
             registry: r,
             requests,
@@ -236,6 +261,9 @@ impl Metrics {
             endpoint_up,
             pool_ready,
             proxy_headers_refused,
+            rejected,
+            connections_closed,
+            connections_open,
         }
     }
 

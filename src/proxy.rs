@@ -17,13 +17,18 @@ use crate::config::{Quarantined, Snapshot, SnapshotHandle};
 use crate::evaluate::{evaluate, Admission, Refusal, RequestHead};
 use crate::lifecycle::{InFlight, Lifecycle};
 use crate::metrics::EndpointCounters;
+use crate::listener::Limits;
 use crate::observe::{Completed, Observers};
 use crate::policy::Product;
+use crate::request_shape::{self, ShapeError};
 use crate::routing::Target;
 use crate::stamp;
 
 /// The custom error raised when every permitted endpoint has been tried.
 const NO_PERMITTED_ENDPOINT: ErrorType = ErrorType::Custom("permitted_pools_unavailable");
+
+/// The custom error raised when a streamed body passes `max_body_bytes`.
+const BODY_TOO_LARGE: ErrorType = ErrorType::Custom("body_too_large");
 
 /// One listener's proxy logic.
 pub struct PrivacyProxy {
@@ -31,22 +36,26 @@ pub struct PrivacyProxy {
     listener_product: Product,
     observers: Arc<Observers>,
     lifecycle: &'static Lifecycle,
+    limits: Limits,
 }
 
 impl PrivacyProxy {
     /// A proxy for a listener of `listener_product`, reading `snapshots`,
-    /// reporting to `observers`, counting its requests in `lifecycle`.
+    /// reporting to `observers`, counting its requests in `lifecycle`,
+    /// holding request bodies and answers to `limits`.
     pub fn new(
         snapshots: Arc<SnapshotHandle>,
         listener_product: Product,
         observers: Arc<Observers>,
         lifecycle: &'static Lifecycle,
+        limits: Limits,
     ) -> Self {
         PrivacyProxy {
             snapshots,
             listener_product,
             observers,
             lifecycle,
+            limits,
         }
     }
 
@@ -80,6 +89,8 @@ pub struct RequestCtx {
     upstream_started: Option<Instant>,
     /// Counts the request in flight until it is over.
     _in_flight: InFlight,
+    /// Request body bytes received so far.
+    body_bytes: u64,
 }
 
 impl RequestCtx {
@@ -97,7 +108,7 @@ impl RequestCtx {
 }
 
 /// The JSON body of an answer the gateway gives itself.
-fn error_body(
+pub(crate) fn error_body(
     code: &str,
     message: &str,
     decision_id: &str,
@@ -126,6 +137,17 @@ async fn respond_json(
     resp.insert_header(stamp::DECISION_ID, decision_id)?;
     session.write_response_header(Box::new(resp), false).await?;
     session.write_response_body(Some(body), true).await
+}
+
+/// Whether the client hung up or stopped reading: nobody is left to answer.
+fn client_went_away(e: &Error) -> bool {
+    matches!(
+        e.etype(),
+        ErrorType::ConnectionClosed
+            | ErrorType::ReadError
+            | ErrorType::WriteError
+            | ErrorType::WriteTimedout
+    )
 }
 
 /// What a 451 or 503 names: the capability and the account's constraints
@@ -201,7 +223,15 @@ impl ProxyHttp for PrivacyProxy {
             error_code: None,
             upstream_started: None,
             _in_flight: self.lifecycle.begin_request(),
+            body_bytes: 0,
         }
+    }
+
+    async fn early_request_filter(&self, session: &mut Session, _ctx: &mut Self::CTX) -> Result<()> {
+        // Between-read and between-write silences (nginx client_body_timeout, send_timeout).
+        session.set_read_timeout(Some(self.limits.body_timeout));
+        session.set_write_timeout(Some(self.limits.send_timeout));
+        Ok(())
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
@@ -216,6 +246,23 @@ impl ProxyHttp for PrivacyProxy {
             respond_json(session, 400, &ctx.decision_id, body).await?;
             return Ok(true);
         };
+        let req = session.req_header();
+        let too_large = self.limits.max_body_bytes.is_some_and(|max| {
+            req.headers
+                .get(http::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
+                .is_some_and(|length| length > max)
+        });
+        let shape = request_shape::refuse_upgrade(&req.headers).and_then(|()| match too_large {
+            true => Err(ShapeError::BodyTooLarge),
+            false => Ok(()),
+        });
+        if let Err(refusal) = shape {
+            ctx.error_code = Some(refusal.code());
+            let body = error_body(refusal.code(), &refusal.to_string(), &ctx.decision_id, None);
+            respond_json(session, refusal.status(), &ctx.decision_id, body).await?;
+            return Ok(true);
+        }
         // Underscore names go before anything reads the request (spec §7).
         remove_headers_where(session.req_header_mut(), stamp::is_underscore_name);
         let req = session.req_header();
@@ -326,6 +373,22 @@ impl ProxyHttp for PrivacyProxy {
         e
     }
 
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        ctx.body_bytes += body.as_ref().map_or(0, |b| b.len() as u64);
+        match self.limits.max_body_bytes {
+            Some(max) if ctx.body_bytes > max => {
+                Error::e_explain(BODY_TOO_LARGE, "request body larger than max_body_bytes")
+            }
+            _ => Ok(()),
+        }
+    }
+
     async fn upstream_request_filter(
         &self,
         _session: &mut Session,
@@ -380,20 +443,32 @@ impl ProxyHttp for PrivacyProxy {
         e: &Error,
         ctx: &mut Self::CTX,
     ) -> FailToProxy {
-        let (status, code, message) = match (e.etype(), e.esource()) {
+        let too_large = ShapeError::BodyTooLarge;
+        let (status, code, message): (u16, &'static str, String) = match (e.etype(), e.esource()) {
             (t, _) if *t == NO_PERMITTED_ENDPOINT => (
                 503,
                 "permitted_pools_unavailable",
-                "every pool permitted for this request is unavailable",
+                "every pool permitted for this request is unavailable".into(),
             ),
-            (ErrorType::HTTPStatus(s), _) => (*s, "http_error", "the request could not be proxied"),
-            (_, ErrorSource::Upstream) => (502, "upstream_error", "the upstream failed"),
-            (
-                ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError,
-                ErrorSource::Downstream,
-            ) => (0, "", ""),
-            (_, ErrorSource::Downstream) => (400, "bad_request", "the request is malformed"),
-            _ => (500, "internal_error", "the gateway failed"),
+            (t, _) if *t == BODY_TOO_LARGE => (413, too_large.code(), too_large.to_string()),
+            (ErrorType::HTTPStatus(s), _) => (
+                *s,
+                "http_error",
+                "the request could not be proxied".into(),
+            ),
+            (ErrorType::ReadTimedout, ErrorSource::Downstream) => (
+                408,
+                "body_timeout",
+                "the request body stopped arriving".into(),
+            ),
+            (_, ErrorSource::Downstream) if client_went_away(e) => (0, "", String::new()),
+            (_, ErrorSource::Upstream) => (502, "upstream_error", "the upstream failed".into()),
+            (_, ErrorSource::Downstream) => (
+                400,
+                "malformed_body",
+                "the request body is malformed".into(),
+            ),
+            _ => (500, "internal_error", "the gateway failed".into()),
         };
         if !code.is_empty() {
             ctx.error_code = Some(code);
@@ -407,7 +482,7 @@ impl ProxyHttp for PrivacyProxy {
                 .as_ref()
                 .filter(|_| status == 503)
                 .map(route_refusal_detail);
-            let body = error_body(code, message, &ctx.decision_id, extra);
+            let body = error_body(code, &message, &ctx.decision_id, extra);
             // The client may be gone; there is nobody left to tell.
             let _ = respond_json(session, status, &ctx.decision_id, body).await;
         }
@@ -419,15 +494,16 @@ impl ProxyHttp for PrivacyProxy {
 
     /// Pingora logs every failed request at ERROR. A 503 because every
     /// permitted pool is down is an answer the policy chose (pool health is
-    /// logged when it changes, and counted), and a client hanging up is the
-    /// client's business: neither is an error of the gateway.
-    fn suppress_error_log(&self, _session: &Session, _ctx: &Self::CTX, e: &Error) -> bool {
-        *e.etype() == NO_PERMITTED_ENDPOINT
-            || (*e.esource() == ErrorSource::Downstream
-                && matches!(
-                    e.etype(),
-                    ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError
-                ))
+    /// logged when it changes, and counted), and what a client does (hang
+    /// up, stop reading or sending, send a malformed body) is the client's
+    /// business: neither is an error of the gateway.
+    fn suppress_error_log(&self, _session: &Session, ctx: &Self::CTX, e: &Error) -> bool {
+        // Answered (when anyone is left), counted and audited; logged at debug.
+        let client_side = *e.esource() == ErrorSource::Downstream;
+        if client_side {
+            tracing::debug!(decision_id = %ctx.decision_id, error = e.etype().as_str(), "client side ended the request");
+        }
+        *e.etype() == NO_PERMITTED_ENDPOINT || client_side
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Self::CTX) {
