@@ -160,7 +160,10 @@ impl Slot<'_> {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .insert(key, self.shed.clone());
-        IdleGuard { gate: self.gate, key }
+        IdleGuard {
+            gate: self.gate,
+            key,
+        }
     }
 }
 
@@ -358,18 +361,13 @@ impl<A: HttpServerApp + Send + Sync + 'static> GatewayListener<A> {
         }
     }
 
-    /// Answers a refused request head, counts and audits it, and closes.
+    /// Answers a refused request head, counts and audits it; the caller closes.
     async fn refuse(&self, stream: &mut Stream, refusal: ShapeError, started: Instant) {
         let _in_flight = self.lifecycle.begin_request();
         let decision_id = stamp::new_decision_id();
-        let body = error_body(
-            refusal.code(),
-            &refusal.to_string(),
-            &decision_id,
-            None,
-        );
-        answer_and_close(stream, refusal.status(), &decision_id, &body, self.limits.send_timeout)
-            .await;
+        let body = error_body(refusal.code(), &refusal.to_string(), &decision_id, None);
+        let within = self.limits.send_timeout;
+        let answered = answer(stream, refusal.status(), &decision_id, &body, within).await;
         let snapshot = self.snapshots.current();
         self.observers.request_done(&Completed {
             decision_id: &decision_id,
@@ -386,19 +384,21 @@ impl<A: HttpServerApp + Send + Sync + 'static> GatewayListener<A> {
             total: started.elapsed(),
             upstream: None,
         });
+        if answered {
+            linger(stream).await;
+        }
     }
 }
 
-/// Writes a complete JSON answer and closes the connection, reading (and
-/// dropping) briefly what the client still sends so that it gets to read
-/// the answer rather than a reset.
-async fn answer_and_close(
+/// Writes a complete JSON answer and shuts the connection's sending side;
+/// whether it was written within `within`.
+async fn answer(
     stream: &mut Stream,
     status: u16,
     decision_id: &str,
     body: &[u8],
     within: Duration,
-) {
+) -> bool {
     let reason = http::StatusCode::from_u16(status)
         .ok()
         .and_then(|s| s.canonical_reason())
@@ -414,10 +414,13 @@ async fn answer_and_close(
         stream.flush().await?;
         AsyncWriteExt::shutdown(stream).await
     };
-    if !matches!(tokio::time::timeout(within, write).await, Ok(Ok(()))) {
-        return;
-    }
-    let linger = async {
+    matches!(tokio::time::timeout(within, write).await, Ok(Ok(())))
+}
+
+/// Reads (and drops) briefly what the client still sends after an answer,
+/// so that closing does not reset the connection before it reads the answer.
+async fn linger(stream: &mut Stream) {
+    let drain = async {
         let mut sink = [0u8; 4096];
         let mut left: usize = 64 * 1024;
         while left > 0 {
@@ -427,7 +430,7 @@ async fn answer_and_close(
             }
         }
     };
-    let _ = tokio::time::timeout(Duration::from_millis(500), linger).await;
+    let _ = tokio::time::timeout(Duration::from_millis(500), drain).await;
 }
 
 #[async_trait]
@@ -470,7 +473,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> GatewayListener<A> {
             None,
         );
         let within = Duration::from_secs(1).min(self.limits.send_timeout);
-        answer_and_close(&mut stream, 503, &decision_id, &body, within).await;
+        answer(&mut stream, 503, &decision_id, &body, within).await;
     }
 
     /// A connection that is not HTTP/1: handed to Pingora as it would be without this listener.

@@ -166,8 +166,9 @@ fn directives(rust_log: Option<&str>, access: bool) -> String {
 /// Standard output is left to the audit log when it is `-`.
 pub fn init(json: bool, access: bool) {
     let rust_log = std::env::var("RUST_LOG").ok();
-    let mut filter = tracing_subscriber::EnvFilter::try_new(directives(rust_log.as_deref(), access))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_FILTER));
+    let mut filter =
+        tracing_subscriber::EnvFilter::try_new(directives(rust_log.as_deref(), access))
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_FILTER));
     for library in HEAD_PRINTING_LIBRARIES {
         if let Ok(cap) = format!("{library}=info").parse() {
             filter = filter.add_directive(cap);
@@ -233,7 +234,10 @@ mod tests {
 
     #[test]
     fn access_lines_are_on_unless_rust_log_or_the_setting_says_otherwise() {
-        assert_eq!(directives(None, true), "warn,privacy_gateway=info,access=info");
+        assert_eq!(
+            directives(None, true),
+            "warn,privacy_gateway=info,access=info"
+        );
         assert_eq!(directives(None, false), DEFAULT_FILTER);
         assert_eq!(directives(Some("debug"), true), "debug,access=info");
         assert_eq!(directives(Some("warn,access=off"), true), "warn,access=off");

@@ -16,8 +16,8 @@ use pingora::{ErrorSource, ErrorType};
 use crate::config::{Quarantined, Snapshot, SnapshotHandle};
 use crate::evaluate::{evaluate, Admission, Refusal, RequestHead};
 use crate::lifecycle::{InFlight, Lifecycle};
-use crate::metrics::EndpointCounters;
 use crate::listener::Limits;
+use crate::metrics::EndpointCounters;
 use crate::observe::{Completed, Observers};
 use crate::policy::Product;
 use crate::request_shape::{self, ShapeError};
@@ -227,7 +227,11 @@ impl ProxyHttp for PrivacyProxy {
         }
     }
 
-    async fn early_request_filter(&self, session: &mut Session, _ctx: &mut Self::CTX) -> Result<()> {
+    async fn early_request_filter(
+        &self,
+        session: &mut Session,
+        _ctx: &mut Self::CTX,
+    ) -> Result<()> {
         // Between-read and between-write silences (nginx client_body_timeout, send_timeout).
         session.set_read_timeout(Some(self.limits.body_timeout));
         session.set_write_timeout(Some(self.limits.send_timeout));
@@ -246,16 +250,9 @@ impl ProxyHttp for PrivacyProxy {
             respond_json(session, 400, &ctx.decision_id, body).await?;
             return Ok(true);
         };
-        let req = session.req_header();
-        let too_large = self.limits.max_body_bytes.is_some_and(|max| {
-            req.headers
-                .get(http::header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
-                .is_some_and(|length| length > max)
-        });
-        let shape = request_shape::refuse_upgrade(&req.headers).and_then(|()| match too_large {
-            true => Err(ShapeError::BodyTooLarge),
-            false => Ok(()),
+        let headers = &session.req_header().headers;
+        let shape = request_shape::refuse_upgrade(headers).and_then(|()| {
+            request_shape::check_declared_length(headers, self.limits.max_body_bytes)
         });
         if let Err(refusal) = shape {
             ctx.error_code = Some(refusal.code());
@@ -451,11 +448,9 @@ impl ProxyHttp for PrivacyProxy {
                 "every pool permitted for this request is unavailable".into(),
             ),
             (t, _) if *t == BODY_TOO_LARGE => (413, too_large.code(), too_large.to_string()),
-            (ErrorType::HTTPStatus(s), _) => (
-                *s,
-                "http_error",
-                "the request could not be proxied".into(),
-            ),
+            (ErrorType::HTTPStatus(s), _) => {
+                (*s, "http_error", "the request could not be proxied".into())
+            }
             (ErrorType::ReadTimedout, ErrorSource::Downstream) => (
                 408,
                 "body_timeout",

@@ -120,7 +120,10 @@ pub fn check_http1_head(head: &[u8]) -> Result<(), ShapeError> {
         Err(_) => return Err(ShapeError::Malformed),
     };
     let raw = &head[..len];
-    let leading = raw.iter().take_while(|&&b| b == b'\r' || b == b'\n').count();
+    let leading = raw
+        .iter()
+        .take_while(|&&b| b == b'\r' || b == b'\n')
+        .count();
     if raw[leading..]
         .iter()
         .enumerate()
@@ -200,6 +203,19 @@ pub fn refuse_upgrade(headers: &HeaderMap) -> Result<(), ShapeError> {
     Ok(())
 }
 
+/// Refuses, before any byte of it is read, a body whose declared
+/// `Content-Length` is over `max` (`[limits] max_body_bytes`). A chunked
+/// body is counted as it streams.
+pub fn check_declared_length(headers: &HeaderMap, max: Option<u64>) -> Result<(), ShapeError> {
+    let declared = headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
+    match (declared, max) {
+        (Some(length), Some(max)) if length > max => Err(ShapeError::BodyTooLarge),
+        _ => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -256,7 +272,10 @@ mod tests {
 
     #[test]
     fn host_is_required_single_and_consistent() {
-        assert_eq!(check("GET / HTTP/1.1\r\n\r\n"), Err(ShapeError::MissingHost));
+        assert_eq!(
+            check("GET / HTTP/1.1\r\n\r\n"),
+            Err(ShapeError::MissingHost)
+        );
         for head in [
             "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: u@a\r\n\r\n",

@@ -186,8 +186,8 @@ pub fn upstream_headers(
 /// Hex HMAC-SHA256 over `name:value\n` lines.
 pub fn sign(key: &SigningKey, headers: &[(&str, String)]) -> String {
     // No fallback: an empty signature would be forwarded as if signed.
-    let mut mac = Hmac::<Sha256>::new_from_slice(&key.0)
-        .expect("HMAC-SHA256 accepts keys of any length");
+    let mut mac =
+        Hmac::<Sha256>::new_from_slice(&key.0).expect("HMAC-SHA256 accepts keys of any length");
     for (name, value) in headers {
         mac.update(name.as_bytes());
         mac.update(b":");

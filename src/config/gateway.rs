@@ -203,8 +203,16 @@ fn limits(entry: &LimitsEntry, g: &mut FileErrors<'_>) -> Limits {
         Some(ms) => Duration::from_millis(ms),
         None => default,
     };
-    let keepalive_timeout = duration("keepalive_timeout_ms", entry.keepalive_timeout_ms, d.keepalive_timeout);
-    let header_timeout = duration("header_timeout_ms", entry.header_timeout_ms, d.header_timeout);
+    let keepalive_timeout = duration(
+        "keepalive_timeout_ms",
+        entry.keepalive_timeout_ms,
+        d.keepalive_timeout,
+    );
+    let header_timeout = duration(
+        "header_timeout_ms",
+        entry.header_timeout_ms,
+        d.header_timeout,
+    );
     let body_timeout = duration("body_timeout_ms", entry.body_timeout_ms, d.body_timeout);
     let send_timeout = duration("send_timeout_ms", entry.send_timeout_ms, d.send_timeout);
     let max_header_bytes = entry.max_header_bytes.unwrap_or(d.max_header_bytes);
@@ -219,7 +227,10 @@ fn limits(entry: &LimitsEntry, g: &mut FileErrors<'_>) -> Limits {
         g.at_line(None, "[limits] max_connections must be at least 1");
     }
     if entry.max_body_bytes == Some(0) {
-        g.at_line(None, "[limits] max_body_bytes must be at least 1 (leave it out for no limit)");
+        g.at_line(
+            None,
+            "[limits] max_body_bytes must be at least 1 (leave it out for no limit)",
+        );
     }
     Limits {
         keepalive_timeout,
