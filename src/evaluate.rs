@@ -228,7 +228,7 @@ impl Refusal {
 }
 
 /// Every element of every field line of `name`: comma-separated, trimmed,
-/// empty ones skipped (RFC 9110 §5.6.1 lists).
+/// empty ones skipped: lists as RFC 9110 §5.6.1 defines them.
 fn list_elements<'h>(headers: &'h HeaderMap, name: &str) -> impl Iterator<Item = &'h [u8]> {
     headers
         .get_all(name)

@@ -111,6 +111,13 @@ pub fn explain(snapshot: &Snapshot, request: &DescribedRequest) -> Result<Value,
         .unwrap_or_else(crate::stamp::new_decision_id);
     let outcome = evaluate(snapshot, &head);
     let status = outcome.as_ref().map_or_else(Refusal::status, |_| 200);
+    // As the proxy records it: the normalised path once a decision was made.
+    let decided = match &outcome {
+        Ok(admission) => Some(admission),
+        Err(Refusal::NoPermittedRoute(admission)) => Some(&**admission),
+        Err(_) => None,
+    };
+    let path = decided.map_or(path, |a| a.target.path());
     let request_line = RequestLine {
         method: request.method.as_str(),
         path,

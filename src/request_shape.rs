@@ -166,7 +166,7 @@ pub fn check_http1_head(head: &[u8]) -> Result<(), ShapeError> {
 }
 
 /// `Host` must be an authority without userinfo and, for an absolute-form
-/// target, the target's own authority (RFC 9112 §3.2.2).
+/// target, the target's own authority, as RFC 9112 §3.2.2 requires.
 fn check_host(host: &[u8], target: &[u8]) -> Result<(), ShapeError> {
     let host = host.trim_ascii();
     if host.is_empty() || host.contains(&b'@') || http::uri::Authority::try_from(host).is_err() {

@@ -13,7 +13,7 @@ use crate::support::{self, CLIENT_V4};
 
 const CHAT: &str = "/v1/chat/completions";
 
-/// The spec's own list (§7, e2), written out so that shortening
+/// The list of spec §7 (e2), written out so that shortening
 /// `ADDRESS_HEADERS` fails here.
 const SPEC_ADDRESS_HEADERS: [&str; 18] = [
     "X-Forwarded-For",
