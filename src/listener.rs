@@ -102,6 +102,9 @@ impl Default for Limits {
     }
 }
 
+/// What one read of a request head asks for at most.
+const READ_CHUNK: usize = 8192;
+
 /// The connections of one listener, and which of them are idle and may be shed.
 struct ConnectionGate {
     max: usize,
@@ -329,11 +332,14 @@ impl<A: HttpServerApp + Send + Sync + 'static> GatewayListener<A> {
     ) -> HeadRead {
         let limits = &self.limits;
         let mut closing = self.closing.subscribe();
+        // Read straight into the head's buffer: memory is only touched as
+        // bytes arrive, so an idle connection costs little more than its task.
         let mut buf = BytesMut::new();
-        let mut chunk = vec![0u8; 8192];
         let mut deadline = tokio::time::Instant::now() + first_byte_within;
         let mut scanned = 0;
         loop {
+            let room = limits.max_header_bytes + 1 - buf.len().min(limits.max_header_bytes);
+            buf.reserve(READ_CHUNK.min(room));
             let waiting = buf.is_empty();
             let read = tokio::select! {
                 biased;
@@ -341,18 +347,17 @@ impl<A: HttpServerApp + Send + Sync + 'static> GatewayListener<A> {
                 _ = closing.wait_for(|closed| *closed), if waiting => {
                     return HeadRead::Gone(Gone::Closing)
                 }
-                read = tokio::time::timeout_at(deadline, stream.read(&mut chunk)) => read,
+                read = tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)) => read,
             };
-            let n = match read {
+            match read {
                 Err(_) if waiting => return HeadRead::Gone(Gone::IdleTimeout),
                 Err(_) => return HeadRead::Refused(ShapeError::HeadTimeout),
                 Ok(Ok(0)) | Ok(Err(_)) => return HeadRead::Gone(Gone::Closed),
-                Ok(Ok(n)) => n,
-            };
+                Ok(Ok(_)) => {}
+            }
             if waiting && !first_request {
                 deadline = tokio::time::Instant::now() + limits.header_timeout;
             }
-            buf.extend_from_slice(&chunk[..n]);
             match request_shape::head_end(&buf, scanned) {
                 Some(end) if end <= limits.max_header_bytes => return HeadRead::Complete(buf),
                 None if buf.len() <= limits.max_header_bytes => scanned = buf.len(),
