@@ -59,9 +59,7 @@ impl Default for ConfigDir {
 
 /// A file name inside the folder: no separator, no `..`, nothing special.
 pub fn plain_name(name: &str) -> bool {
-    !name.is_empty()
-        && !name.starts_with('.')
-        && !name.contains(['/', '\\', '\0'])
+    !name.is_empty() && !name.starts_with('.') && !name.contains(['/', '\\', '\0'])
 }
 
 /// Whether every file the loader would open stays inside the folder and
@@ -74,7 +72,10 @@ pub fn stays_local(gateway: &toml::Table, pools: &toml::Table) -> bool {
         .into_iter()
         .flat_map(|f| f.values())
         .chain(signing.into_iter().flat_map(|s| s.get("key_file")));
-    if !named.into_iter().all(|v| v.as_str().is_some_and(plain_name)) {
+    if !named
+        .into_iter()
+        .all(|v| v.as_str().is_some_and(plain_name))
+    {
         return false;
     }
     let Some(pool_list) = pools.get("pool").and_then(|p| p.as_array()) else {
@@ -97,7 +98,10 @@ pub fn stays_local(gateway: &toml::Table, pools: &toml::Table) -> bool {
 
 /// `http(s)://<IP literal>[:port][/]`, or anything the loader refuses before resolving.
 fn ip_literal_host(url: &str) -> bool {
-    let Some(rest) = url.strip_prefix("http://").or_else(|| url.strip_prefix("https://")) else {
+    let Some(rest) = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+    else {
         return true;
     };
     let authority = rest.split('/').next().unwrap_or_default();
