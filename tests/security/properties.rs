@@ -18,7 +18,9 @@ use privacy_gateway::client_ip::{ClientPrefix, PrefixLengths};
 use privacy_gateway::request_target::RequestTarget;
 use privacy_gateway::stamp::{self, SigningKey, ADDRESS_HEADERS};
 
-use crate::raw::{exchange, trusting_the_client, Reply};
+use tokio::io::AsyncWriteExt;
+
+use crate::raw::{connect, exchange, read_reply, trusting_the_client, Reply};
 use crate::support::{Gateway, TestConfig, Upstreams};
 
 const CHAT: &str = "/v1/chat/completions";
@@ -39,11 +41,14 @@ fn runner(default_cases: u32) -> TestRunner {
 }
 
 /// One gateway with its upstreams, on a runtime of its own (proptest's
-/// runner is synchronous).
+/// runner is synchronous), and the kept-alive connection cases go over:
+/// thousands of connections from one client address would run out of
+/// ports while the closed ones wait out TIME_WAIT.
 struct Bench {
     rt: tokio::runtime::Runtime,
     ups: Upstreams,
     gw: Gateway,
+    connection: std::cell::RefCell<Option<tokio::net::TcpStream>>,
 }
 
 impl Bench {
@@ -57,11 +62,37 @@ impl Bench {
         let mut config = TestConfig::shipped_with(&ups);
         edit(&mut config);
         let gw = Gateway::start(&config);
-        Bench { rt, ups, gw }
+        Bench {
+            rt,
+            ups,
+            gw,
+            connection: Default::default(),
+        }
     }
 
+    /// Sends `request` on the kept-alive connection (a new one when the
+    /// gateway closed the last) and reads the answer.
     fn send(&self, request: &[u8]) -> Reply {
-        self.rt.block_on(exchange(self.gw.chat, request))
+        let kept = self.connection.take();
+        let (reply, open) = self.rt.block_on(async {
+            let mut stream = match kept {
+                Some(stream) => stream,
+                None => connect(self.gw.chat).await,
+            };
+            let reply = match stream.write_all(request).await {
+                Ok(()) => read_reply(&mut stream).await,
+                Err(_) => None,
+            };
+            match reply {
+                Some(reply) => (reply, Some(stream)),
+                // Closed between two requests: once more, on a new connection.
+                None => (exchange(self.gw.chat, request).await, None),
+            }
+        });
+        if reply.header("connection") != Some("close") {
+            self.connection.replace(open);
+        }
+        reply
     }
 
     /// What every upstream received since the last call.
