@@ -102,6 +102,9 @@ impl Default for Limits {
     }
 }
 
+/// How an HTTP/2 connection with prior knowledge opens, as RFC 9113 §3.4 has it.
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
 /// What one read of a request head asks for at most.
 const READ_CHUNK: usize = 8192;
 
@@ -449,9 +452,18 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for GatewayListener<A> 
             self.refuse_connection(stream).await;
             return None;
         };
-        let http1 = matches!(stream.selected_alpn_proto(), None | Some(ALPN::H1));
-        if !http1 {
-            // HTTP/2 negotiated by ALPN: Pingora's own handling, under this slot.
+        let mut stream = stream;
+        let http2 = match stream.selected_alpn_proto() {
+            Some(ALPN::H1) => false,
+            // HTTP/2 (or a custom protocol) negotiated by ALPN.
+            Some(_) => true,
+            None => match self.h2c_prior_knowledge(&mut stream, &slot.shed).await {
+                Some(http2) => http2,
+                None => return None,
+            },
+        };
+        if http2 {
+            // Pingora's own HTTP/2 handling, under this slot.
             return self.serve_other(stream, shutdown).await;
         }
         self.serve_http1(stream, &slot, shutdown).await;
@@ -479,6 +491,28 @@ impl<A: HttpServerApp + Send + Sync + 'static> GatewayListener<A> {
         );
         let within = Duration::from_secs(1).min(self.limits.send_timeout);
         answer(&mut stream, 503, &decision_id, &body, within).await;
+    }
+
+    /// Whether a cleartext connection opens with the HTTP/2 preface, on a
+    /// listener that offers h2c; `None` when it sends nothing in time (or
+    /// is shed meanwhile) and is closed. Without h2c, or over TLS: HTTP/1.
+    async fn h2c_prior_knowledge(&self, stream: &mut Stream, shed: &Notify) -> Option<bool> {
+        let h2c = self.app.server_options().is_some_and(|o| o.h2c);
+        if !h2c || stream.get_ssl_digest().is_some() {
+            return Some(false);
+        }
+        let mut preface = [0u8; H2_PREFACE.len()];
+        let peek = tokio::time::timeout(self.limits.header_timeout, stream.try_peek(&mut preface));
+        tokio::select! {
+            biased;
+            _ = shed.notified() => None,
+            peeked = peek => match peeked {
+                Ok(Ok(true)) => Some(preface == *H2_PREFACE),
+                // A stream that cannot peek is read as HTTP/1.
+                Ok(Ok(false)) => Some(false),
+                Ok(Err(_)) | Err(_) => None,
+            },
+        }
     }
 
     /// A connection that is not HTTP/1: handed to Pingora as it would be without this listener.
