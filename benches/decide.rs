@@ -334,6 +334,8 @@ fn bench_evaluate(c: &mut Criterion, big: &Big) {
             "chat-team-optin",
             "chat-no-geo",
             "chat-restricted",
+            "api-free-zdr",
+            "chat-team-objected",
         ]
         .into_iter()
         .map(|name| format!("demo-{name}")),

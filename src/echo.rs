@@ -23,7 +23,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-type EchoBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+/// The body of an echo answer (a whole echo, or a stream of events).
+pub type EchoBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
 /// One request as an echo upstream received it.
 #[derive(Clone, Debug)]
@@ -282,22 +283,37 @@ async fn answer(
 }
 
 fn stream_events(state: &EchoState) -> Result<Response<EchoBody>, http::Error> {
-    let (mut tx, body) = http_body_util::channel::Channel::<Bytes, Infallible>::new(1);
     let pool = state.pool.clone();
-    let pace = state.pace.clone();
+    let events = (0..STREAM_EVENTS).map(move |i| format!("{{\"pool\":\"{pool}\",\"index\":{i}}}"));
+    event_stream(events, Some(state.pace.clone()), 1)
+}
+
+/// A `text/event-stream` answer: `data: <event>` for each of `events`,
+/// each after the first waiting for `pace` (none: as fast as the connection
+/// takes them), then `data: [DONE]`; at most `buffered` events wait unsent.
+pub fn event_stream(
+    events: impl Iterator<Item = String> + Send + 'static,
+    pace: Option<StreamPace>,
+    buffered: usize,
+) -> Result<Response<EchoBody>, http::Error> {
+    let (mut tx, body) = http_body_util::channel::Channel::<Bytes, Infallible>::new(buffered);
     tokio::spawn(async move {
-        for i in 0..STREAM_EVENTS {
+        for (i, event) in events.enumerate() {
             if i > 0 {
                 match &pace {
-                    StreamPace::Every(d) => tokio::time::sleep(*d).await,
-                    StreamPace::Gate(gate) => match gate.acquire().await {
+                    None => {}
+                    Some(StreamPace::Every(d)) => tokio::time::sleep(*d).await,
+                    Some(StreamPace::Gate(gate)) => match gate.acquire().await {
                         Ok(permit) => permit.forget(),
                         Err(_) => return,
                     },
                 }
             }
-            let event = format!("data: {{\"pool\":\"{pool}\",\"index\":{i}}}\n\n");
-            if tx.send_data(Bytes::from(event)).await.is_err() {
+            if tx
+                .send_data(Bytes::from(format!("data: {event}\n\n")))
+                .await
+                .is_err()
+            {
                 return;
             }
         }

@@ -4,6 +4,7 @@
 //! share this path, so what they report is what the proxy does.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use http::{HeaderMap, HeaderName, Method};
 
@@ -14,7 +15,7 @@ use crate::identity::{self, Caller, Credentials, IdentityError};
 use crate::policy::{self, Capability, Consents, Decision, PlanClass, Product, RequestFacts};
 use crate::request_target::{RequestTarget, TargetError};
 use crate::routing::PoolUpstream;
-use crate::stamp::{self, StampInput};
+use crate::stamp::{self, StampInput, Stamps, UnsendableStamp};
 
 /// The parts of a request the gateway decides on.
 #[derive(Clone, Copy, Debug)]
@@ -37,8 +38,8 @@ pub struct RequestHead<'r> {
 pub struct Admission {
     /// Account id, or `anonymous`.
     pub account: Box<str>,
-    /// Plan name, or `anonymous`.
-    pub plan: Box<str>,
+    /// Plan name, or `anonymous` (shared with the account store: no copy).
+    pub plan: Arc<str>,
     /// Product.
     pub product: Product,
     /// Capability.
@@ -93,12 +94,12 @@ impl Admission {
 
     /// The headers stamped upstream when `pool` receives the request: the
     /// one place that turns an admission into the header contract.
-    pub fn upstream_headers(
+    pub fn stamps(
         &self,
         snapshot: &Snapshot,
         decision_id: &str,
         pool: &PoolUpstream,
-    ) -> Vec<(&'static str, String)> {
+    ) -> Result<Stamps, UnsendableStamp> {
         let input = StampInput {
             decision_id,
             policy_version: &snapshot.policy_version,
@@ -111,7 +112,7 @@ impl Admission {
             pool: &pool.name,
             subprocessor: &pool.subprocessor,
         };
-        stamp::upstream_headers(&input, snapshot.signing_key.as_ref())
+        stamp::stamps(&input, snapshot.signing_key.as_ref())
     }
 
     /// Where the shadow rules would have decided otherwise (empty when they agree).
@@ -250,6 +251,13 @@ fn single_value<'h>(headers: &'h HeaderMap, name: &HeaderName) -> Option<Option<
     elements.next().is_none().then_some(Some(first))
 }
 
+/// The plan name of anonymous callers, shared by all of them.
+fn anonymous_plan() -> Arc<str> {
+    static ANONYMOUS: std::sync::LazyLock<Arc<str>> =
+        std::sync::LazyLock::new(|| "anonymous".into());
+    ANONYMOUS.clone()
+}
+
 /// Decides one request under `snapshot`.
 pub fn evaluate(snapshot: &Snapshot, head: &RequestHead<'_>) -> Result<Admission, Refusal> {
     let target = RequestTarget::parse(head.target).map_err(Refusal::Target)?;
@@ -281,10 +289,10 @@ pub fn evaluate(snapshot: &Snapshot, head: &RequestHead<'_>) -> Result<Admission
     // A quarantined consent record is answered before anything is decided for it.
     let (account, plan, product, plan_class, consents) = match caller {
         Caller::Quarantined(q) => return Err(Refusal::ConsentRecordInvalid(Box::new(q.clone()))),
-        Caller::Account(a) => (&*a.id, &*a.plan, a.product, a.plan_class, &a.consents),
+        Caller::Account(a) => (&*a.id, a.plan.clone(), a.product, a.plan_class, &a.consents),
         Caller::Anonymous => (
             "anonymous",
-            "anonymous",
+            anonymous_plan(),
             head.listener_product,
             PlanClass::ChatAnonymous,
             &Consents::NONE,
@@ -336,7 +344,7 @@ pub fn evaluate(snapshot: &Snapshot, head: &RequestHead<'_>) -> Result<Admission
     };
     let admission = Admission {
         account: account.into(),
-        plan: plan.into(),
+        plan,
         product,
         capability,
         target,

@@ -1,5 +1,5 @@
 //! `explain`: the full decision for a described request, as JSON, computed
-//! by the same code as the hot path ([`evaluate`], [`Admission::upstream_headers`])
+//! by the same code as the hot path ([`evaluate`], [`Admission::stamps`])
 //! and sending nothing anywhere.
 
 use std::net::IpAddr;
@@ -46,6 +46,9 @@ pub enum ExplainError {
     /// `--pool` names a pool the request may not go to.
     #[error("pool `{0}` is not a candidate for this request")]
     Pool(String),
+    /// A stamped value cannot be sent (the gateway would not forward it).
+    #[error(transparent)]
+    Unsendable(#[from] crate::stamp::UnsendableStamp),
 }
 
 /// Parses `Name: value` into `headers`.
@@ -108,7 +111,7 @@ pub fn explain(snapshot: &Snapshot, request: &DescribedRequest) -> Result<Value,
     let decision_id = request
         .decision_id
         .clone()
-        .unwrap_or_else(crate::stamp::new_decision_id);
+        .unwrap_or_else(|| crate::stamp::DecisionId::new().to_string());
     let outcome = evaluate(snapshot, &head);
     let status = outcome.as_ref().map_or_else(Refusal::status, |_| 200);
     // As the proxy records it: the normalised path once a decision was made.
@@ -138,18 +141,21 @@ pub fn explain(snapshot: &Snapshot, request: &DescribedRequest) -> Result<Value,
                     .find(|&i| snapshot.upstreams.pool(i).is_some_and(|p| &p.name == name)),
             }
             .ok_or_else(|| ExplainError::Pool(request.pool.clone().unwrap_or_default()))?;
-            let stamped = snapshot.upstreams.pool(pool_index).map(|pool| {
-                let mut stamped: Map<String, Value> = admission
-                    .upstream_headers(snapshot, &decision_id, pool)
-                    .into_iter()
-                    .map(|(n, v)| (n.to_string(), json!(v)))
-                    .collect();
-                // The pool's credential is sent too; its value is never shown.
-                if let Some(credential) = &pool.credential {
-                    stamped.insert(credential.header().to_string(), json!(REDACTED));
+            let stamped = match snapshot.upstreams.pool(pool_index) {
+                None => None,
+                Some(pool) => {
+                    let mut stamped: Map<String, Value> = admission
+                        .stamps(snapshot, &decision_id, pool)?
+                        .iter()
+                        .map(|(n, v)| (n.to_string(), json!(String::from_utf8_lossy(v.as_bytes()))))
+                        .collect();
+                    // The pool's credential is sent too; its value is never shown.
+                    if let Some(credential) = &pool.credential {
+                        stamped.insert(credential.header().to_string(), json!(REDACTED));
+                    }
+                    Some(stamped)
                 }
-                stamped
-            });
+            };
             Explained {
                 view: view.admitted(admission).served_by(pool_index),
                 action: "forward",

@@ -372,13 +372,14 @@ impl<A: HttpServerApp + Send + Sync + 'static> GatewayListener<A> {
     /// Answers a refused request head, counts and audits it; the caller closes.
     async fn refuse(&self, stream: &mut Stream, refusal: ShapeError, started: Instant) {
         let _in_flight = self.lifecycle.begin_request();
-        let decision_id = stamp::new_decision_id();
-        let body = error_body(refusal.code(), &refusal.to_string(), &decision_id, None);
+        let id = stamp::DecisionId::new();
+        let decision_id = id.as_str();
+        let body = error_body(refusal.code(), &refusal.to_string(), decision_id, None);
         let within = self.limits.send_timeout;
-        let answered = answer(stream, refusal.status(), &decision_id, &body, within).await;
+        let answered = answer(stream, refusal.status(), decision_id, &body, within).await;
         let snapshot = self.snapshots.current();
         self.observers.request_done(&Completed {
-            decision_id: &decision_id,
+            decision_id,
             // Refused before its head was trusted to say.
             method: "-",
             path: "-",
@@ -482,15 +483,16 @@ impl<A: HttpServerApp + Send + Sync + 'static> GatewayListener<A> {
         let metrics = &self.observers.metrics;
         let code = "too_many_connections";
         metrics.rejected.with_label_values(&[code]).inc();
-        let decision_id = stamp::new_decision_id();
+        let id = stamp::DecisionId::new();
+        let decision_id = id.as_str();
         let body = error_body(
             code,
             "the gateway has no room for another connection; retry shortly",
-            &decision_id,
+            decision_id,
             None,
         );
         let within = Duration::from_secs(1).min(self.limits.send_timeout);
-        answer(&mut stream, 503, &decision_id, &body, within).await;
+        answer(&mut stream, 503, decision_id, &body, within).await;
     }
 
     /// Whether a cleartext connection opens with the HTTP/2 preface, on a

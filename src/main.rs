@@ -108,6 +108,12 @@ enum Command {
     },
 }
 
+/// mimalloc rather than glibc's allocator: the request path (Pingora's
+/// header maps above all) allocates and frees many small blocks, and
+/// mimalloc's per-thread free lists make that cheaper (README, "Performance").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {

@@ -1,6 +1,11 @@
 //! Prometheus metrics: what operators alert on and what a privacy team
 //! counts (decisions by basis, shadow disagreements, removed routes).
 
+use std::cell::RefCell;
+use std::hash::{BuildHasher, Hash, Hasher, RandomState};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use hashbrown::HashTable;
 use prometheus::core::Collector;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
@@ -29,6 +34,8 @@ pub struct EndpointCounters {
 /// Every metric of the process, in its own registry.
 pub struct Metrics {
     registry: Registry,
+    /// Tells this instance's series apart in the per-thread cache.
+    id: u64,
     /// Requests by product, plan, capability, training decision and status.
     pub requests: IntCounterVec,
     /// Decisions by part (training, retention, geo) and basis id.
@@ -245,6 +252,7 @@ impl Metrics {
         );
         Metrics {
             registry: r,
+            id: NEXT_METRICS_ID.fetch_add(1, Ordering::Relaxed),
             requests,
             decisions,
             shadow_disagreements,
@@ -332,27 +340,20 @@ impl Metrics {
     /// line and `explain` show. `listener_product` labels requests refused
     /// before any account was known.
     pub fn record_request(&self, view: &DecisionView<'_>, listener_product: Product) {
-        let status = view.status.to_string();
         let Some(d) = &view.decision else {
-            self.requests
-                .with_label_values(&[listener_product.as_str(), "-", "-", "-", &status])
-                .inc();
+            self.count_request(listener_product.as_str(), "-", "-", "-", view.status);
             return;
         };
-        self.requests
-            .with_label_values(&[d.product, d.plan, d.capability, d.training, &status])
-            .inc();
+        self.count_request(d.product, d.plan, d.capability, d.training, view.status);
         for (part, basis) in [
             ("training", d.training_basis),
             ("retention", d.retention_basis),
             ("geo", d.geo_basis),
         ] {
-            self.decisions.with_label_values(&[part, basis]).inc();
+            self.inc(Family::Decisions, &[part, basis]);
         }
         for removed in &d.removed_pools {
-            self.routes_removed
-                .with_label_values(&[removed.basis, removed.pool])
-                .inc();
+            self.inc(Family::RoutesRemoved, &[removed.basis, removed.pool]);
         }
         for note in &d.shadow {
             self.shadow_disagreements
@@ -366,11 +367,172 @@ impl Metrics {
         }
     }
 
+    /// Counts one request in `privacy_gateway_requests_total`.
+    fn count_request(
+        &self,
+        product: &str,
+        plan: &str,
+        capability: &str,
+        training: &str,
+        status: u16,
+    ) {
+        let mut digits = [0u8; 5];
+        let status = status_label(status, &mut digits);
+        self.inc(
+            Family::Requests,
+            &[product, plan, capability, training, status],
+        );
+    }
+
+    /// Increments the series of `family` with `labels`, resolved by this
+    /// thread once (see [`SeriesCache`]).
+    fn inc(&self, family: Family, labels: &[&str]) {
+        let vec = match family {
+            Family::Requests => &self.requests,
+            Family::Decisions => &self.decisions,
+            Family::RoutesRemoved => &self.routes_removed,
+        };
+        RESOLVED.with(|cache| match cache.try_borrow_mut() {
+            Ok(mut cache) => cache.inc(self.id, family, vec, labels),
+            // Not reentrant; should it ever be, count the slow way.
+            Err(_) => vec.with_label_values(labels).inc(),
+        });
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut out = Vec::new();
         // Encoding into a Vec cannot fail for well-formed metrics.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+static NEXT_METRICS_ID: AtomicU64 = AtomicU64::new(1);
+
+/// The counter families counted on every request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Family {
+    Requests,
+    Decisions,
+    RoutesRemoved,
+}
+
+/// Most series one thread keeps resolved; past it, the rest are counted
+/// through `with_label_values` (label sets are few: plans x capabilities x
+/// statuses, bases, pools).
+const MAX_RESOLVED: usize = 4096;
+
+/// One resolved series: whose, which labels, and its counter.
+struct Resolved {
+    hash: u64,
+    metrics: u64,
+    family: Family,
+    labels: Box<[Box<str>]>,
+    counter: IntCounter,
+}
+
+/// The counter handles one worker thread has resolved. Counting a request
+/// is then a hash of its label values and one atomic increment: no lock
+/// shared with the other threads (as `with_label_values` takes), no
+/// allocation. Each series is resolved once per thread, on first use, so
+/// that, as before, only series that happened are exported.
+#[derive(Default)]
+struct SeriesCache {
+    hasher: RandomState,
+    table: HashTable<Resolved>,
+}
+
+impl SeriesCache {
+    fn hash(&self, metrics: u64, family: Family, labels: &[&str]) -> u64 {
+        let mut h = self.hasher.build_hasher();
+        (metrics, family).hash(&mut h);
+        for label in labels {
+            label.hash(&mut h);
+        }
+        h.finish()
+    }
+
+    fn inc(&mut self, metrics: u64, family: Family, vec: &IntCounterVec, labels: &[&str]) {
+        let hash = self.hash(metrics, family, labels);
+        let same = |r: &Resolved| {
+            r.metrics == metrics
+                && r.family == family
+                && r.labels.len() == labels.len()
+                && r.labels.iter().zip(labels).all(|(a, b)| **a == **b)
+        };
+        if let Some(resolved) = self.table.find(hash, same) {
+            resolved.counter.inc();
+            return;
+        }
+        let counter = vec.with_label_values(labels);
+        counter.inc();
+        if self.table.len() < MAX_RESOLVED {
+            let resolved = Resolved {
+                hash,
+                metrics,
+                family,
+                labels: labels.iter().map(|l| Box::from(*l)).collect(),
+                counter,
+            };
+            self.table.insert_unique(hash, resolved, |r| r.hash);
+        }
+    }
+}
+
+thread_local! {
+    static RESOLVED: RefCell<SeriesCache> = RefCell::new(SeriesCache::default());
+}
+
+/// `status` as its decimal label, written into `digits` (no allocation).
+fn status_label(status: u16, digits: &mut [u8; 5]) -> &str {
+    let mut n = status;
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    std::str::from_utf8(&digits[start..]).unwrap_or("0")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_labels_are_decimal() {
+        let mut digits = [0u8; 5];
+        for status in [0u16, 7, 200, 451, 503, 999, u16::MAX] {
+            assert_eq!(status_label(status, &mut digits), status.to_string());
+        }
+    }
+
+    #[test]
+    fn counts_reach_the_series_of_their_labels_and_instance() {
+        let a = Metrics::new();
+        let b = Metrics::new();
+        for _ in 0..3 {
+            a.count_request("api", "paid", "chat", "denied", 200);
+        }
+        a.count_request("api", "free", "chat", "denied", 200);
+        a.count_request("api", "paid", "chat", "denied", 451);
+        b.count_request("api", "paid", "chat", "denied", 200);
+        // From another thread, with its own cache.
+        std::thread::scope(|s| {
+            s.spawn(|| a.count_request("api", "paid", "chat", "denied", 200));
+        });
+        let get = |m: &Metrics, plan: &str, status: &str| {
+            m.requests
+                .with_label_values(&["api", plan, "chat", "denied", status])
+                .get()
+        };
+        assert_eq!(get(&a, "paid", "200"), 4);
+        assert_eq!(get(&a, "free", "200"), 1);
+        assert_eq!(get(&a, "paid", "451"), 1);
+        assert_eq!(get(&b, "paid", "200"), 1);
     }
 }

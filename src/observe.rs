@@ -107,7 +107,10 @@ impl Observers {
                 retention_basis = %d.retention_basis,
                 pool = view.served.map_or("-", |s| s.pool),
                 tier_basis = view.served.and_then(|s| s.tier_basis).unwrap_or("-"),
-                client_prefix = d.client_prefix.as_deref().unwrap_or("-"),
+                client_prefix = %d
+                    .client_prefix
+                    .as_ref()
+                    .map_or(&"-" as &dyn std::fmt::Display, |p| p),
                 total_us = total.as_micros() as u64,
             ),
             None => tracing::info!(
@@ -128,14 +131,12 @@ impl Observers {
         );
         if let Some(audit) = &self.audit {
             let record = AuditRecord {
-                ts: audit::timestamp(),
+                ts: audit::Timestamp::now(),
                 view: &view,
                 upstream_ms: upstream.map(|d| d.as_secs_f64() * 1000.0),
                 total_ms: total.as_secs_f64() * 1000.0,
             };
-            if let Ok(line) = serde_json::to_string(&record) {
-                audit.record(line);
-            }
+            audit.record(&record);
         }
     }
 }

@@ -1,8 +1,13 @@
 //! The header contract with upstream services (spec §6 and spec §7): what a client
 //! may never send, what the gateway stamps, and the signature over it.
 
+use std::cell::RefCell;
+
+use bytes::BytesMut;
 use hmac::{Hmac, Mac};
+use http::HeaderValue;
 use sha2::Sha256;
+use thiserror::Error;
 
 use crate::client_ip::ClientPrefix;
 use crate::geo::CountryCode;
@@ -38,6 +43,46 @@ pub const POOL: &str = "x-privacy-pool";
 pub const SUBPROCESSOR: &str = "x-privacy-subprocessor";
 /// HMAC-SHA256 over the stamped headers.
 pub const SIGNATURE: &str = "x-privacy-signature";
+
+/// A request's decision id: a UUIDv7 (time-ordered, so ids sort by when
+/// requests came) as 32 lower-case hex digits, made without a system call
+/// (the clock through the vDSO, the random part from a thread-local
+/// generator) and kept inline, without allocating.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct DecisionId([u8; 32]);
+
+impl DecisionId {
+    /// A new id.
+    pub fn new() -> Self {
+        let mut hex = [0u8; 32];
+        uuid::Uuid::now_v7().simple().encode_lower(&mut hex);
+        DecisionId(hex)
+    }
+
+    /// The id as stamped and logged.
+    pub fn as_str(&self) -> &str {
+        // Only ASCII hex digits are ever written into it.
+        std::str::from_utf8(&self.0).expect("a decision id is ASCII hex")
+    }
+}
+
+impl Default for DecisionId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Display for DecisionId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Debug for DecisionId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DecisionId({})", self.as_str())
+    }
+}
 
 /// Headers that carry a client address (spec §7): removed from every request
 /// before it is forwarded, whether the peer is trusted or not; only the
@@ -85,12 +130,6 @@ pub fn is_underscore_name(name: &str) -> bool {
     name.contains('_')
 }
 
-/// A fresh decision id: a UUIDv7 as 32 hex digits (time-ordered, so audit
-/// lines sort), for every request, forwarded or answered by the gateway.
-pub fn new_decision_id() -> String {
-    uuid::Uuid::now_v7().simple().to_string()
-}
-
 /// Whether a client-sent header name is one only the gateway may set
 /// (`x-privacy-*`, `x-zero-data-retention`). Names arrive lower-cased.
 pub fn is_reserved(name: &str) -> bool {
@@ -111,7 +150,8 @@ impl SigningKey {
     /// A keyed id of the key: the HMAC of a fixed label. It changes with the
     /// key and reveals nothing of it; the policy version is built from it.
     pub fn key_id(&self) -> String {
-        sign(self, &[("privacy-gateway key id", String::new())])
+        let hex = signature(self, [("privacy-gateway key id", &b""[..])]);
+        String::from_utf8_lossy(&hex).into_owned()
     }
 }
 
@@ -146,55 +186,190 @@ pub struct StampInput<'a> {
     pub subprocessor: &'a str,
 }
 
-/// The headers to stamp upstream, in contract order, signature last.
+/// Most headers one request is stamped with (the contract has 15).
+const MAX_STAMPS: usize = 16;
+
+/// The headers stamped on one attempt, in contract order, signature last:
+/// each a name of the contract and a value ready to insert.
+///
+/// Built without allocating: fixed values are static, and the values of
+/// this request (its ids, address, pool, signature...) are written one
+/// after the other into a per-thread buffer and handed out as slices of
+/// it, which share its memory. The buffer is reused once every value cut
+/// from it is dropped, or replaced by a fresh one when it is full: one
+/// allocation for hundreds of requests.
+pub struct Stamps {
+    entries: [(&'static str, HeaderValue); MAX_STAMPS],
+    len: usize,
+}
+
+impl Stamps {
+    /// The stamped headers, in order.
+    pub fn iter(&self) -> impl Iterator<Item = (&'static str, &HeaderValue)> {
+        self.entries[..self.len].iter().map(|(n, v)| (*n, v))
+    }
+}
+
+impl IntoIterator for Stamps {
+    type Item = (&'static str, HeaderValue);
+    type IntoIter = std::iter::Take<std::array::IntoIter<(&'static str, HeaderValue), MAX_STAMPS>>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.entries.into_iter().take(self.len)
+    }
+}
+
+/// A value that cannot be sent in a header (a control character in an
+/// account id, say): the request is not forwarded.
+#[derive(Clone, Copy, Debug, Error, PartialEq, Eq)]
+#[error("the value of `{0}` cannot be sent in a header")]
+pub struct UnsendableStamp(pub &'static str);
+
+/// Where a value comes from while the stamps are being written.
+#[derive(Clone, Copy)]
+enum Value {
+    Static(&'static str),
+    /// A range of this request's bytes in the buffer.
+    Written(usize, usize),
+}
+
+/// How much room the per-thread buffer gets when it must grow: the values
+/// of one request take about 300 bytes.
+const BUFFER_CHUNK: usize = 32 * 1024;
+
+thread_local! {
+    static BUFFER: RefCell<BytesMut> = RefCell::new(BytesMut::new());
+}
+
+/// The headers to stamp upstream for `input`, in contract order, signed
+/// with `key` when there is one.
 ///
 /// The signature is hex HMAC-SHA256 over `name:value\n` for every header
 /// before it, in this order; an upstream recomputes it the same way.
-pub fn upstream_headers(
+pub fn stamps(input: &StampInput<'_>, key: Option<&SigningKey>) -> Result<Stamps, UnsendableStamp> {
+    BUFFER.with(|buffer| match buffer.try_borrow_mut() {
+        Ok(mut buffer) => write_stamps(&mut buffer, input, key),
+        // Not reentrant; should it ever be, use a buffer of its own.
+        Err(_) => write_stamps(&mut BytesMut::new(), input, key),
+    })
+}
+
+/// The stamps of one request while they are written: names, and where
+/// each value is.
+struct Draft {
+    list: [(&'static str, Value); MAX_STAMPS],
+    len: usize,
+}
+
+impl Draft {
+    fn push(&mut self, name: &'static str, value: Value) {
+        // The contract has fewer headers than MAX_STAMPS.
+        self.list[self.len] = (name, value);
+        self.len += 1;
+    }
+
+    fn entries<'b>(&'b self, buf: &'b [u8]) -> impl Iterator<Item = (&'static str, &'b [u8])> {
+        self.list[..self.len].iter().map(move |&(name, value)| {
+            let bytes = match value {
+                Value::Static(s) => s.as_bytes(),
+                Value::Written(a, b) => &buf[a..b],
+            };
+            (name, bytes)
+        })
+    }
+}
+
+/// Appends `text` to `buf`; where it is.
+fn written(buf: &mut BytesMut, text: &str) -> Value {
+    let start = buf.len();
+    buf.extend_from_slice(text.as_bytes());
+    Value::Written(start, buf.len())
+}
+
+/// Appends `value`'s display form to `buf`; where it is.
+fn displayed(buf: &mut BytesMut, value: impl std::fmt::Display) -> Value {
+    use std::fmt::Write as _;
+    let start = buf.len();
+    // Writing into a growable buffer cannot fail.
+    let _ = write!(buf, "{value}");
+    Value::Written(start, buf.len())
+}
+
+fn write_stamps(
+    buf: &mut BytesMut,
     input: &StampInput<'_>,
     key: Option<&SigningKey>,
-) -> Vec<(&'static str, String)> {
+) -> Result<Stamps, UnsendableStamp> {
+    buf.clear();
+    if buf.capacity() < 1024 {
+        // Reclaims the buffer in place when nothing cut from it is alive.
+        buf.reserve(BUFFER_CHUNK);
+    }
     let d = input.decision;
-    let mut headers: Vec<(&'static str, String)> = Vec::with_capacity(16);
-    headers.push((DECISION_ID, input.decision_id.to_string()));
-    headers.push((POLICY_VERSION, input.policy_version.to_string()));
-    headers.push((PRODUCT, input.product.as_str().to_string()));
-    headers.push((PLAN, input.plan.to_string()));
-    headers.push((ACCOUNT, input.account.to_string()));
-    headers.push((TRAINING, d.training.as_str().to_string()));
-    headers.push((TRAINING_BASIS, d.training_basis.as_str().to_string()));
-    headers.push((RETENTION, d.retention.as_str().to_string()));
+    let mut draft = Draft {
+        list: [("", Value::Static("")); MAX_STAMPS],
+        len: 0,
+    };
+    draft.push(DECISION_ID, written(buf, input.decision_id));
+    draft.push(POLICY_VERSION, written(buf, input.policy_version));
+    draft.push(PRODUCT, Value::Static(input.product.as_str()));
+    draft.push(PLAN, written(buf, input.plan));
+    draft.push(ACCOUNT, written(buf, input.account));
+    draft.push(TRAINING, Value::Static(d.training.as_str()));
+    draft.push(TRAINING_BASIS, Value::Static(d.training_basis.as_str()));
+    draft.push(RETENTION, Value::Static(d.retention.as_str()));
     if d.retention == Retention::Zdr {
-        headers.push((ZERO_DATA_RETENTION, "1".to_string()));
+        draft.push(ZERO_DATA_RETENTION, Value::Static("1"));
     }
     if let Some(country) = input.country {
-        headers.push((COUNTRY, country.to_string()));
+        draft.push(COUNTRY, written(buf, country.as_str()));
     }
     if let Some(prefix) = input.client_prefix {
-        headers.push((FORWARDED_FOR, prefix.address().to_string()));
-        headers.push((CLIENT_PREFIX, prefix.to_string()));
+        draft.push(FORWARDED_FOR, displayed(buf, prefix.address()));
+        draft.push(CLIENT_PREFIX, displayed(buf, prefix));
     }
-    headers.push((POOL, input.pool.to_string()));
-    headers.push((SUBPROCESSOR, input.subprocessor.to_string()));
+    draft.push(POOL, written(buf, input.pool));
+    draft.push(SUBPROCESSOR, written(buf, input.subprocessor));
     if let Some(key) = key {
-        let signature = sign(key, &headers);
-        headers.push((SIGNATURE, signature));
+        let hex = signature(key, draft.entries(buf));
+        let start = buf.len();
+        buf.extend_from_slice(&hex);
+        draft.push(SIGNATURE, Value::Written(start, buf.len()));
     }
-    headers
+    let values = buf.split().freeze();
+    let mut stamps = Stamps {
+        entries: std::array::from_fn(|_| ("", HeaderValue::from_static(""))),
+        len: draft.len,
+    };
+    for (slot, &(name, value)) in stamps.entries.iter_mut().zip(&draft.list[..draft.len]) {
+        let value = match value {
+            Value::Static(s) => HeaderValue::from_static(s),
+            Value::Written(a, b) => HeaderValue::from_maybe_shared(values.slice(a..b))
+                .map_err(|_| UnsendableStamp(name))?,
+        };
+        *slot = (name, value);
+    }
+    Ok(stamps)
 }
 
 /// Hex HMAC-SHA256 over `name:value\n` lines.
-pub fn sign(key: &SigningKey, headers: &[(&str, String)]) -> String {
-    // No fallback: an empty signature would be forwarded as if signed.
+pub fn signature<'n, 'v>(
+    key: &SigningKey,
+    headers: impl IntoIterator<Item = (&'n str, &'v [u8])>,
+) -> [u8; 64] {
+    // No fallback: a made-up signature would be forwarded as if signed.
     let mut mac =
         Hmac::<Sha256>::new_from_slice(&key.0).expect("HMAC-SHA256 accepts keys of any length");
     for (name, value) in headers {
         mac.update(name.as_bytes());
         mac.update(b":");
-        mac.update(value.as_bytes());
+        mac.update(value);
         mac.update(b"\n");
     }
-    hex::encode(mac.finalize().into_bytes())
+    let mut hex = [0u8; 64];
+    // 32 bytes always fit 64 hex digits.
+    let _ = hex::encode_to_slice(mac.finalize().into_bytes(), &mut hex);
+    hex
 }
 
 #[cfg(test)]
@@ -228,9 +403,27 @@ mod tests {
     #[test]
     fn signature_depends_on_every_byte() {
         let key = SigningKey::new(b"k".to_vec());
-        let a = sign(&key, &[(TRAINING, "denied".into())]);
-        let b = sign(&key, &[(TRAINING, "allowed".into())]);
-        assert_eq!(a.len(), 64);
+        let a = signature(&key, [(TRAINING, &b"denied"[..])]);
+        let b = signature(&key, [(TRAINING, &b"allowed"[..])]);
+        assert!(a.iter().all(u8::is_ascii_hexdigit));
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn decision_ids_are_hex_unique_and_time_ordered() {
+        let ids: Vec<DecisionId> = (0..1000).map(|_| DecisionId::new()).collect();
+        for id in &ids {
+            assert_eq!(id.as_str().len(), 32);
+            assert!(id
+                .as_str()
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+        }
+        let mut sorted: Vec<&str> = ids.iter().map(DecisionId::as_str).collect();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), ids.len(), "an id repeated");
+        // Version 7: made later, sorts later (the millisecond time leads).
+        assert!(ids[0].as_str() < ids[999].as_str());
     }
 }

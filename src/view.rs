@@ -5,6 +5,7 @@
 
 use serde::Serialize;
 
+use crate::client_ip::ClientPrefix;
 use crate::config::{Quarantined, Snapshot};
 use crate::evaluate::Admission;
 use crate::policy::Product;
@@ -92,7 +93,8 @@ pub struct DecidedView<'a> {
     /// The truncated client address as forwarded (none under
     /// `ip_personalization_opt_out`: no part of it is kept then).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub client_prefix: Option<String>,
+    #[serde(serialize_with = "as_text")]
+    pub client_prefix: Option<ClientPrefix>,
     /// Pools that serve the capability but may not have the request, each
     /// with the basis that removed it (spec §4).
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -210,7 +212,7 @@ impl<'a> DecisionView<'a> {
             retention_basis: d.retention_basis.as_str(),
             geo_basis: d.geo.basis.as_str(),
             country: admission.country.as_ref().map(|c| c.as_str()),
-            client_prefix: admission.forwarded_prefix().map(|p| p.to_string()),
+            client_prefix: admission.forwarded_prefix(),
             removed_pools: d
                 .route
                 .removed
@@ -250,6 +252,18 @@ impl<'a> DecisionView<'a> {
             tier_basis: served.and_then(|s| s.exception).map(|b| b.as_str()),
         });
         self
+    }
+}
+
+/// A value by its display form, written straight into the output (a field
+/// skipped when `None`).
+fn as_text<S: serde::Serializer, T: std::fmt::Display>(
+    value: &Option<T>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match value {
+        Some(v) => serializer.collect_str(v),
+        None => serializer.serialize_none(),
     }
 }
 

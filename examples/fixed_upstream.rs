@@ -1,0 +1,67 @@
+//! A minimal upstream for `scripts/bench-peers`: answers every request with
+//! the same small JSON body, on one thread; a request that accepts
+//! `text/event-stream` gets a stream of events instead, written as fast as
+//! the connection takes them.
+//!
+//! ```text
+//! cargo run --release --example fixed_upstream -- 127.0.0.1:18081 [EVENTS]
+//! ```
+//!
+//! EVENTS (default 10,000) is how many events a stream has. For plain
+//! requests the script uses nginx when it is installed (cheaper per
+//! request, so more of the machine is left to the proxies measured).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use privacy_gateway::echo::{event_stream, EchoBody};
+
+/// A chat completion of about 100 bytes, as the peer table's upstream answers.
+const BODY: &[u8] = br#"{"id":"cmpl-1","object":"chat.completion","choices":[{"message":{"role":"assistant","content":"hello"}}]}"#;
+
+fn answer(req: &Request<Incoming>, events: usize) -> Response<EchoBody> {
+    let stream = req
+        .headers()
+        .get(http::header::ACCEPT)
+        .is_some_and(|a| a.as_bytes().starts_with(b"text/event-stream"));
+    if !stream {
+        return Response::builder()
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from_static(BODY)).boxed())
+            .unwrap_or_default();
+    }
+    let events = (0..events).map(|i| format!("{{\"index\":{i},\"delta\":\"token\"}}"));
+    event_stream(events, None, 16).unwrap_or_default()
+}
+
+fn main() -> std::io::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let Some(address) = args.next().and_then(|a| a.parse::<SocketAddr>().ok()) else {
+        eprintln!("usage: fixed_upstream ADDRESS:PORT [EVENTS]");
+        std::process::exit(2);
+    };
+    let events = args.next().and_then(|n| n.parse().ok()).unwrap_or(10_000);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(address).await?;
+        loop {
+            let (tcp, _) = listener.accept().await?;
+            tokio::spawn(async move {
+                let service =
+                    service_fn(|req| async move { Ok::<_, Infallible>(answer(&req, events)) });
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), service)
+                    .await;
+            });
+        }
+    })
+}
