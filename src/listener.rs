@@ -295,8 +295,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> GatewayListener<A> {
                 HeadRead::Complete(head) => head,
                 HeadRead::Gone(gone) => {
                     if let Some(reason) = gone.reason() {
-                        let closed = &self.observers.metrics.connections_closed;
-                        closed.with_label_values(&[reason]).inc();
+                        self.observers.metrics.count_connection_closed(reason);
                     }
                     return;
                 }
@@ -480,9 +479,8 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for GatewayListener<A> 
 impl<A: HttpServerApp + Send + Sync + 'static> GatewayListener<A> {
     /// The listener is full of busy connections: `503`, counted, closed.
     async fn refuse_connection(&self, mut stream: Stream) {
-        let metrics = &self.observers.metrics;
         let code = "too_many_connections";
-        metrics.rejected.with_label_values(&[code]).inc();
+        self.observers.metrics.count_rejected(code);
         let id = stamp::DecisionId::new();
         let decision_id = id.as_str();
         let body = error_body(

@@ -92,7 +92,7 @@ impl Observers {
         }
         let metrics = &self.metrics;
         if let Some(code) = error_code.filter(|_| (400..500).contains(&status)) {
-            metrics.rejected.with_label_values(&[code]).inc();
+            metrics.count_rejected(code);
         }
         metrics.record_request(&view, listener_product);
         match &view.decision {
