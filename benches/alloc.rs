@@ -116,6 +116,7 @@ fn one_request(
     let head = RequestHead {
         method: &Method::POST,
         target: client.raw_path(),
+        received: client.uri.path_and_query(),
         headers: &client.headers,
         peer: PEER,
         listener_product: Product::Api,

@@ -6,6 +6,7 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderName, Method};
 
 use crate::client_ip::{client_address, ClientIpError, ClientPrefix};
@@ -24,6 +25,10 @@ pub struct RequestHead<'r> {
     pub method: &'r Method,
     /// The request target as received (origin- or absolute-form, with its query).
     pub target: &'r [u8],
+    /// The same target as the request already holds it parsed (Pingora's
+    /// URI), which the normalised target shares when they are equal, the
+    /// common case; `None`: the normalised target is a copy.
+    pub received: Option<&'r PathAndQuery>,
     /// Request headers as received.
     pub headers: &'r HeaderMap,
     /// The TCP peer.
@@ -260,7 +265,8 @@ fn anonymous_plan() -> Arc<str> {
 
 /// Decides one request under `snapshot`.
 pub fn evaluate(snapshot: &Snapshot, head: &RequestHead<'_>) -> Result<Admission, Refusal> {
-    let target = RequestTarget::parse(head.target).map_err(Refusal::Target)?;
+    let target =
+        RequestTarget::parse_sharing(head.target, head.received).map_err(Refusal::Target)?;
     let trusted_peer = snapshot.trusted_proxies.contains(head.peer);
     let forwarded_for = head
         .headers

@@ -104,6 +104,7 @@ pub fn explain(snapshot: &Snapshot, request: &DescribedRequest) -> Result<Value,
     let head = RequestHead {
         method: &request.method,
         target: request.path.as_bytes(),
+        received: None,
         headers: &headers,
         peer: request.peer,
         listener_product: request.listener_product,

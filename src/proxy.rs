@@ -225,10 +225,8 @@ pub fn rewrite_upstream_request(
     strip_client_controlled(req, snapshot);
     // The request that goes upstream is the one decided (spec §7): the
     // normalised path in origin form, and the pool's Host, never the client's.
-    let uri = http::Uri::try_from(admission.target.to_string())
-        .or_err(ErrorType::InternalError, "normalised target is not a URI")?;
-    req.set_uri(uri);
-    req.insert_header(http::header::HOST, host)?;
+    req.set_uri(admission.target.uri());
+    req.insert_header(http::header::HOST, host.clone())?;
     let stamps = admission
         .stamps(snapshot, decision_id, pool)
         .map_err(|e| Error::explain(ErrorType::InternalError, e.to_string()))?;
@@ -305,6 +303,7 @@ impl ProxyHttp for PrivacyProxy {
         let head = RequestHead {
             method: &req.method,
             target: req.raw_path(),
+            received: req.uri.path_and_query(),
             headers: &req.headers,
             peer,
             listener_product: self.listener_product,

@@ -24,6 +24,8 @@
 use std::borrow::Cow;
 use std::fmt;
 
+use http::uri::PathAndQuery;
+use http::Uri;
 use thiserror::Error;
 
 /// Why a request target is refused (answered `400 invalid_path`).
@@ -55,16 +57,22 @@ pub enum TargetError {
     IllegalCharacter,
 }
 
-/// A normalised origin-form request target.
+/// A normalised origin-form request target, held as the `PathAndQuery`
+/// forwarded upstream (shared memory: cloning it copies nothing).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RequestTarget {
-    path: Box<str>,
-    query: Option<Box<str>>,
-}
+pub struct RequestTarget(PathAndQuery);
 
 impl RequestTarget {
     /// Normalises a raw request target as received (origin- or absolute-form).
     pub fn parse(raw: &[u8]) -> Result<Self, TargetError> {
+        Self::parse_sharing(raw, None)
+    }
+
+    /// As [`Self::parse`]; `received` is the path and query the request
+    /// already holds (Pingora's parsed URI). When the target is normal as
+    /// sent and `received` is the same bytes, the target shares its memory
+    /// rather than copying it: the common case allocates nothing.
+    pub fn parse_sharing(raw: &[u8], received: Option<&PathAndQuery>) -> Result<Self, TargetError> {
         let origin = origin_part(raw)?;
         let origin = origin.as_ref();
         let (raw_path, raw_query) = match origin.iter().position(|&b| b == b'?') {
@@ -74,40 +82,51 @@ impl RequestTarget {
         let path = normalise_path(raw_path)?;
         let query = match raw_query {
             None => None,
-            Some(q) if q.iter().all(|&b| b.is_ascii_graphic() && b != b'#') => {
-                // Visible ASCII only, so this is valid UTF-8.
-                Some(String::from_utf8_lossy(q).into())
-            }
+            Some(q) if q.iter().all(|&b| b.is_ascii_graphic() && b != b'#') => Some(q),
             Some(q) if q.iter().any(|&b| b == 0 || b.is_ascii_control()) => {
                 return Err(TargetError::ControlCharacter)
             }
             Some(_) => return Err(TargetError::IllegalCharacter),
         };
-        Ok(RequestTarget {
-            path: path.into(),
-            query,
-        })
+        // A borrowed path is the path as sent, and the query is never
+        // changed: the normalised target is then `origin`, byte for byte.
+        if let (Cow::Borrowed(_), Some(received)) = (&path, received) {
+            if received.as_str().as_bytes() == origin {
+                return Ok(RequestTarget(received.clone()));
+            }
+        }
+        let mut text = path.into_owned();
+        if let Some(query) = query {
+            text.push('?');
+            // Visible ASCII only, so this is valid UTF-8.
+            text.push_str(&String::from_utf8_lossy(query));
+        }
+        // Everything left is a character a path and query may hold.
+        PathAndQuery::try_from(text)
+            .map(RequestTarget)
+            .map_err(|_| TargetError::IllegalCharacter)
     }
 
     /// The normalised path: what routes match and what is forwarded.
     pub fn path(&self) -> &str {
-        &self.path
+        self.0.path()
     }
 
     /// The query, as received, without the `?`.
     pub fn query(&self) -> Option<&str> {
-        self.query.as_deref()
+        self.0.query()
+    }
+
+    /// The origin-form target forwarded upstream.
+    pub fn uri(&self) -> Uri {
+        Uri::from(self.0.clone())
     }
 }
 
 impl fmt::Display for RequestTarget {
     /// The origin-form target forwarded upstream: path, then `?query`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.path)?;
-        if let Some(query) = &self.query {
-            write!(f, "?{query}")?;
-        }
-        Ok(())
+        f.write_str(self.0.as_str())
     }
 }
 
@@ -168,8 +187,19 @@ fn hex_value(b: u8) -> Option<u8> {
     }
 }
 
-fn normalise_path(raw: &[u8]) -> Result<String, TargetError> {
-    let mut out = String::with_capacity(raw.len());
+/// The path in its one spelling: borrowed from `raw` when it already is,
+/// copied only once an escape must be rewritten.
+fn normalise_path(raw: &[u8]) -> Result<Cow<'_, str>, TargetError> {
+    // `raw[..i]` copied on the first change; afterwards every byte goes in.
+    let mut changed: Option<String> = None;
+    let copy_from = |changed: &mut Option<String>, i: usize| {
+        if changed.is_none() {
+            let mut out = String::with_capacity(raw.len());
+            // Only ASCII path characters came before `i`.
+            out.push_str(&String::from_utf8_lossy(&raw[..i]));
+            *changed = Some(out);
+        }
+    };
     let mut i = 0;
     while i < raw.len() {
         let b = raw[i];
@@ -187,10 +217,24 @@ fn normalise_path(raw: &[u8]) -> Result<String, TargetError> {
                 b'\\' => return Err(TargetError::Backslash),
                 b'%' => return Err(TargetError::EncodedPercent),
                 d if d.is_ascii_control() => return Err(TargetError::ControlCharacter),
-                d if is_unreserved(d) => out.push(char::from(d)),
-                d => {
-                    out.push('%');
-                    out.push_str(&format!("{d:02X}"));
+                d if is_unreserved(d) => {
+                    copy_from(&mut changed, i);
+                    if let Some(out) = &mut changed {
+                        out.push(char::from(d));
+                    }
+                }
+                _ => {
+                    let upper = [
+                        raw[i + 1].to_ascii_uppercase(),
+                        raw[i + 2].to_ascii_uppercase(),
+                    ];
+                    if upper != raw[i + 1..i + 3] {
+                        copy_from(&mut changed, i);
+                    }
+                    if let Some(out) = &mut changed {
+                        out.push('%');
+                        out.extend(upper.map(char::from));
+                    }
                 }
             }
             i += 3;
@@ -199,18 +243,27 @@ fn normalise_path(raw: &[u8]) -> Result<String, TargetError> {
         match b {
             b'\\' => return Err(TargetError::Backslash),
             b if b.is_ascii_control() => return Err(TargetError::ControlCharacter),
-            b if is_path_char(b) => out.push(char::from(b)),
+            b if is_path_char(b) => {
+                if let Some(out) = &mut changed {
+                    out.push(char::from(b));
+                }
+            }
             _ => return Err(TargetError::IllegalCharacter),
         }
         i += 1;
     }
-    if !out.starts_with('/') {
+    let path = match changed {
+        Some(out) => Cow::Owned(out),
+        // Every byte was checked to be an ASCII path character.
+        None => Cow::Borrowed(std::str::from_utf8(raw).map_err(|_| TargetError::IllegalCharacter)?),
+    };
+    if !path.starts_with('/') {
         return Err(TargetError::NotAPath);
     }
-    if out.split('/').any(is_dot_segment) {
+    if path.split('/').any(is_dot_segment) {
         return Err(TargetError::DotSegment);
     }
-    Ok(out)
+    Ok(path)
 }
 
 /// `.` or `..`, also with `;` parameters (`..;x`), which some servers strip.
@@ -298,6 +351,40 @@ mod tests {
         assert_eq!(parse("HTTPS://h").as_deref(), Ok("/"));
         assert_eq!(parse("http://h?q").as_deref(), Ok("/?q"));
         assert_eq!(parse("ftp://h/x"), Err(TargetError::NotAPath));
+    }
+
+    #[test]
+    fn a_normal_target_shares_the_request_s_bytes_and_others_are_rewritten() {
+        let shares = |raw: &str, received: &str| {
+            let received = PathAndQuery::try_from(received).unwrap();
+            let t = RequestTarget::parse_sharing(raw.as_bytes(), Some(&received)).unwrap();
+            (
+                t.to_string(),
+                t.0.as_str().as_ptr() == received.as_str().as_ptr(),
+            )
+        };
+        let normal = "/v1/chat/completions?a=%2f";
+        assert_eq!(shares(normal, normal), (normal.into(), true));
+        assert_eq!(shares("/v1/a%3Ab", "/v1/a%3Ab"), ("/v1/a%3Ab".into(), true));
+        // As Pingora holds an absolute-form target: its path and query.
+        let absolute = "http://finetune.internal/v1/models?x";
+        assert_eq!(
+            shares(absolute, "/v1/models?x"),
+            ("/v1/models?x".into(), true)
+        );
+        // A rewritten escape, or bytes that are not the received ones: a copy.
+        assert_eq!(
+            shares("/v1/ch%61t", "/v1/ch%61t"),
+            ("/v1/chat".into(), false)
+        );
+        assert_eq!(
+            shares("/v1/a%3ab", "/v1/a%3ab"),
+            ("/v1/a%3Ab".into(), false)
+        );
+        assert_eq!(
+            shares("/v1/models", "/v1/other"),
+            ("/v1/models".into(), false)
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use http::HeaderValue;
 use pingora::tls::x509::X509;
 use pingora::upstreams::peer::HttpPeer;
 use thiserror::Error;
@@ -52,8 +53,9 @@ pub struct Endpoint {
     /// SNI and certificate name.
     pub server_name: String,
     /// `host[:port]` as written in the address (port only when not the
-    /// scheme's default): the `Host` sent when the pool sets none.
-    pub authority: String,
+    /// scheme's default): the `Host` sent when the pool sets none, made
+    /// once so that sending it copies nothing.
+    pub authority: HeaderValue,
     /// Share of the pool's traffic relative to its other addresses.
     pub weight: u32,
     /// Where the host resolves now (never empty).
@@ -119,6 +121,8 @@ impl Endpoint {
         } else {
             format!("{host_text}:{port}")
         };
+        let authority = HeaderValue::try_from(authority)
+            .map_err(|_| EndpointError::Syntax(address.to_string()))?;
         let endpoint = Endpoint {
             host,
             port,
@@ -265,7 +269,7 @@ pub struct PoolUpstream {
     pub credential: Option<UpstreamCredential>,
     /// The `Host` every request to this pool carries (`host` in pools.toml);
     /// `None`: each address's own `host[:port]`. Never the client's.
-    pub host: Option<String>,
+    pub host: Option<HeaderValue>,
     next_endpoint: AtomicUsize,
 }
 
@@ -310,7 +314,7 @@ impl PoolUpstream {
     }
 
     /// Sends `host` as every request's `Host` instead of each address's own.
-    pub fn with_host(mut self, host: Option<String>) -> Self {
+    pub fn with_host(mut self, host: Option<HeaderValue>) -> Self {
         self.host = host;
         self
     }
@@ -491,10 +495,10 @@ impl Upstreams {
 
     /// The `Host` a request to `target` carries: the pool's `host`, else the
     /// address's own `host[:port]`.
-    pub fn host(&self, target: Target) -> Option<&str> {
+    pub fn host(&self, target: Target) -> Option<&HeaderValue> {
         let pool = self.pools.get(target.pool)?;
         let endpoint = pool.endpoints.get(target.endpoint)?;
-        Some(pool.host.as_deref().unwrap_or(&endpoint.authority))
+        Some(pool.host.as_ref().unwrap_or(&endpoint.authority))
     }
 
     /// The Pingora peer for a target.

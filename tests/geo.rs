@@ -153,6 +153,7 @@ impl Setup {
         let head = privacy_gateway::evaluate::RequestHead {
             method: &http::Method::POST,
             target: CHAT.as_bytes(),
+            received: None,
             headers: &headers,
             peer: CLIENT_V4.parse::<IpAddr>().expect("client address"),
             listener_product: Product::Chat,

@@ -166,8 +166,8 @@ pub(super) fn compile_pools(
             }
         };
         let host = pool.host.as_ref().and_then(|h| {
-            if valid_host(h) {
-                return Some(h.clone());
+            if let Some(value) = valid_host(h) {
+                return Some(value);
             }
             p.at_span(
                 span.clone(),
@@ -261,12 +261,13 @@ pub(super) fn compile_pools(
     }
 }
 
-/// A `Host` value: an authority without userinfo, usable as a header value.
-fn valid_host(host: &str) -> bool {
-    !host.is_empty()
-        && !host.contains('@')
-        && http::uri::Authority::try_from(host).is_ok()
-        && http::HeaderValue::try_from(host).is_ok()
+/// A `Host` value: an authority without userinfo, as a header value.
+fn valid_host(host: &str) -> Option<http::HeaderValue> {
+    let authority =
+        !host.is_empty() && !host.contains('@') && http::uri::Authority::try_from(host).is_ok();
+    authority
+        .then(|| http::HeaderValue::try_from(host).ok())
+        .flatten()
 }
 
 fn check_spec(entry: &HealthCheckEntry) -> Result<CheckSpec, String> {
