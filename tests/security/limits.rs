@@ -329,5 +329,7 @@ async fn a_stalled_body_is_408_and_a_large_one_413() {
     for (pool, r) in s.ups.all_requests() {
         assert_sanitised(&r, &pool_host(&s.ups, &pool), CHAT, &["transfer-encoding"]);
     }
-    support::eventually(Duration::from_secs(5), || s.gw.audit_lines().len() >= 3).await;
+    let audited =
+        support::eventually(Duration::from_secs(5), || s.gw.audit_lines().len() >= 3).await;
+    assert!(audited, "each refusal audited: {:?}", s.gw.audit_lines());
 }

@@ -104,9 +104,18 @@ impl Bench {
             .collect()
     }
 
-    /// Everything the gateway logged and audited.
-    fn logs_and_audit(&self) -> String {
-        format!("{}\n{}", self.gw.logs(), self.gw.audit_lines().join("\n"))
+    /// Everything the gateway logged and audited, once at least `requests`
+    /// audit lines are written (the writer batches them, so the last
+    /// requests' lines may still be on their way; waits at most 10 s).
+    fn logs_and_audit(&self, requests: usize) -> (String, usize) {
+        let audit = |gw: &Gateway| gw.audit_lines().len() >= requests;
+        self.rt.block_on(crate::support::eventually(
+            std::time::Duration::from_secs(10),
+            || audit(&self.gw),
+        ));
+        let lines = self.gw.audit_lines();
+        let text = format!("{}\n{}", self.gw.logs(), lines.join("\n"));
+        (text, lines.len())
     }
 }
 
@@ -240,7 +249,7 @@ fn run_address_property(trusted: bool) {
     if let Err(e) = result {
         panic!("{e}");
     }
-    let logged = bench.logs_and_audit();
+    let (logged, audited) = bench.logs_and_audit(cases(48) as usize);
     let leaked: Vec<_> = addresses_in(&logged)
         .intersection(&sent.borrow())
         .copied()
@@ -252,10 +261,7 @@ fn run_address_property(trusted: bool) {
     for key in keys.iter().flatten() {
         assert!(!logged.contains(key), "an API key in logs or audit lines");
     }
-    assert!(
-        bench.gw.audit_lines().len() as u32 >= cases(48),
-        "every request audited"
-    );
+    assert!(audited >= cases(48) as usize, "every request audited");
 }
 
 #[test]
