@@ -1,6 +1,6 @@
-//! Cost of the decision, of a whole request evaluation against a consent
-//! snapshot of 1,000,000 accounts (and the shipped 16, for the ratio), and of
-//! (re)loading that snapshot.
+//! Cost of the decision, of a whole request evaluation against a compiled
+//! consent snapshot of 1,000,000 accounts (and the shipped 16, for the
+//! ratio), and of (re)loading that snapshot.
 //!
 //! ```text
 //! cargo bench --bench decide              # full
@@ -16,13 +16,17 @@
 //!   benchmark cycles through 2^20 random-ish accounts, so lookups land all
 //!   over the table; `big_hot64` cycles through 64 of them, which shows what
 //!   of the difference is cache misses rather than the table's size.
-//! - `load_1m_accounts`: [`config::load`] of the 1M snapshot: the reload figure.
+//! - `load_1m_accounts`: [`config::load`] of the compiled 1M snapshot (a
+//!   reload: the mapped file's header, the rules and pools) and of the
+//!   shipped configuration (16 accounts of JSON Lines compiled in memory).
 //!
 //! The 1M snapshot is generated (with `support/accounts.rs`, as
 //! `examples/gen_accounts.rs` does) into a temporary folder beside copies of
-//! the shipped gateway/rules/pools files and loaded once before the
-//! `evaluate_1m_accounts` group, whatever the filter (about 2 s); then the
-//! process's VmRSS/VmHWM before and after that load are printed to stderr.
+//! the shipped gateway/rules/pools files, compiled there with
+//! [`config::compile_export`] (as `compile-accounts` does; the export is
+//! then deleted) and loaded once before the `evaluate_1m_accounts` group,
+//! whatever the filter (about 5 s at 1M); the process's VmRSS/VmHWM before
+//! and after that load are printed to stderr.
 //! Compare ratios between benchmarks, not absolute times: the machines this
 //! runs on are shared. `BENCH_ACCOUNTS=N` changes the size of the big
 //! snapshot; without `--bench` (`cargo test --benches`) it is 10,000, so
@@ -204,23 +208,42 @@ fn shipped_dir() -> PathBuf {
 }
 
 /// Writes the shipped gateway/rules/pools files and `n` generated accounts
-/// into a temporary folder, loads them, and prints what it cost.
+/// into a temporary folder, compiles the accounts, loads them, and prints
+/// what it cost.
 fn build_big() -> Big {
     let n = big_account_count();
     let dir = tempfile::tempdir().expect("tempdir");
-    for name in ["gateway.toml", "rules.toml", "pools.toml"] {
+    for name in ["rules.toml", "pools.toml"] {
         std::fs::copy(shipped_dir().join(name), dir.path().join(name)).expect("copy config");
     }
+    let gateway = dir.path().join("gateway.toml");
+    let shipped_gateway =
+        std::fs::read_to_string(shipped_dir().join("gateway.toml")).expect("read gateway.toml");
+    let compiled_gateway: Vec<&str> = shipped_gateway
+        .lines()
+        .map(|l| {
+            if l.starts_with("accounts =") {
+                "accounts = \"accounts.pgcs\""
+            } else {
+                l
+            }
+        })
+        .collect();
+    std::fs::write(&gateway, compiled_gateway.join("\n")).expect("write gateway.toml");
+    let export = dir.path().join("accounts.jsonl");
     let started = Instant::now();
-    let file = File::create(dir.path().join("accounts.jsonl")).expect("create accounts.jsonl");
+    let file = File::create(&export).expect("create accounts.jsonl");
     accounts::write_accounts(&mut BufWriter::new(file), n).expect("write accounts.jsonl");
     let generated = started.elapsed();
-    let bytes = std::fs::metadata(dir.path().join("accounts.jsonl"))
-        .map(|m| m.len())
-        .unwrap_or(0);
+    let bytes = std::fs::metadata(&export).map(|m| m.len()).unwrap_or(0);
+    let started = Instant::now();
+    let compiled = dir.path().join("accounts.pgcs");
+    config::compile_export(&gateway, &export, &compiled, None)
+        .unwrap_or_else(|e| panic!("generated accounts do not compile:\n{e}"));
+    let compile_time = started.elapsed();
+    std::fs::remove_file(&export).expect("remove the export");
 
     let before = memory();
-    let gateway = dir.path().join("gateway.toml");
     let started = Instant::now();
     let (_, snapshot) = config::load(&gateway, &LoadOptions::default())
         .unwrap_or_else(|e| panic!("generated snapshot does not load:\n{e}"));
@@ -229,9 +252,11 @@ fn build_big() -> Big {
     assert_eq!(snapshot.accounts.len() as u64, n);
     eprintln!(
         "\nconsent snapshot of {n} accounts: accounts.jsonl {:.1} MiB, generated in {generated:.2?}, \
-         first load {loaded:.2?}\n  memory before load: {before}\n  memory after load:  {after}\n  \
+         compiled in {compile_time:.2?} to {:.1} MiB; first load {loaded:.2?}\n  \
+         memory before load: {before}\n  memory after load:  {after}\n  \
          RSS grown by the load: {:.1} MiB\n",
         mib(bytes),
+        mib(std::fs::metadata(&compiled).map(|m| m.len()).unwrap_or(0)),
         mib(after.rss_kib.saturating_sub(before.rss_kib) * 1024),
     );
     Big {

@@ -10,7 +10,7 @@ use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderName, Method};
 
 use crate::client_ip::{client_address, ClientIpError, ClientPrefix};
-use crate::config::{Quarantined, Snapshot};
+use crate::config::{Origin, Quarantined, Snapshot};
 use crate::geo::CountryCode;
 use crate::identity::{self, Caller, Credentials, IdentityError};
 use crate::policy::{self, Capability, Consents, Decision, PlanClass, Product, RequestFacts};
@@ -59,6 +59,8 @@ pub struct Admission {
     pub client_prefix: ClientPrefix,
     /// What the shadow rules would have decided, when they disagree.
     pub shadow: Option<ShadowDecision>,
+    /// The consent line that decided the account (none when anonymous).
+    pub origin: Option<Origin>,
 }
 
 /// The shadow rules' view of a request they disagree on.
@@ -293,10 +295,20 @@ pub fn evaluate(snapshot: &Snapshot, head: &RequestHead<'_>) -> Result<Admission
         .map_err(Refusal::Identity)?;
 
     // A quarantined consent record is answered before anything is decided for it.
-    let (account, plan, product, plan_class, consents) = match caller {
-        Caller::Quarantined(q) => return Err(Refusal::ConsentRecordInvalid(Box::new(q.clone()))),
-        Caller::Account(a) => (&*a.id, a.plan.clone(), a.product, a.plan_class, &a.consents),
-        Caller::Anonymous => (
+    let record = match caller {
+        Caller::Quarantined(q) => return Err(Refusal::ConsentRecordInvalid(Box::new(q))),
+        Caller::Account(a) => Some(a),
+        Caller::Anonymous => None,
+    };
+    let (account, plan, product, plan_class, consents) = match &record {
+        Some(a) => (
+            a.id,
+            Arc::clone(a.plan),
+            a.product,
+            a.plan_class,
+            &a.consents,
+        ),
+        None => (
             "anonymous",
             anonymous_plan(),
             head.listener_product,
@@ -323,9 +335,9 @@ pub fn evaluate(snapshot: &Snapshot, head: &RequestHead<'_>) -> Result<Admission
             Some(routes) => routes.capability(head.method, target.path()),
             None => Some(capability),
         };
-        let plan = match caller {
-            Caller::Account(a) => rules.plans.get(a.product, &a.plan),
-            Caller::Quarantined(_) | Caller::Anonymous => Some(PlanClass::ChatAnonymous),
+        let plan = match &record {
+            Some(a) => rules.plans.get(a.product, a.plan),
+            None => Some(PlanClass::ChatAnonymous),
         };
         let shadow_decision = capability.map(|capability| {
             policy::decide(
@@ -358,6 +370,7 @@ pub fn evaluate(snapshot: &Snapshot, head: &RequestHead<'_>) -> Result<Admission
         country,
         client_prefix: ClientPrefix::new(client, snapshot.prefix_lengths),
         shadow,
+        origin: record.map(|a| a.origin),
     };
     if decision.route.candidates.is_empty() {
         return Err(Refusal::NoPermittedRoute(Box::new(admission)));

@@ -6,13 +6,13 @@ use crate::config::{Account, AccountStore, Quarantined, Record};
 use crate::policy::Product;
 
 /// The caller of one request.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub enum Caller<'s> {
     /// A known account.
-    Account(&'s Account),
+    Account(Account<'s>),
     /// An account whose line in the consent snapshot is quarantined: no
     /// decision is guessed for it (spec §8).
-    Quarantined(&'s Quarantined),
+    Quarantined(Quarantined),
     /// No credentials, on a listener whose product allows it (Le Chat).
     Anonymous,
 }

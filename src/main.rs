@@ -1,4 +1,5 @@
-//! Command line: `run`, `demo`, `check`, `explain`, `hash-key`, `healthcheck`.
+//! Command line: `run`, `demo`, `check`, `explain`, `hash-key`, `healthcheck`,
+//! `compile-accounts`, `compact-accounts`.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -106,6 +107,32 @@ enum Command {
         #[arg(long, default_value = "/healthz")]
         path: String,
     },
+    /// Compile a JSON Lines export into a compiled consent snapshot (for
+    /// `[files] accounts`), judging every line against the rules and pools of
+    /// --config as a load would; quarantined lines are listed as by `check`.
+    CompileAccounts {
+        /// Path to gateway.toml (its rules and pools judge the export).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The JSON Lines export.
+        export: PathBuf,
+        /// Where to write the compiled snapshot (replaced atomically).
+        #[arg(long, short)]
+        output: PathBuf,
+        /// The export already includes the change files up to this sequence.
+        #[arg(long)]
+        changes_through: Option<u64>,
+        /// Fail (exit 1) when an account line is quarantined.
+        #[arg(long)]
+        strict: bool,
+    },
+    /// Fold the change files into a new compiled base (replacing `[files]
+    /// accounts` atomically), then remove the change files it includes.
+    CompactAccounts {
+        /// Path to gateway.toml.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
 }
 
 /// mimalloc rather than glibc's allocator: the request path (Pingora's
@@ -135,6 +162,14 @@ fn main() -> ExitCode {
         } => check(&config, files_only, strict),
         Command::HashKey => hash_key(),
         Command::Healthcheck { config, path } => healthcheck(&config, &path),
+        Command::CompileAccounts {
+            config,
+            export,
+            output,
+            changes_through,
+            strict,
+        } => compile_accounts(&config, &export, &output, changes_through, strict),
+        Command::CompactAccounts { config } => compact_accounts(&config),
         Command::Explain {
             config,
             method,
@@ -342,7 +377,11 @@ fn demo(config_path: &Path) -> ExitCode {
 }
 
 fn check(config_path: &Path, files_only: bool, strict: bool) -> ExitCode {
-    match config::load(config_path, &LoadOptions::default()) {
+    let options = LoadOptions {
+        verify_accounts: true,
+        ..LoadOptions::default()
+    };
+    match config::load(config_path, &options) {
         Ok((settings, snapshot)) => {
             let problems = if files_only {
                 Vec::new()
@@ -353,18 +392,35 @@ fn check(config_path: &Path, files_only: bool, strict: bool) -> ExitCode {
                 eprintln!("{}", config::ConfigErrors(problems));
                 return ExitCode::from(1);
             }
-            let quarantined = snapshot.quarantine_report();
+            let quarantined = snapshot.full_quarantine_report();
             for q in &quarantined {
                 eprintln!("{q}");
             }
+            let accounts = &snapshot.accounts;
+            // The full scan counts accounts whose names the rules or pools
+            // no longer define; the files' own counts do not.
+            let valid =
+                (accounts.len() + accounts.quarantined_count()).saturating_sub(quarantined.len());
+            let base = if accounts.base().is_mapped() {
+                "compiled base"
+            } else {
+                "JSON Lines base"
+            };
+            let changes = accounts
+                .overlay()
+                .map(|o| {
+                    let files = o.meta().sources.len() - accounts.base().meta().sources.len();
+                    format!(", {files} change file(s)")
+                })
+                .unwrap_or_default();
             println!(
-                "ok: policy {}, {} listeners, {} routes, {} plans, {} pools, {} accounts ({} quarantined), consents {}, geo {}",
+                "ok: policy {}, {} listeners, {} routes, {} plans, {} pools, {} accounts ({} quarantined), consents {} ({base}{changes}), geo {}",
                 snapshot.policy_version,
                 settings.listeners.len(),
                 snapshot.routes.len(),
                 snapshot.plan_count,
                 snapshot.upstreams.pools().len(),
-                snapshot.accounts.len(),
+                valid,
                 quarantined.len(),
                 snapshot.consent_revision,
                 snapshot
@@ -379,6 +435,66 @@ fn check(config_path: &Path, files_only: bool, strict: bool) -> ExitCode {
                 );
                 return ExitCode::from(1);
             }
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            eprintln!("{errors}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn compile_accounts(
+    config_path: &Path,
+    export: &Path,
+    output: &Path,
+    changes_through: Option<u64>,
+    strict: bool,
+) -> ExitCode {
+    match config::compile_export(config_path, export, output, changes_through) {
+        Ok(compiled) => {
+            for q in &compiled.quarantined {
+                eprintln!("{q}");
+            }
+            println!(
+                "compiled {} accounts ({} quarantined), consents {}: {} ({:.1} MiB)",
+                compiled.accounts,
+                compiled.quarantined.len(),
+                compiled.revision,
+                output.display(),
+                compiled.bytes as f64 / (1 << 20) as f64
+            );
+            if strict && !compiled.quarantined.is_empty() {
+                eprintln!(
+                    "--strict: {} account line(s) quarantined",
+                    compiled.quarantined.len()
+                );
+                return ExitCode::from(1);
+            }
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            eprintln!("{errors}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn compact_accounts(config_path: &Path) -> ExitCode {
+    match config::compact(config_path) {
+        Ok(done) => {
+            for (path, why) in &done.left {
+                eprintln!(
+                    "{}: not removed ({why}); the new base skips it by its sequence",
+                    path.display()
+                );
+            }
+            println!(
+                "compacted: {} accounts, consents {}, {} change file(s) folded in and removed",
+                done.accounts,
+                done.revision,
+                done.removed.len()
+            );
             ExitCode::SUCCESS
         }
         Err(errors) => {

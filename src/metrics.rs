@@ -332,8 +332,10 @@ impl Metrics {
         self.policy_version
             .with_label_values(&[&snapshot.policy_version])
             .set(1);
-        self.accounts_quarantined
-            .set(snapshot.accounts.quarantined().len() as i64);
+        self.accounts_quarantined.set(
+            (snapshot.accounts.quarantined_count() + snapshot.accounts.quarantined_by_names().0)
+                as i64,
+        );
     }
 
     /// Counts one finished request from its view: the same names the audit

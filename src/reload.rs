@@ -42,8 +42,34 @@ fn identity(path: &Path) -> FileIdentity {
     }
 }
 
+/// The identities of `sources`; a folder (the account change folder) is its
+/// entries, hidden ones left out: a writer's temporary file changes nothing
+/// until it is renamed into place.
 fn fingerprint(sources: &[PathBuf]) -> BTreeSet<FileIdentity> {
-    sources.iter().map(|p| identity(p)).collect()
+    let mut out = BTreeSet::new();
+    for path in sources {
+        match std::fs::read_dir(path) {
+            Ok(entries) => {
+                out.insert(FileIdentity {
+                    path: path.clone(),
+                    target: std::fs::canonicalize(path).ok(),
+                    inode: 0,
+                    len: 0,
+                    modified_ns: 0,
+                });
+                out.extend(
+                    entries
+                        .flatten()
+                        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                        .map(|e| identity(&e.path())),
+                );
+            }
+            Err(_) => {
+                out.insert(identity(path));
+            }
+        }
+    }
+    out
 }
 
 /// Loads, validates and swaps configuration snapshots.
@@ -145,14 +171,22 @@ const QUARANTINE_LOG_LINES: usize = 20;
 /// metrics, and each quarantined account line in the log as `file:line`.
 pub fn announce(snapshot: &config::Snapshot, metrics: &Metrics) {
     metrics.set_serving(snapshot);
-    let quarantined = snapshot.quarantine_report();
-    for q in quarantined.iter().take(QUARANTINE_LOG_LINES) {
+    for q in snapshot.quarantine_report(QUARANTINE_LOG_LINES) {
         tracing::warn!("{q}");
     }
-    if quarantined.len() > QUARANTINE_LOG_LINES {
+    let quarantined = snapshot.accounts.quarantined_count();
+    if quarantined > QUARANTINE_LOG_LINES {
         tracing::warn!(
-            quarantined = quarantined.len(),
+            quarantined,
             "more account lines are quarantined; `privacy-gateway check` lists them all"
+        );
+    }
+    // A compiled snapshot's names are resolved when it is opened: one line
+    // per name the rules or pools no longer define, not one per account.
+    for note in snapshot.accounts.quarantined_by_names().1 {
+        tracing::warn!(
+            file = %snapshot.accounts_path.display(),
+            "{note}; `privacy-gateway check` lists them"
         );
     }
 }
@@ -192,7 +226,10 @@ impl ReloadService {
             .iter()
             .filter_map(|p| p.file_name().map(OsString::from))
             .collect();
-        let dirs: BTreeSet<&Path> = sources
+        // A source that is a folder (the account change folder) is watched
+        // itself too: any file it gains, loses or has replaced.
+        let folders: BTreeSet<PathBuf> = sources.iter().filter(|p| p.is_dir()).cloned().collect();
+        let dirs: BTreeSet<PathBuf> = sources
             .iter()
             .filter_map(|p| p.parent())
             .map(|d| {
@@ -202,10 +239,12 @@ impl ReloadService {
                     d
                 }
             })
+            .map(Path::to_path_buf)
+            .chain(folders.iter().cloned())
             .collect();
         let mut watcher =
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                if event.is_ok_and(|e| is_relevant(&e, &names)) {
+                if event.is_ok_and(|e| is_relevant(&e, &names, &folders)) {
                     let _ = events.send(Trigger::FileEvent);
                 }
             })
@@ -214,7 +253,7 @@ impl ReloadService {
         for dir in dirs {
             // Folders, not files: editors and deploy tools replace files by
             // rename, and Kubernetes swaps a symlinked folder.
-            if let Err(e) = watcher.watch(dir, RecursiveMode::NonRecursive) {
+            if let Err(e) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
                 tracing::error!(dir = %dir.display(), "cannot watch configuration folder: {e}");
             }
         }
@@ -223,14 +262,22 @@ impl ReloadService {
 }
 
 /// Whether a file event may have changed a source file: a change (not a
-/// read) to one of their names, or to a Kubernetes `..data`-style entry.
-fn is_relevant(event: &notify::Event, names: &BTreeSet<OsString>) -> bool {
+/// read) to one of their names, or to a Kubernetes `..data`-style entry, or
+/// to a file that is not hidden in one of the source `folders`.
+fn is_relevant(
+    event: &notify::Event,
+    names: &BTreeSet<OsString>,
+    folders: &BTreeSet<PathBuf>,
+) -> bool {
     if matches!(event.kind, notify::EventKind::Access(_)) {
         return false;
     }
     event.paths.iter().any(|p| {
-        p.file_name()
-            .is_some_and(|n| names.contains(n) || n.to_string_lossy().starts_with(".."))
+        let in_folder = p.parent().is_some_and(|d| folders.contains(d));
+        p.file_name().is_some_and(|n| {
+            let hidden = n.to_string_lossy().starts_with('.');
+            names.contains(n) || n.to_string_lossy().starts_with("..") || (in_folder && !hidden)
+        })
     })
 }
 

@@ -6,7 +6,7 @@
 use serde::Serialize;
 
 use crate::client_ip::ClientPrefix;
-use crate::config::{Quarantined, Snapshot};
+use crate::config::{Origin, Quarantined, Snapshot};
 use crate::evaluate::Admission;
 use crate::policy::Product;
 
@@ -28,7 +28,8 @@ pub struct DecisionView<'a> {
     pub listener: &'static str,
     /// What decides: rules, pools, trust, signing, decision tables.
     pub policy_version: &'a str,
-    /// Content hash of the accounts file (the consent snapshot) it was decided under.
+    /// The consent snapshot it was decided under: the base's content hash,
+    /// `+<sequence>` of the last change file applied.
     pub consent_revision: &'a str,
     /// Build epoch of the geo database, `null` when none is configured.
     pub geo_revision: Option<u64>,
@@ -40,6 +41,9 @@ pub struct DecisionView<'a> {
     /// The caller's quarantined consent record (403 `consent_record_invalid`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub quarantine: Option<QuarantineView<'a>>,
+    /// The consent line that decided the account (or quarantined it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub consent_source: Option<ConsentSourceView<'a>>,
     /// The decision, when one was made.
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub decision: Option<DecidedView<'a>>,
@@ -64,6 +68,33 @@ pub struct QuarantineView<'a> {
     pub line: u32,
     /// Why it is quarantined.
     pub reason: &'a str,
+}
+
+/// Where the account's consent line is: the export's or a change file's
+/// line, and since when that file says so.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct ConsentSourceView<'a> {
+    /// The file, as the consent files name it.
+    pub file: &'a str,
+    /// The line in it.
+    pub line: u32,
+    /// The change file's sequence (none for the export).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub change: Option<u64>,
+    /// When that file was written (RFC 3339, UTC).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub since: Option<Since>,
+}
+
+/// A time in Unix seconds, shown as RFC 3339.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Since(pub u64);
+
+impl Serialize for Since {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let time = std::time::UNIX_EPOCH + std::time::Duration::from_secs(self.0);
+        s.collect_str(&humantime::format_rfc3339_seconds(time))
+    }
 }
 
 /// The decision's fields.
@@ -170,6 +201,7 @@ impl<'a> DecisionView<'a> {
             status,
             error: None,
             quarantine: None,
+            consent_source: None,
             decision: None,
             served: None,
             admission: None,
@@ -187,8 +219,22 @@ impl<'a> DecisionView<'a> {
     pub fn quarantined(mut self, q: &'a Quarantined) -> Self {
         self.quarantine = Some(QuarantineView {
             account: q.id.as_deref(),
-            line: q.line,
+            line: q.origin.line,
             reason: &q.reason,
+        });
+        self.decided_by(Some(q.origin))
+    }
+
+    /// The consent line at `origin` decided the account.
+    fn decided_by(mut self, origin: Option<Origin>) -> Self {
+        self.consent_source = origin.and_then(|o| {
+            let source = self.snapshot.accounts.source(o)?;
+            Some(ConsentSourceView {
+                file: &source.file,
+                line: o.line,
+                change: source.change,
+                since: source.modified.map(Since),
+            })
         });
         self
     }
@@ -234,7 +280,7 @@ impl<'a> DecisionView<'a> {
                 .collect(),
         });
         self.admission = Some(admission);
-        self
+        self.decided_by(admission.origin)
     }
 
     /// Pool `index` received the request (the last attempt's, after failover).

@@ -9,6 +9,18 @@ use std::process::{Command, Output};
 /// Writes the shipped configuration into a temporary folder (its process
 /// files inside it), lets `edit` change files, and runs `command` on it.
 fn run_with(command: &[&str], edit: impl FnOnce(&Path)) -> Output {
+    let dir = shipped_copy();
+    edit(dir.path());
+    Command::new(support::binary())
+        .args(command)
+        .arg("--config")
+        .arg(dir.path().join("gateway.toml"))
+        .output()
+        .expect("run the gateway binary")
+}
+
+/// The shipped configuration in a temporary folder, its process files inside it.
+fn shipped_copy() -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("tempdir");
     for name in ["gateway.toml", "rules.toml", "pools.toml", "accounts.jsonl"] {
         let text = support::shipped(name).replace(
@@ -17,13 +29,7 @@ fn run_with(command: &[&str], edit: impl FnOnce(&Path)) -> Output {
         );
         std::fs::write(dir.path().join(name), text).expect("write");
     }
-    edit(dir.path());
-    Command::new(support::binary())
-        .args(command)
-        .arg("--config")
-        .arg(dir.path().join("gateway.toml"))
-        .output()
-        .expect("run the gateway binary")
+    dir
 }
 
 /// [`run_with`] for `check`.
@@ -647,4 +653,275 @@ fn a_torn_account_line_rejects_the_whole_file() {
         let (out, line) = check_with_account_line(torn, &[]);
         assert_refused(&out, "accounts.jsonl", Some(line), "not a JSON object");
     }
+}
+
+/// The shipped files in a temporary folder, `[files] accounts` naming the
+/// shipped export compiled into `accounts.pgcs`, and an empty `changes/`.
+fn compiled_setup() -> tempfile::TempDir {
+    let dir = shipped_copy();
+    let gateway = std::fs::read_to_string(dir.path().join("gateway.toml")).expect("read");
+    let gateway: Vec<String> = gateway
+        .lines()
+        .map(|l| {
+            if l.starts_with("accounts =") {
+                "accounts = \"accounts.pgcs\"\naccount_changes = \"changes\"".to_string()
+            } else {
+                l.to_string()
+            }
+        })
+        .collect();
+    std::fs::write(dir.path().join("gateway.toml"), gateway.join("\n")).expect("write");
+    std::fs::create_dir(dir.path().join("changes")).expect("changes folder");
+    support::compile_accounts(dir.path(), "accounts.jsonl", "accounts.pgcs");
+    dir
+}
+
+/// Runs the gateway binary with `args` and `--config` on `dir`'s gateway.toml.
+fn gateway_in(dir: &Path, args: &[&str]) -> Output {
+    Command::new(support::binary())
+        .args(args)
+        .arg("--config")
+        .arg(dir.join("gateway.toml"))
+        .output()
+        .expect("run the gateway binary")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Asserts a successful run that lists `location` (`file:line`) as
+/// quarantined for `reason` on standard error and prints `summary`.
+fn assert_lists_quarantine(out: &Output, location: &str, reason: &str, summary: &str) {
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    let line = format!(
+        "{location}: account quarantined (its requests are answered 403 consent_record_invalid): {reason}"
+    );
+    assert!(stderr.contains(&line), "expected `{line}` in:\n{stderr}");
+    assert!(
+        stdout.contains(summary),
+        "expected `{summary}` in: {stdout}"
+    );
+}
+
+/// `explain` of a chat request with API key `key`, as JSON.
+fn explain_key(dir: &Path, key: &str) -> serde_json::Value {
+    let out = gateway_in(
+        dir,
+        &[
+            "explain",
+            "--path",
+            "/v1/chat/completions",
+            "--header",
+            &format!("Authorization: Bearer {key}"),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("explain prints JSON")
+}
+
+/// demo-chat-free's line of the shipped export, opted out of training.
+fn chat_free_opted_out() -> String {
+    support::shipped("accounts.jsonl")
+        .lines()
+        .find(|l| l.contains("\"acct-chat-free\""))
+        .expect("line")
+        .replacen('{', "{\"training_opt_out\": true, ", 1)
+}
+
+#[test]
+fn compile_accounts_judges_the_export_as_a_load_does() {
+    let dir = compiled_setup();
+    let bad = r#"{"id":"a2","product":"chat","plan":"enterprise"}"#;
+    append_account(dir.path(), bad);
+    let line = support::shipped("accounts.jsonl").lines().count() + 1;
+    let compile = |extra: &[&str]| {
+        Command::new(support::binary())
+            .current_dir(dir.path())
+            .args([
+                "compile-accounts",
+                "--config",
+                "gateway.toml",
+                "accounts.jsonl",
+            ])
+            .args(["--output", "again.pgcs"])
+            .args(extra)
+            .output()
+            .expect("compile-accounts")
+    };
+    assert_lists_quarantine(
+        &compile(&[]),
+        &format!("accounts.jsonl:{line}"),
+        "plan `enterprise` is not defined",
+        "compiled 16 accounts (1 quarantined), consents ",
+    );
+    assert_eq!(compile(&["--strict"]).status.code(), Some(1));
+
+    // A torn export is refused whole, and nothing is written.
+    std::fs::remove_file(dir.path().join("again.pgcs")).expect("remove");
+    append_account(dir.path(), r#"{"id":"a5","product":"api","#);
+    let out = compile(&[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains(&format!("accounts.jsonl:{}: not a JSON object", line + 1)),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(!dir.path().join("again.pgcs").exists());
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("dir")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
+fn check_names_the_changes_and_explain_the_one_that_decided() {
+    let dir = compiled_setup();
+    let (_, consents) = revisions(&gateway_in(dir.path(), &["check", "--files-only"]));
+    assert_eq!(
+        consents,
+        revisions(&check_with(|_| {})).1,
+        "compiled or not, one revision"
+    );
+
+    let bad = r#"{"id": "acct-api-paid", "product": "api", "plan": "enterprise"}"#;
+    std::fs::write(
+        dir.path().join("changes/7.jsonl"),
+        format!("{}\n{bad}\n", chat_free_opted_out()),
+    )
+    .expect("change");
+    assert_lists_quarantine(
+        &gateway_in(dir.path(), &["check", "--files-only"]),
+        "changes/7.jsonl:2",
+        "plan `enterprise`",
+        &format!(
+            "15 accounts (1 quarantined), consents {consents}+7 (compiled base, 1 change file(s))"
+        ),
+    );
+
+    let explained = explain_key(dir.path(), "demo-chat-free");
+    assert_eq!(explained["training"], "denied");
+    assert_eq!(explained["consent_revision"], format!("{consents}+7"));
+    assert_eq!(explained["consent_source"]["change"], 7);
+    assert_eq!(explained["consent_source"]["line"], 1);
+    assert!(explained["consent_source"]["since"]
+        .as_str()
+        .is_some_and(|s| s.ends_with('Z')));
+    let explained = explain_key(dir.path(), "demo-api-paid");
+    assert_eq!(explained["status"], 403);
+    assert_eq!(explained["quarantine"]["line"], 2);
+    let explained = explain_key(dir.path(), "demo-api-free");
+    assert_eq!(explained["consent_source"]["file"], "accounts.jsonl");
+    assert!(explained["consent_source"].get("change").is_none());
+
+    // A damaged body: the open (explain) does not read it, check does.
+    let path = dir.path().join("accounts.pgcs");
+    let mut bytes = std::fs::read(&path).expect("read");
+    let last = bytes.len() - 1;
+    bytes[last - 100] ^= 0x10;
+    std::fs::write(&path, bytes).expect("write");
+    explain_key(dir.path(), "demo-api-free");
+    assert_refused(
+        &gateway_in(dir.path(), &["check", "--files-only"]),
+        "accounts.pgcs",
+        None,
+        "damaged body: its checksum does not match",
+    );
+}
+
+#[test]
+fn compact_accounts_folds_the_changes_in_and_a_stop_before_their_removal_changes_nothing() {
+    let dir = compiled_setup();
+    let change = format!("{}\n", chat_free_opted_out());
+    std::fs::write(dir.path().join("changes/1.jsonl"), &change).expect("change");
+    let out = gateway_in(dir.path(), &["compact-accounts"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("16 accounts")
+            && text(&out.stdout).contains("1 change file(s) folded in and removed"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(!dir.path().join("changes/1.jsonl").exists());
+    let check = gateway_in(dir.path(), &["check", "--files-only"]);
+    let (_, compacted) = revisions(&check);
+    assert!(!compacted.contains('+'), "{compacted}");
+    assert!(text(&check.stdout).contains("(compiled base)"));
+    let explained = explain_key(dir.path(), "demo-chat-free");
+    assert_eq!(explained["training"], "denied");
+    assert_eq!(explained["consent_source"]["change"], 1, "{explained}");
+
+    // The compaction stopped before removing its change file: skipped.
+    std::fs::write(dir.path().join("changes/1.jsonl"), &change).expect("restore");
+    let again = gateway_in(dir.path(), &["check", "--files-only"]);
+    assert_eq!(text(&again.stdout), text(&check.stdout));
+
+    // A JSON Lines base cannot be compacted into.
+    let out = run_with(&["compact-accounts"], |_| {});
+    assert_refused(
+        &out,
+        "accounts.jsonl",
+        None,
+        "compaction writes a compiled base",
+    );
+}
+
+#[test]
+fn a_name_gone_from_the_pools_quarantines_its_accounts_in_a_compiled_snapshot() {
+    let dir = compiled_setup();
+    replace_in(
+        dir.path(),
+        "pools.toml",
+        "subprocessor = \"cerebras\"",
+        "subprocessor = \"cerebras-systems\"",
+    );
+    let line = support::shipped("accounts.jsonl")
+        .lines()
+        .position(|l| l.contains("\"acct-api-no-cerebras\""))
+        .expect("line")
+        + 1;
+    assert_lists_quarantine(
+        &gateway_in(dir.path(), &["check", "--files-only"]),
+        &format!("accounts.jsonl:{line}"),
+        "subprocessor `cerebras` is not used by any pool",
+        "15 accounts (1 quarantined)",
+    );
+    let explained = explain_key(dir.path(), "demo-api-no-cerebras");
+    assert_eq!(explained["status"], 403);
+    assert_eq!(explained["quarantine"]["line"], line);
+    assert_eq!(explain_key(dir.path(), "demo-api-paid")["status"], 200);
+}
+
+#[test]
+fn run_refuses_a_truncated_compiled_snapshot_before_it_listens() {
+    let dir = compiled_setup();
+    let path = dir.path().join("accounts.pgcs");
+    let bytes = std::fs::read(&path).expect("read");
+    std::fs::write(&path, &bytes[..bytes.len() - 1]).expect("truncate");
+    let mut child = Command::new(support::binary())
+        .args(["run", "--config"])
+        .arg(dir.path().join("gateway.toml"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("run started on a truncated snapshot");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
+        .expect("read");
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("accounts.pgcs: the file is"), "{stderr}");
 }

@@ -1,7 +1,9 @@
 //! Hot reload and graceful upgrade under a steady loop of requests: a changed
 //! consent takes effect without a restart, a broken file changes nothing and
 //! is reported, rename-over, ConfigMap symlink swaps and `SIGHUP` are picked
-//! up, and a binary upgrade loses no request.
+//! up, and a binary upgrade loses no request; on a compiled consent snapshot,
+//! a change file applies under load, a bad change file or a damaged snapshot
+//! is refused whole, and both processes of an upgrade map one snapshot.
 
 mod support;
 
@@ -161,22 +163,29 @@ async fn chat_free_loop(gw: &Gateway, n: usize) -> RequestLoop {
     run
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn an_opt_out_in_a_new_accounts_file_applies_without_a_restart_or_a_failed_request() {
-    let ups = Upstreams::start().await;
-    let gw = Gateway::start(&TestConfig::shipped_with(&ups));
-    let run = chat_free_loop(&gw, 20).await;
-
-    gw.replace_file("accounts.jsonl", &accounts_with_chat_free_opted_out());
+/// Lets `run` go on until demo-chat-free's requests are denied training (an
+/// opt-out applied), and 20 more; none may fail. Its outcomes.
+async fn until_denied(run: RequestLoop, gw: &Gateway) -> Vec<Outcome> {
     let applied = eventually(Duration::from_secs(10), || {
         run.last().and_then(|o| o.training).as_deref() == Some("denied")
     })
     .await;
-    run.advance(20).await;
+    if applied {
+        run.advance(20).await;
+    }
     let outcomes = run.finish().await;
     assert!(applied, "the opt-out was not applied; logs:\n{}", gw.logs());
     assert_none_failed(&outcomes);
-    // The swap is atomic: once denied, never allowed again.
+    outcomes
+}
+
+/// Runs `apply`, which opts demo-chat-free out of training, under a request
+/// loop as demo-chat-free: the opt-out applies and no request fails; the
+/// swap is atomic: once denied, never allowed again.
+async fn opt_out_applies_under_load(gw: &Gateway, apply: impl FnOnce()) {
+    let run = chat_free_loop(gw, 20).await;
+    apply();
+    let outcomes = until_denied(run, gw).await;
     let first_denied = outcomes
         .iter()
         .position(|o| o.training.as_deref() == Some("denied"))
@@ -187,6 +196,16 @@ async fn an_opt_out_in_a_new_accounts_file_applies_without_a_restart_or_a_failed
     assert!(outcomes[..first_denied]
         .iter()
         .all(|o| o.training.as_deref() == Some("allowed")));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_opt_out_in_a_new_accounts_file_applies_without_a_restart_or_a_failed_request() {
+    let ups = Upstreams::start().await;
+    let gw = Gateway::start(&TestConfig::shipped_with(&ups));
+    opt_out_applies_under_load(&gw, || {
+        gw.replace_file("accounts.jsonl", &accounts_with_chat_free_opted_out())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -329,6 +348,34 @@ async fn sighup_reloads_even_when_no_file_changed() {
     assert_eq!(resp.status(), 200);
 }
 
+/// Upgrades `gw` under `run`: starts the new process, lets `both_running`
+/// look at it (by pid) while the old one still serves, sends the old one
+/// `SIGQUIT`, and lets the new one serve 50 requests alone. The new process
+/// (killed when dropped) and every outcome; none failed.
+async fn upgrade_under_load(
+    gw: &mut Gateway,
+    run: RequestLoop,
+    both_running: impl FnOnce(u32),
+) -> (KillOnDrop, Vec<Outcome>) {
+    let upgrade_sock = gw.upgrade_sock();
+    let new = KillOnDrop(gw.start_upgrade());
+    assert!(
+        eventually(Duration::from_secs(10), || upgrade_sock.exists()).await,
+        "the new process did not open the upgrade socket"
+    );
+    both_running(new.0.id());
+    signal(gw.pid(), "QUIT");
+    assert!(
+        gw.wait_exit(Duration::from_secs(20)),
+        "the old process did not exit"
+    );
+    // The new process serves alone now.
+    run.advance(50).await;
+    let outcomes = run.finish().await;
+    assert_none_failed(&outcomes);
+    (new, outcomes)
+}
+
 /// Kills a second gateway process when the test ends, however it ends.
 struct KillOnDrop(std::process::Child);
 
@@ -351,23 +398,9 @@ async fn a_graceful_upgrade_under_load_loses_no_request() {
     );
     run.advance(30).await;
 
-    let upgrade_sock = gw.upgrade_sock();
-    let new = KillOnDrop(gw.start_upgrade());
-    assert!(
-        eventually(Duration::from_secs(10), || upgrade_sock.exists()).await,
-        "the new process did not open the upgrade socket"
-    );
-    signal(gw.pid(), "QUIT");
-    assert!(
-        gw.wait_exit(Duration::from_secs(20)),
-        "the old process did not exit"
-    );
-    // The new process serves alone now.
-    run.advance(50).await;
-    let outcomes = run.finish().await;
+    let (new, outcomes) = upgrade_under_load(&mut gw, run, |_| {}).await;
     let upgrade_log =
         std::fs::read_to_string(gw.dir.path().join("upgrade.log")).unwrap_or_default();
-    assert_none_failed(&outcomes);
     assert!(outcomes.len() >= 80, "only {} requests ran", outcomes.len());
     drop(new);
     assert!(upgrade_log.contains("listening on"), "{upgrade_log}");
@@ -481,4 +514,198 @@ async fn a_bad_account_line_quarantines_that_account_while_every_other_line_appl
         support::metric(&metrics, "privacy_gateway_accounts_quarantined"),
         0.0
     );
+}
+
+/// The shipped configuration with its accounts compiled (`accounts.pgcs`)
+/// and a change folder, in front of `ups`.
+fn compiled_with(ups: &Upstreams) -> TestConfig {
+    let mut config = TestConfig::shipped_with(ups);
+    config.compiled_accounts = true;
+    config
+}
+
+/// demo-chat-free's line with `training_opt_out` added.
+fn chat_free_opted_out_line() -> String {
+    accounts_with_chat_free_opted_out()
+        .lines()
+        .find(|l| l.contains("\"acct-chat-free\""))
+        .expect("line")
+        .to_string()
+}
+
+/// demo-api-paid's line with a plan the rules do not know.
+fn api_paid_on_an_unknown_plan() -> String {
+    shipped("accounts.jsonl")
+        .lines()
+        .find(|l| l.contains("\"acct-api-paid\""))
+        .expect("line")
+        .replace("\"plan\": \"paid\"", "\"plan\": \"enterprise\"")
+}
+
+async fn reload_counts(gw: &Gateway) -> (f64, f64) {
+    let (_, metrics) = gw.admin_get("/metrics").await;
+    (
+        support::metric(
+            &metrics,
+            "privacy_gateway_config_reloads_total{result=\"success\"}",
+        ),
+        support::metric(
+            &metrics,
+            "privacy_gateway_config_reloads_total{result=\"failure\"}",
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_change_file_applies_on_a_compiled_snapshot_under_load_without_a_failed_request() {
+    let ups = Upstreams::start().await;
+    let gw = Gateway::start(&compiled_with(&ups));
+    opt_out_applies_under_load(&gw, || {
+        gw.write_change("1.jsonl", &(chat_free_opted_out_line() + "\n"))
+    })
+    .await;
+
+    // Its audit lines say which change decided, under which revision.
+    let audited = eventually(Duration::from_secs(5), || {
+        support::audit_json(&gw).iter().any(|l| {
+            l["training"] == "denied"
+                && l["consent_revision"]
+                    .as_str()
+                    .is_some_and(|r| r.ends_with("+1"))
+                && l["consent_source"]["change"] == 1
+                && l["consent_source"]["line"] == 1
+                && l["consent_source"]["file"]
+                    .as_str()
+                    .is_some_and(|f| f.ends_with("changes/1.jsonl"))
+        })
+    })
+    .await;
+    assert!(audited, "{:?}", gw.audit_lines().last());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bad_change_file_is_refused_whole_and_a_bad_line_in_one_quarantines_only_its_account() {
+    let ups = Upstreams::start().await;
+    let gw = Gateway::start(&compiled_with(&ups));
+    let run = chat_free_loop(&gw, 10).await;
+    let c = client();
+    let paid = gw.api_url("/v1/chat/completions");
+
+    // A torn line: the whole file is refused, the opt-out beside it too.
+    let opted_out = chat_free_opted_out_line();
+    gw.write_change(
+        "1.jsonl",
+        &format!("{opted_out}\n{{\"id\": \"acct-torn\", \"product\"\n"),
+    );
+    let reported = eventually(Duration::from_secs(10), || {
+        gw.logs().contains("1.jsonl:2: not a JSON object")
+    })
+    .await;
+    assert!(reported, "{}", gw.logs());
+    run.advance(10).await;
+    assert_eq!(
+        run.last().and_then(|o| o.training).as_deref(),
+        Some("allowed"),
+        "a refused change file applied"
+    );
+    assert_eq!(reload_counts(&gw).await, (0.0, 1.0));
+
+    // Fixed, with one line the gateway cannot understand: that account is
+    // quarantined, the opt-out applies.
+    gw.write_change(
+        "1.jsonl",
+        &format!("{opted_out}\n{}\n", api_paid_on_an_unknown_plan()),
+    );
+    until_denied(run, &gw).await;
+    let before = ups.all_requests().len();
+    assert_eq!(support::post_as(&c, &paid, "demo-api-paid").await, 403);
+    assert_eq!(ups.all_requests().len(), before, "nothing forwarded");
+    assert_eq!(support::post_as(&c, &paid, "demo-api-free").await, 200);
+    assert!(
+        eventually(Duration::from_secs(5), || gw
+            .logs()
+            .contains("1.jsonl:2: account quarantined"))
+        .await,
+        "{}",
+        gw.logs()
+    );
+    let (_, metrics) = gw.admin_get("/metrics").await;
+    assert_eq!(
+        support::metric(&metrics, "privacy_gateway_accounts_quarantined"),
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_damaged_compiled_snapshot_is_refused_and_the_last_good_one_keeps_serving() {
+    let ups = Upstreams::start().await;
+    let gw = Gateway::start(&compiled_with(&ups));
+    let run = chat_free_loop(&gw, 10).await;
+
+    let compiled = std::fs::read(gw.dir.path().join("accounts.pgcs")).expect("read");
+    gw.replace_file_bytes("accounts.pgcs", &compiled[..compiled.len() / 2]);
+    let reported = eventually(Duration::from_secs(10), || {
+        gw.logs().contains("accounts.pgcs: the file is")
+    })
+    .await;
+    assert!(reported, "{}", gw.logs());
+    run.advance(20).await;
+    assert_eq!(reload_counts(&gw).await, (0.0, 1.0));
+
+    // A bit flipped in the header: refused as well.
+    let mut flipped = compiled.clone();
+    flipped[300] ^= 1;
+    gw.replace_file_bytes("accounts.pgcs", &flipped);
+    assert!(
+        eventually(Duration::from_secs(10), || gw.logs().contains("damaged")).await,
+        "{}",
+        gw.logs()
+    );
+    run.advance(10).await;
+    assert_eq!(
+        run.last().and_then(|o| o.training).as_deref(),
+        Some("allowed")
+    );
+
+    // A good snapshot, compiled from a new export, applies.
+    std::fs::write(
+        gw.dir.path().join("export.jsonl"),
+        accounts_with_chat_free_opted_out(),
+    )
+    .expect("export");
+    support::compile_accounts(gw.dir.path(), "export.jsonl", "accounts.pgcs");
+    until_denied(run, &gw).await;
+}
+
+/// The `/proc/PID/maps` lines mapping `accounts.pgcs`, as `(device, inode)`.
+fn mapped_snapshot(pid: u32) -> Option<(String, String)> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
+    maps.lines()
+        .find(|l| l.ends_with("/accounts.pgcs"))
+        .map(|l| {
+            let fields: Vec<&str> = l.split_whitespace().collect();
+            (fields[3].to_string(), fields[4].to_string())
+        })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn old_and_new_process_share_one_compiled_snapshot_through_an_upgrade() {
+    let ups = Upstreams::start().await;
+    let mut gw = Gateway::start(&compiled_with(&ups));
+    let run = RequestLoop::start(
+        gw.api_url("/v1/chat/completions"),
+        Some("demo-api-paid"),
+        true,
+    );
+    run.advance(30).await;
+    let old = mapped_snapshot(gw.pid()).expect("the running process maps the snapshot");
+
+    // Both map the same file (one copy in the page cache), while the old
+    // one still serves.
+    let (new, outcomes) = upgrade_under_load(&mut gw, run, |new| {
+        assert_eq!(mapped_snapshot(new), Some(old));
+    })
+    .await;
+    assert!(outcomes.len() >= 80, "only {} requests ran", outcomes.len());
+    drop(new);
 }

@@ -140,8 +140,12 @@ pub struct FilesEntry {
     pub rules: PathBuf,
     /// The pools file (TOML).
     pub pools: PathBuf,
-    /// The consent snapshot (JSON Lines).
+    /// The consent snapshot: a compiled snapshot (`compile-accounts`) or a
+    /// JSON Lines export, told apart by the compiled file's magic.
     pub accounts: PathBuf,
+    /// A folder of change files applied on top of it, newest wins.
+    #[serde(default)]
+    pub account_changes: Option<PathBuf>,
     /// A MaxMind-format country database; without one no country is stamped.
     #[serde(default)]
     pub geo: Option<PathBuf>,

@@ -4,17 +4,17 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
-use super::account_lines::compile_accounts;
+use super::consent_files::open_consents;
 use super::diagnostics::{parse_toml, read, short_hash, ConfigError, ConfigErrors, FileErrors};
 use super::files::{GatewayFile, PoolsFile, RulesFile, TrustEntry};
-use super::gateway::compile_gateway;
-use super::pools::compile_pools;
-use super::rules::compile_rules;
+use super::gateway::{compile_gateway, Gateway};
+use super::pools::{compile_pools, Pools};
+use super::rules::{compile_rules, Rules};
 use super::snapshot::{GatewaySettings, Snapshot};
 use crate::geo::GeoDb;
 use crate::health::HealthRegistry;
@@ -28,6 +28,10 @@ pub struct LoadOptions {
     pub pool_addresses: HashMap<String, Vec<String>>,
     /// Where endpoint health is kept across snapshots.
     pub health: Arc<HealthRegistry>,
+    /// Verify a compiled consent snapshot whole (its checksum and every
+    /// record), not only its header: `check`'s thoroughness, proportional to
+    /// its size.
+    pub verify_accounts: bool,
 }
 
 /// Loads `gateway.toml` and every file it names.
@@ -35,13 +39,126 @@ pub fn load(
     gateway_path: &Path,
     options: &LoadOptions,
 ) -> Result<(GatewaySettings, Snapshot), ConfigErrors> {
-    let base = gateway_path.parent().unwrap_or(Path::new("."));
+    let policy = read_policy_files(gateway_path, options)?;
+    let (gateway_file, gateway, base) = (policy.gateway_file, policy.gateway, policy.base);
+    let (rules, pools) = (policy.rules, policy.pools);
+    let (accounts_path, mut sources, mut errors) =
+        (policy.accounts_path, policy.sources, policy.errors);
+    let (rules_source, pools_source) = (policy.rules_source, policy.pools_source);
+
+    let known = rules
+        .as_ref()
+        .zip(pools.as_ref())
+        .map(|(r, p)| (&r.plans, p));
+    let consents = open_consents(
+        &accounts_path,
+        policy.changes_path.as_deref(),
+        known,
+        options.verify_accounts,
+        &mut errors,
+    );
+
+    let geo = match &gateway_file.files.geo {
+        None => None,
+        Some(file) => {
+            let path = base.join(file);
+            sources.push(path.clone());
+            match GeoDb::open(&path) {
+                Ok(db) => Some(db),
+                Err(e) => {
+                    errors.push(ConfigError {
+                        file: path,
+                        line: None,
+                        message: e.to_string(),
+                    });
+                    None
+                }
+            }
+        }
+    };
+
+    let (
+        Some((rules_text, rules_file)),
+        Some((pools_text, _)),
+        Some(rules),
+        Some(pools),
+        Some(consents),
+    ) = (rules_source, pools_source, rules, pools, consents)
+    else {
+        return Err(ConfigErrors(errors));
+    };
+    if !errors.is_empty() {
+        return Err(ConfigErrors(errors));
+    }
+    sources.extend(consents.sources);
+
+    let policy_version = policy_version(&PolicyInputs {
+        date: &rules_file.policy_date,
+        rules: &rules_text,
+        pools: &pools_text,
+        trust: &gateway_file.trust,
+        signing_key: gateway.signing_key.as_ref(),
+    });
+    let snapshot = Snapshot {
+        policy_version,
+        pools: pools.catalog,
+        upstreams: pools.upstreams,
+        routes: rules.routes,
+        prefix_lengths: rules.prefix_lengths,
+        plan_count: rules.plans.len(),
+        shadow: rules.shadow,
+        accounts: consents.store,
+        accounts_path,
+        consent_revision: consents.revision,
+        geo,
+        trusted_proxies: gateway.trusted_proxies,
+        identity_header: gateway.identity_header,
+        strip_headers: gateway.strip_headers,
+        signing_key: gateway.signing_key,
+        admin_token: gateway.admin_token,
+        tls_certificates: gateway.tls_certificates,
+        dns: gateway.dns,
+        health: options.health.clone(),
+        sources,
+    };
+    Ok((gateway.settings, snapshot))
+}
+
+/// `gateway.toml` and the files the accounts are judged against, read and
+/// compiled; what failed is in `errors` (and its part is `None`).
+pub(super) struct PolicyFiles {
+    gateway_file: GatewayFile,
+    gateway: Gateway,
+    base: PathBuf,
+    rules_source: Option<(String, RulesFile)>,
+    pools_source: Option<(String, PoolsFile)>,
+    pub(super) rules: Option<Rules>,
+    pub(super) pools: Option<Pools>,
+    /// `[files] accounts`.
+    pub(super) accounts_path: PathBuf,
+    /// `[files] account_changes`.
+    pub(super) changes_path: Option<PathBuf>,
+    sources: Vec<PathBuf>,
+    /// Every problem found so far.
+    pub(super) errors: Vec<ConfigError>,
+}
+
+/// Reads `gateway.toml`, the rules and the pools (everything but the
+/// accounts and the geo database), collecting every error.
+pub(super) fn read_policy_files(
+    gateway_path: &Path,
+    options: &LoadOptions,
+) -> Result<PolicyFiles, ConfigErrors> {
+    let base = gateway_path
+        .parent()
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
     let gateway_text = read(gateway_path)?;
     let gateway_file: GatewayFile = parse_toml(gateway_path, &gateway_text)?;
     let mut errors = Vec::new();
 
     let mut g = FileErrors::new(gateway_path, &gateway_text);
-    let gateway = compile_gateway(&gateway_file, base, &mut g);
+    let gateway = compile_gateway(&gateway_file, &base, &mut g);
     let mut sources = vec![gateway_path.to_path_buf()];
     sources.extend(gateway.sources.iter().cloned());
     errors.append(&mut g.errors);
@@ -49,11 +166,12 @@ pub fn load(
     let rules_path = base.join(&gateway_file.files.rules);
     let pools_path = base.join(&gateway_file.files.pools);
     let accounts_path = base.join(&gateway_file.files.accounts);
-    sources.extend([
-        rules_path.clone(),
-        pools_path.clone(),
-        accounts_path.clone(),
-    ]);
+    let changes_path = gateway_file
+        .files
+        .account_changes
+        .as_ref()
+        .map(|c| base.join(c));
+    sources.extend([rules_path.clone(), pools_path.clone()]);
 
     // Each file is read and parsed on its own, so that one run reports the
     // mistakes of every file; what depends on a file that did not parse waits.
@@ -69,7 +187,7 @@ pub fn load(
 
     let pools = pools_source.as_ref().map(|(text, file)| {
         let mut p = FileErrors::new(&pools_path, text);
-        let pools = compile_pools(file, base, options, gateway.timeouts, &gateway.dns, &mut p);
+        let pools = compile_pools(file, &base, options, gateway.timeouts, &gateway.dns, &mut p);
         sources.extend(
             file.pools
                 .iter()
@@ -96,79 +214,19 @@ pub fn load(
             }
         }
     }
-
-    let mut a = FileErrors::new(&accounts_path, "");
-    let known = rules
-        .as_ref()
-        .zip(pools.as_ref())
-        .map(|(r, p)| (&r.plans, p));
-    let accounts = match compile_accounts(&accounts_path, known, &mut a) {
-        Ok(accounts) => accounts,
-        Err(mut unreadable) => {
-            errors.append(&mut unreadable.0);
-            Default::default()
-        }
-    };
-    errors.append(&mut a.errors);
-
-    let geo = match &gateway_file.files.geo {
-        None => None,
-        Some(file) => {
-            let path = base.join(file);
-            sources.push(path.clone());
-            match GeoDb::open(&path) {
-                Ok(db) => Some(db),
-                Err(e) => {
-                    errors.push(ConfigError {
-                        file: path,
-                        line: None,
-                        message: e.to_string(),
-                    });
-                    None
-                }
-            }
-        }
-    };
-
-    let (Some((rules_text, rules_file)), Some((pools_text, _)), Some(rules), Some(pools)) =
-        (rules_source, pools_source, rules, pools)
-    else {
-        return Err(ConfigErrors(errors));
-    };
-    if !errors.is_empty() {
-        return Err(ConfigErrors(errors));
-    }
-
-    let policy_version = policy_version(&PolicyInputs {
-        date: &rules_file.policy_date,
-        rules: &rules_text,
-        pools: &pools_text,
-        trust: &gateway_file.trust,
-        signing_key: gateway.signing_key.as_ref(),
-    });
-    let snapshot = Snapshot {
-        policy_version,
-        pools: pools.catalog,
-        upstreams: pools.upstreams,
-        routes: rules.routes,
-        prefix_lengths: rules.prefix_lengths,
-        plan_count: rules.plans.len(),
-        shadow: rules.shadow,
-        accounts: accounts.store,
+    Ok(PolicyFiles {
+        gateway_file,
+        gateway,
+        base,
+        rules_source,
+        pools_source,
+        rules,
+        pools,
         accounts_path,
-        consent_revision: accounts.revision,
-        geo,
-        trusted_proxies: gateway.trusted_proxies,
-        identity_header: gateway.identity_header,
-        strip_headers: gateway.strip_headers,
-        signing_key: gateway.signing_key,
-        admin_token: gateway.admin_token,
-        tls_certificates: gateway.tls_certificates,
-        dns: gateway.dns,
-        health: options.health.clone(),
+        changes_path,
         sources,
-    };
-    Ok((gateway.settings, snapshot))
+        errors,
+    })
 }
 
 /// Reads and parses one TOML file; on failure, records why and gives nothing.

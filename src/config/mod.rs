@@ -6,6 +6,8 @@
 
 mod account_lines;
 mod accounts;
+mod consent_files;
+pub mod consent_image;
 mod diagnostics;
 mod files;
 mod gateway;
@@ -14,7 +16,10 @@ mod pools;
 mod rules;
 mod snapshot;
 
-pub use accounts::{hash_api_key, Account, AccountStore, KeyHash, Line, Quarantined, Record};
+pub use accounts::{
+    hash_api_key, Account, AccountStore, KeyHash, NameContext, Origin, Quarantined, Record,
+};
+pub use consent_files::{compact, compile_export, Compacted, Compiled};
 pub use diagnostics::{ConfigError, ConfigErrors};
 pub use load::{admin_address, load, LoadOptions};
 pub use snapshot::{

@@ -95,7 +95,8 @@ pub struct Snapshot {
     pub accounts: AccountStore,
     /// Where it was read from (quarantined lines are reported as `file:line`).
     pub accounts_path: PathBuf,
-    /// Content hash of the accounts file (spec §8, `consent_revision`).
+    /// The consent revision (spec §8): the base's content hash, followed by
+    /// `+<sequence>` of the last change file applied.
     pub consent_revision: String,
     /// Country database, when configured.
     pub geo: Option<GeoDb>,
@@ -120,21 +121,21 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Every quarantined account line, as `file:line: quarantined: reason`,
-    /// in file order: what `check` lists and a load logs.
-    pub fn quarantine_report(&self) -> Vec<ConfigError> {
-        self.accounts
-            .quarantined()
-            .into_iter()
-            .map(|q| ConfigError {
-                file: self.accounts_path.clone(),
-                line: Some(q.line as usize),
-                message: format!(
-                    "account quarantined (its requests are answered 403 consent_record_invalid): {}",
-                    q.reason
-                ),
-            })
-            .collect()
+    /// The quarantined account lines of the consent files, as `file:line:
+    /// account quarantined ...`, base then changes, each in file order: what
+    /// a load logs. At most `limit`; costs the lines listed.
+    pub fn quarantine_report(&self, limit: usize) -> Vec<ConfigError> {
+        super::consent_files::quarantine_report(
+            &self.accounts,
+            self.accounts.quarantined().take(limit),
+        )
+    }
+
+    /// Every quarantined account, those naming a plan, subprocessor or region
+    /// gone from the rules or pools included: what `check` lists. Reads
+    /// every record.
+    pub fn full_quarantine_report(&self) -> Vec<ConfigError> {
+        super::consent_files::quarantine_report(&self.accounts, self.accounts.scan_quarantined())
     }
 }
 

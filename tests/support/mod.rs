@@ -163,6 +163,9 @@ pub struct TestConfig {
     pub chat_listener: String,
     /// Lines for the `[upstream]` table beyond timeouts and ejection (e.g. DNS).
     pub upstream: String,
+    /// Serve `accounts` compiled (`compile-accounts` into `accounts.pgcs`),
+    /// with change files in `changes/`.
+    pub compiled_accounts: bool,
 }
 
 impl TestConfig {
@@ -184,6 +187,7 @@ impl TestConfig {
             listen_host: "127.0.0.1".into(),
             ejection_ms: 5000,
             configmap_layout: false,
+            compiled_accounts: false,
             audit: "path = \"audit.jsonl\"\n".into(),
             admin: String::new(),
             api_listener: String::new(),
@@ -291,9 +295,14 @@ impl Gateway {
         let api = SocketAddr::new(host, free_port());
         let chat = SocketAddr::new(host, free_port());
         let admin = SocketAddr::new("127.0.0.1".parse().expect("loopback"), free_port());
+        let accounts = if config.compiled_accounts {
+            "accounts = \"accounts.pgcs\"\naccount_changes = \"changes\""
+        } else {
+            "accounts = \"accounts.jsonl\""
+        };
         let gateway = format!(
             "threads = 1\n\n[[listener]]\naddress = \"{api}\"\nproduct = \"api\"\n{}\n\n[[listener]]\naddress = \"{chat}\"\nproduct = \"chat\"\n{}\n\n\
-             [files]\nrules = \"rules.toml\"\npools = \"pools.toml\"\naccounts = \"accounts.jsonl\"\n{}\n\n[trust]\n{}\n\n\
+             [files]\nrules = \"rules.toml\"\npools = \"pools.toml\"\n{accounts}\n{}\n\n[trust]\n{}\n\n\
              [upstream]\nconnect_timeout_ms = 500\nread_timeout_ms = 10000\nejection_ms = {}\n{}\n\n\
              [process]\nupgrade_sock = \"{}\"\npid_file = \"{}\"\ngrace_period_seconds = 1\ngraceful_shutdown_timeout_seconds = 5\n\n\
              [admin]\naddress = \"{admin}\"\n{}\n\n[audit]\n{}\n\n{}\n",
@@ -331,6 +340,10 @@ impl Gateway {
         }
         for (name, bytes) in &config.attachments {
             write(name, bytes);
+        }
+        if config.compiled_accounts {
+            std::fs::create_dir(dir.path().join("changes")).expect("changes folder");
+            compile_accounts(dir.path(), "accounts.jsonl", "accounts.pgcs");
         }
         let child = spawn(dir.path(), "gateway.log", false, rust_log);
         let mut gateway = Gateway {
@@ -402,6 +415,15 @@ impl Gateway {
         let tmp = self.dir.path().join(format!(".{name}.tmp"));
         std::fs::write(&tmp, contents).expect("write");
         std::fs::rename(&tmp, self.dir.path().join(name)).expect("rename over");
+    }
+
+    /// Writes change file `name` into `changes/` as an account system
+    /// should: a hidden temporary file renamed into place.
+    pub fn write_change(&self, name: &str, contents: &str) {
+        let changes = self.dir.path().join("changes");
+        let tmp = changes.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, contents).expect("write");
+        std::fs::rename(&tmp, changes.join(name)).expect("rename into place");
     }
 
     /// Publishes new file contents in the ConfigMap layout: a new timestamped
@@ -495,6 +517,29 @@ fn spawn(dir: &Path, log: &str, upgrade: bool, rust_log: Option<&str>) -> Child 
         .stdin(Stdio::null())
         .spawn()
         .expect("spawn gateway")
+}
+
+/// Runs `compile-accounts` in `dir` (its `gateway.toml` names rules and
+/// pools) from `export` to `output`; panics with its output if it fails.
+pub fn compile_accounts(dir: &Path, export: &str, output: &str) -> std::process::Output {
+    let out = Command::new(binary())
+        .current_dir(dir)
+        .args([
+            "compile-accounts",
+            "--config",
+            "gateway.toml",
+            export,
+            "--output",
+            output,
+        ])
+        .output()
+        .expect("run compile-accounts");
+    assert!(
+        out.status.success(),
+        "compile-accounts failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
 }
 
 /// Writes `files` into `dir/version/` and points `dir/..data` at it atomically.
