@@ -14,11 +14,12 @@
 //! - `stamps`: the contract's values and signature for this request
 //!   (`Admission::stamps`), the gateway's own work;
 //! - `rewrite`: all of the upstream rewrite as the proxy does it: strip
-//!   what a client may not send, then the stamps inserted into the
-//!   request's header map (taken out of Pingora's `RequestHeader` and put
-//!   back, with room for them reserved once);
-//! - `observe`: metrics, access line (filtered out, as by default) and the
-//!   audit line queued to its writer.
+//!   what a client may not send, set the decided target and the pool's
+//!   `Host`, then the stamps inserted into the request's header map (taken
+//!   out of Pingora's `RequestHeader` and put back, with room for them
+//!   reserved once);
+//! - `observe`: metrics, access line (no subscriber is installed here, so
+//!   it is not formatted) and the audit line queued to its writer.
 //!
 //! Prints allocations and bytes per request for each step, averaged over
 //! many requests after a warm-up (first-use series and buffers excluded).
@@ -41,6 +42,7 @@ use privacy_gateway::metrics::Metrics;
 use privacy_gateway::observe::{Completed, Observers};
 use privacy_gateway::policy::Product;
 use privacy_gateway::proxy::rewrite_upstream_request;
+use privacy_gateway::routing::Target;
 use privacy_gateway::stamp::{self, DecisionId};
 
 const PATH: &str = "/v1/chat/completions";
@@ -113,7 +115,8 @@ fn one_request(
     let decision_id = decision_id.as_str();
     let head = RequestHead {
         method: &Method::POST,
-        path: PATH,
+        target: client.raw_path(),
+        received: client.uri.path_and_query(),
         headers: &client.headers,
         peer: PEER,
         listener_product: Product::Api,
@@ -130,6 +133,11 @@ fn one_request(
         Err(r) => (None, r.status()),
     };
     let pool = snapshot.upstreams.pool(0).expect("a pool");
+    let target = Target {
+        pool: 0,
+        endpoint: 0,
+        socket: pool.endpoints[0].addresses()[0].socket,
+    };
     if let (Ok(admission), 200) = (&outcome, status) {
         add(
             &mut steps.stamps,
@@ -145,11 +153,16 @@ fn one_request(
         add(
             &mut steps.rewrite,
             measure(|| {
-                rewrite_upstream_request(&mut upstream, snapshot, admission, decision_id, pool)
+                rewrite_upstream_request(&mut upstream, snapshot, admission, decision_id, target)
                     .expect("rewrite")
             }),
         );
         assert!(upstream.headers.get(stamp::SIGNATURE).is_some());
+        assert_eq!(upstream.raw_path(), PATH.as_bytes());
+        assert_ne!(
+            upstream.headers.get(http::header::HOST),
+            client.headers.get("host")
+        );
         black_box(&upstream);
     }
     let done = Completed {

@@ -43,6 +43,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use criterion::Criterion;
+use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderValue, Method};
 use privacy_gateway::config::{self, LoadOptions, Snapshot};
 use privacy_gateway::evaluate::{evaluate, Refusal, RequestHead};
@@ -292,10 +293,15 @@ fn cycle(distinct: &[HeaderValue], count: usize) -> Vec<HeaderValue> {
 const PEER: IpAddr = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 7));
 const PATH: &str = "/v1/chat/completions";
 
+/// The path as Pingora holds it parsed, which the proxy passes along.
+static RECEIVED: std::sync::LazyLock<PathAndQuery> =
+    std::sync::LazyLock::new(|| PathAndQuery::from_static(PATH));
+
 fn head(headers: &HeaderMap) -> RequestHead<'_> {
     RequestHead {
         method: &Method::POST,
-        path: PATH,
+        target: PATH.as_bytes(),
+        received: Some(&RECEIVED),
         headers,
         peer: PEER,
         listener_product: Product::Api,

@@ -137,8 +137,11 @@ impl ClientPrefix {
             IpAddr::V4(_) => lengths.ipv4.min(32),
             IpAddr::V6(_) => lengths.ipv6.min(128),
         };
-        // The length is clamped to the family's maximum, so `new` cannot fail.
-        let net = IpNet::new(ip, len).map_or(IpNet::from(ip), |n| n.trunc());
+        // No fallback: the full address (`IpNet::from(ip)`) must never stand
+        // in for a prefix, so a failure here is a bug that stops the request.
+        let net = IpNet::new(ip, len)
+            .expect("the prefix length is clamped to the address family's maximum")
+            .trunc();
         ClientPrefix(net)
     }
 

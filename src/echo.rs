@@ -181,6 +181,17 @@ impl EchoUpstream {
             .unwrap_or_default()
     }
 
+    /// Every byte received since the last call, on all connections, leaving
+    /// none behind: long tests look at each request's bytes without copying
+    /// everything received before.
+    pub fn take_received_bytes(&self) -> Vec<u8> {
+        self.state
+            .received
+            .lock()
+            .map(|mut r| std::mem::take(&mut *r))
+            .unwrap_or_default()
+    }
+
     /// Every byte received so far, on all connections.
     pub fn received_bytes(&self) -> Vec<u8> {
         self.state

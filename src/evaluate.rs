@@ -6,13 +6,15 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use http::{HeaderMap, Method};
+use http::uri::PathAndQuery;
+use http::{HeaderMap, HeaderName, Method};
 
 use crate::client_ip::{client_address, ClientIpError, ClientPrefix};
 use crate::config::{Origin, Quarantined, Snapshot};
 use crate::geo::CountryCode;
 use crate::identity::{self, Caller, Credentials, IdentityError};
 use crate::policy::{self, Capability, Consents, Decision, PlanClass, Product, RequestFacts};
+use crate::request_target::{RequestTarget, TargetError};
 use crate::routing::PoolUpstream;
 use crate::stamp::{self, StampInput, Stamps, UnsendableStamp};
 
@@ -21,8 +23,12 @@ use crate::stamp::{self, StampInput, Stamps, UnsendableStamp};
 pub struct RequestHead<'r> {
     /// HTTP method.
     pub method: &'r Method,
-    /// Path without the query.
-    pub path: &'r str,
+    /// The request target as received (origin- or absolute-form, with its query).
+    pub target: &'r [u8],
+    /// The same target as the request already holds it parsed (Pingora's
+    /// URI), which the normalised target shares when they are equal, the
+    /// common case; `None`: the normalised target is a copy.
+    pub received: Option<&'r PathAndQuery>,
     /// Request headers as received.
     pub headers: &'r HeaderMap,
     /// The TCP peer.
@@ -43,6 +49,8 @@ pub struct Admission {
     pub product: Product,
     /// Capability.
     pub capability: Capability,
+    /// The normalised target: the path the route matched, forwarded as is.
+    pub target: RequestTarget,
     /// The policy's decision.
     pub decision: Decision,
     /// Country, when the decision allowed the lookup and it found one.
@@ -169,6 +177,10 @@ pub enum Refusal {
     Identity(IdentityError),
     /// The client address could not be established (400).
     ClientIp(ClientIpError),
+    /// The path could make an upstream see another route than the one decided (400).
+    Target(TargetError),
+    /// A trusted proxy named more than one account (400).
+    AmbiguousIdentity,
     /// No capability route matches method and path (404).
     UnknownRoute,
     /// The account's constraints leave no pool for the capability (451).
@@ -182,7 +194,7 @@ impl Refusal {
     pub fn status(&self) -> u16 {
         match self {
             Refusal::Identity(_) => 401,
-            Refusal::ClientIp(_) => 400,
+            Refusal::ClientIp(_) | Refusal::Target(_) | Refusal::AmbiguousIdentity => 400,
             Refusal::UnknownRoute => 404,
             Refusal::NoPermittedRoute(_) => 451,
             Refusal::ConsentRecordInvalid(_) => 403,
@@ -194,6 +206,8 @@ impl Refusal {
         match self {
             Refusal::Identity(e) => e.code(),
             Refusal::ClientIp(_) => "malformed_forwarded_for",
+            Refusal::Target(_) => "invalid_path",
+            Refusal::AmbiguousIdentity => "ambiguous_identity",
             Refusal::UnknownRoute => "unknown_route",
             Refusal::NoPermittedRoute(_) => "no_permitted_route",
             Refusal::ConsentRecordInvalid(_) => "consent_record_invalid",
@@ -205,6 +219,10 @@ impl Refusal {
         match self {
             Refusal::Identity(e) => e.to_string(),
             Refusal::ClientIp(e) => e.to_string(),
+            Refusal::Target(e) => e.to_string(),
+            Refusal::AmbiguousIdentity => {
+                "the identity header holds more than one value; a request has one caller".into()
+            }
             Refusal::UnknownRoute => "no capability is configured for this method and path".into(),
             Refusal::NoPermittedRoute(a) => format!(
                 "the account's privacy settings leave no permitted pool for capability `{}`",
@@ -217,6 +235,29 @@ impl Refusal {
     }
 }
 
+/// Every element of every field line of `name`: comma-separated, trimmed,
+/// empty ones skipped: lists as RFC 9110 §5.6.1 defines them.
+fn list_elements<'h>(headers: &'h HeaderMap, name: &str) -> impl Iterator<Item = &'h [u8]> {
+    headers
+        .get_all(name)
+        .into_iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|e| !e.is_empty())
+}
+
+/// The one value of a singleton header: `Some(None)` when absent,
+/// `Some(Some(value))` with its only element (empty when the line is blank),
+/// `None` when it holds two or more (lines or list elements).
+fn single_value<'h>(headers: &'h HeaderMap, name: &HeaderName) -> Option<Option<&'h [u8]>> {
+    if !headers.contains_key(name) {
+        return Some(None);
+    }
+    let mut elements = list_elements(headers, name.as_str());
+    let first = elements.next().unwrap_or_default();
+    elements.next().is_none().then_some(Some(first))
+}
+
 /// The plan name of anonymous callers, shared by all of them.
 fn anonymous_plan() -> Arc<str> {
     static ANONYMOUS: std::sync::LazyLock<Arc<str>> =
@@ -226,6 +267,8 @@ fn anonymous_plan() -> Arc<str> {
 
 /// Decides one request under `snapshot`.
 pub fn evaluate(snapshot: &Snapshot, head: &RequestHead<'_>) -> Result<Admission, Refusal> {
+    let target =
+        RequestTarget::parse_sharing(head.target, head.received).map_err(Refusal::Target)?;
     let trusted_peer = snapshot.trusted_proxies.contains(head.peer);
     let forwarded_for = head
         .headers
@@ -235,18 +278,19 @@ pub fn evaluate(snapshot: &Snapshot, head: &RequestHead<'_>) -> Result<Admission
     let client = client_address(head.peer, forwarded_for, &snapshot.trusted_proxies)
         .map_err(Refusal::ClientIp)?;
 
-    let credentials = Credentials {
-        authorization: head
-            .headers
-            .get(http::header::AUTHORIZATION)
-            .map(|v| v.as_bytes()),
-        trusted_identity: snapshot
-            .identity_header
-            .as_ref()
-            .filter(|_| trusted_peer)
-            .and_then(|name| head.headers.get(name))
-            .map(|v| v.as_bytes()),
+    let trusted_identity = match snapshot.identity_header.as_ref().filter(|_| trusted_peer) {
+        Some(name) => single_value(head.headers, name).ok_or(Refusal::AmbiguousIdentity)?,
+        None => None,
     };
+    let mut authorization = head.headers.get_all(http::header::AUTHORIZATION).iter();
+    let credentials = Credentials {
+        authorization: authorization.next().map(|v| v.as_bytes()),
+        trusted_identity,
+    };
+    // Two keys are not a choice the gateway makes for the client.
+    if authorization.next().is_some() {
+        return Err(Refusal::Identity(IdentityError::MalformedAuthorization));
+    }
     let caller = identity::resolve(&snapshot.accounts, head.listener_product, credentials)
         .map_err(Refusal::Identity)?;
 
@@ -274,7 +318,7 @@ pub fn evaluate(snapshot: &Snapshot, head: &RequestHead<'_>) -> Result<Admission
     };
     let capability = snapshot
         .routes
-        .capability(head.method, head.path)
+        .capability(head.method, target.path())
         .ok_or(Refusal::UnknownRoute)?;
 
     let facts = RequestFacts {
@@ -282,15 +326,13 @@ pub fn evaluate(snapshot: &Snapshot, head: &RequestHead<'_>) -> Result<Admission
         plan: Some(plan_class),
         consents,
         capability,
-        global_privacy_control: head
-            .headers
-            .get("sec-gpc")
-            .is_some_and(|v| v.as_bytes().trim_ascii() == b"1"),
+        // Sent more than once, the protective reading wins: on if any value is 1.
+        global_privacy_control: list_elements(head.headers, "sec-gpc").any(|v| v == b"1"),
     };
     let decision = policy::decide(&snapshot.pools, &facts);
     let shadow = snapshot.shadow.as_ref().and_then(|rules| {
         let capability = match &rules.routes {
-            Some(routes) => routes.capability(head.method, head.path),
+            Some(routes) => routes.capability(head.method, target.path()),
             None => Some(capability),
         };
         let plan = match &record {
@@ -323,6 +365,7 @@ pub fn evaluate(snapshot: &Snapshot, head: &RequestHead<'_>) -> Result<Admission
         plan,
         product,
         capability,
+        target,
         decision,
         country,
         client_prefix: ClientPrefix::new(client, snapshot.prefix_lengths),

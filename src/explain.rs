@@ -103,7 +103,8 @@ pub fn explain(snapshot: &Snapshot, request: &DescribedRequest) -> Result<Value,
     let path = request.path.split('?').next().unwrap_or("/");
     let head = RequestHead {
         method: &request.method,
-        path,
+        target: request.path.as_bytes(),
+        received: None,
         headers: &headers,
         peer: request.peer,
         listener_product: request.listener_product,
@@ -114,6 +115,13 @@ pub fn explain(snapshot: &Snapshot, request: &DescribedRequest) -> Result<Value,
         .unwrap_or_else(|| crate::stamp::DecisionId::new().to_string());
     let outcome = evaluate(snapshot, &head);
     let status = outcome.as_ref().map_or_else(Refusal::status, |_| 200);
+    // As the proxy records it: the normalised path once a decision was made.
+    let decided = match &outcome {
+        Ok(admission) => Some(admission),
+        Err(Refusal::NoPermittedRoute(admission)) => Some(&**admission),
+        Err(_) => None,
+    };
+    let path = decided.map_or(path, |a| a.target.path());
     let request_line = RequestLine {
         method: request.method.as_str(),
         path,

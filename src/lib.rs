@@ -8,6 +8,7 @@
 //! - [`identity`]: API key / trusted identity header -> account.
 //! - [`client_ip`]: peer + trusted hops -> client address -> [`client_ip::ClientPrefix`].
 //! - [`geo`]: country of an address from a `.mmdb` file.
+//! - [`request_target`]: the raw target -> the one normalised path routes match and upstreams get.
 //! - [`capability`]: method + path -> capability.
 //! - [`evaluate`]: one request head -> facts -> decision (shared by the proxy and tools).
 //! - [`explain`]: the decision for a described request, as JSON.
@@ -16,6 +17,8 @@
 //! - [`health`]: active and passive health of pool addresses.
 //! - [`dns`]: pool host names, resolved at load and re-resolved as answers expire.
 //! - [`stamp`]: the upstream header contract and its signature.
+//! - [`request_shape`]: raw HTTP/1 heads and upgrades, checked before anything decides.
+//! - [`listener`]: per-connection limits in front of Pingora's proxy.
 //! - [`proxy`]: the Pingora `ProxyHttp` adapter.
 //! - [`proxy_protocol`]: the client address from an L4 balancer's PROXY header.
 //! - [`reload`]: file watching and `SIGHUP` -> validated snapshot swap.
@@ -45,6 +48,7 @@ pub mod geo;
 pub mod health;
 pub mod identity;
 pub mod lifecycle;
+pub mod listener;
 pub mod logging;
 pub mod metrics;
 pub mod observe;
@@ -53,6 +57,8 @@ pub mod preflight;
 pub mod proxy;
 pub mod proxy_protocol;
 pub mod reload;
+pub mod request_shape;
+pub mod request_target;
 pub mod routing;
 pub mod server;
 pub mod stamp;

@@ -149,12 +149,26 @@ impl log::Log for LogBridge {
 /// below `info`, whatever `RUST_LOG` asks.
 const HEAD_PRINTING_LIBRARIES: [&str; 4] = ["pingora_core", "pingora_proxy", "h2", "hyper"];
 
+/// The filter directives: `RUST_LOG` (default [`DEFAULT_FILTER`]), plus a
+/// line per request on the `access` target when `access` is on and
+/// `RUST_LOG` does not name that target itself.
+fn directives(rust_log: Option<&str>, access: bool) -> String {
+    let mut directives = rust_log.unwrap_or(DEFAULT_FILTER).to_string();
+    if access && !rust_log.is_some_and(|f| f.contains("access")) {
+        directives.push_str(",access=info");
+    }
+    directives
+}
+
 /// Sends every diagnostic line to standard error, as JSON lines when
-/// `json`; `RUST_LOG` sets the levels (default [`DEFAULT_FILTER`]).
+/// `json`, with an access line per request when `access` (`[log] access`);
+/// `RUST_LOG` sets the levels (see [`directives`]).
 /// Standard output is left to the audit log when it is `-`.
-pub fn init(json: bool) {
-    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_FILTER));
+pub fn init(json: bool, access: bool) {
+    let rust_log = std::env::var("RUST_LOG").ok();
+    let mut filter =
+        tracing_subscriber::EnvFilter::try_new(directives(rust_log.as_deref(), access))
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_FILTER));
     for library in HEAD_PRINTING_LIBRARIES {
         if let Ok(cap) = format!("{library}=info").parse() {
             filter = filter.add_directive(cap);
@@ -216,6 +230,17 @@ mod tests {
             Cow::Borrowed(_)
         ));
         assert!(!redact_addresses(plain).contains("::ffff"));
+    }
+
+    #[test]
+    fn access_lines_are_on_unless_rust_log_or_the_setting_says_otherwise() {
+        assert_eq!(
+            directives(None, true),
+            "warn,privacy_gateway=info,access=info"
+        );
+        assert_eq!(directives(None, false), DEFAULT_FILTER);
+        assert_eq!(directives(Some("debug"), true), "debug,access=info");
+        assert_eq!(directives(Some("warn,access=off"), true), "warn,access=off");
     }
 
     #[test]

@@ -223,7 +223,7 @@ fn run(config_path: &Path, options: LoadOptions, banner: Vec<String>, launch: La
             return ExitCode::from(2);
         }
     };
-    logging::init(settings.log_json);
+    logging::init(settings.log_json, settings.log_access);
     if let Err(e) = preflight::create_socket_folder(&settings.upgrade_sock) {
         tracing::error!("cannot create the upgrade socket's folder: {e}");
     }

@@ -59,6 +59,13 @@ pub struct Metrics {
     pub accounts_quarantined: IntGauge,
     /// Audit lines dropped because the writer fell behind.
     pub audit_dropped: IntCounter,
+    /// Requests the gateway refused (4xx) by `error.code`, and connections
+    /// refused by the connection limit (`too_many_connections`).
+    pub rejected: IntCounterVec,
+    /// Connections closed by a limit, by reason (`idle_timeout`, `shed`).
+    pub connections_closed: IntCounterVec,
+    /// Open client connections, by listener address.
+    pub connections_open: IntGaugeVec,
     /// Attempts by pool and address.
     pool_attempts: IntCounterVec,
     /// Failed attempts by pool, address and kind.
@@ -225,6 +232,24 @@ impl Metrics {
             "Connections closed over their PROXY protocol header, by reason.",
             &["reason"],
         );
+        let rejected = counter_vec(
+            &r,
+            "privacy_gateway_rejected_total",
+            "Requests the gateway refused (4xx) by error code, and connections refused by the connection limit.",
+            &["reason"],
+        );
+        let connections_closed = counter_vec(
+            &r,
+            "privacy_gateway_connections_closed_total",
+            "Client connections closed by a limit, by reason (idle_timeout, shed).",
+            &["reason"],
+        );
+        let connections_open = gauge_vec(
+            &r,
+            "privacy_gateway_connections_open",
+            "Open client connections, by listener.",
+            &["listener"],
+        );
         Metrics {
             registry: r,
             id: NEXT_METRICS_ID.fetch_add(1, Ordering::Relaxed),
@@ -244,6 +269,9 @@ impl Metrics {
             endpoint_up,
             pool_ready,
             proxy_headers_refused,
+            rejected,
+            connections_closed,
+            connections_open,
         }
     }
 
@@ -358,6 +386,18 @@ impl Metrics {
         );
     }
 
+    /// Counts one request the gateway refused (4xx), or one connection the
+    /// connection limit refused, in `privacy_gateway_rejected_total`.
+    pub fn count_rejected(&self, reason: &str) {
+        self.inc(Family::Rejected, &[reason]);
+    }
+
+    /// Counts one connection closed by a limit in
+    /// `privacy_gateway_connections_closed_total`.
+    pub fn count_connection_closed(&self, reason: &str) {
+        self.inc(Family::ConnectionsClosed, &[reason]);
+    }
+
     /// Increments the series of `family` with `labels`, resolved by this
     /// thread once (see [`SeriesCache`]).
     fn inc(&self, family: Family, labels: &[&str]) {
@@ -365,6 +405,8 @@ impl Metrics {
             Family::Requests => &self.requests,
             Family::Decisions => &self.decisions,
             Family::RoutesRemoved => &self.routes_removed,
+            Family::Rejected => &self.rejected,
+            Family::ConnectionsClosed => &self.connections_closed,
         };
         RESOLVED.with(|cache| match cache.try_borrow_mut() {
             Ok(mut cache) => cache.inc(self.id, family, vec, labels),
@@ -384,12 +426,15 @@ impl Metrics {
 
 static NEXT_METRICS_ID: AtomicU64 = AtomicU64::new(1);
 
-/// The counter families counted on every request.
+/// The counter families counted on every request (or refused request, or
+/// connection closed by a limit).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Family {
     Requests,
     Decisions,
     RoutesRemoved,
+    Rejected,
+    ConnectionsClosed,
 }
 
 /// Most series one thread keeps resolved; past it, the rest are counted
@@ -510,5 +555,21 @@ mod tests {
         assert_eq!(get(&a, "free", "200"), 1);
         assert_eq!(get(&a, "paid", "451"), 1);
         assert_eq!(get(&b, "paid", "200"), 1);
+    }
+
+    #[test]
+    fn refusals_and_closed_connections_reach_their_series() {
+        let m = Metrics::new();
+        for _ in 0..2 {
+            m.count_rejected("invalid_path");
+        }
+        m.count_rejected("too_many_connections");
+        m.count_connection_closed("idle_timeout");
+        let rejected = |reason: &str| m.rejected.with_label_values(&[reason]).get();
+        assert_eq!(rejected("invalid_path"), 2);
+        assert_eq!(rejected("too_many_connections"), 1);
+        let closed = |reason: &str| m.connections_closed.with_label_values(&[reason]).get();
+        assert_eq!(closed("idle_timeout"), 1);
+        assert_eq!(closed("shed"), 0);
     }
 }

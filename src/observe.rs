@@ -91,6 +91,9 @@ impl Observers {
             view = view.served_by(pool);
         }
         let metrics = &self.metrics;
+        if let Some(code) = error_code.filter(|_| (400..500).contains(&status)) {
+            metrics.count_rejected(code);
+        }
         metrics.record_request(&view, listener_product);
         match &view.decision {
             Some(d) => tracing::info!(

@@ -17,14 +17,19 @@ use pingora::{ErrorSource, ErrorType};
 use crate::config::{Quarantined, Snapshot, SnapshotHandle};
 use crate::evaluate::{evaluate, Admission, Refusal, RequestHead};
 use crate::lifecycle::{InFlight, Lifecycle};
+use crate::listener::Limits;
 use crate::metrics::EndpointCounters;
 use crate::observe::{Completed, Observers};
 use crate::policy::Product;
-use crate::routing::{PoolUpstream, Target};
+use crate::request_shape::{self, ShapeError};
+use crate::routing::Target;
 use crate::stamp::{self, DecisionId};
 
 /// The custom error raised when every permitted endpoint has been tried.
 const NO_PERMITTED_ENDPOINT: ErrorType = ErrorType::Custom("permitted_pools_unavailable");
+
+/// The custom error raised when a streamed body passes `max_body_bytes`.
+const BODY_TOO_LARGE: ErrorType = ErrorType::Custom("body_too_large");
 
 /// One listener's proxy logic.
 pub struct PrivacyProxy {
@@ -32,22 +37,26 @@ pub struct PrivacyProxy {
     listener_product: Product,
     observers: Arc<Observers>,
     lifecycle: &'static Lifecycle,
+    limits: Limits,
 }
 
 impl PrivacyProxy {
     /// A proxy for a listener of `listener_product`, reading `snapshots`,
-    /// reporting to `observers`, counting its requests in `lifecycle`.
+    /// reporting to `observers`, counting its requests in `lifecycle`,
+    /// holding request bodies and answers to `limits`.
     pub fn new(
         snapshots: Arc<SnapshotHandle>,
         listener_product: Product,
         observers: Arc<Observers>,
         lifecycle: &'static Lifecycle,
+        limits: Limits,
     ) -> Self {
         PrivacyProxy {
             snapshots,
             listener_product,
             observers,
             lifecycle,
+            limits,
         }
     }
 
@@ -81,6 +90,8 @@ pub struct RequestCtx {
     upstream_started: Option<Instant>,
     /// Counts the request in flight until it is over.
     _in_flight: InFlight,
+    /// Request body bytes received so far.
+    body_bytes: u64,
 }
 
 impl RequestCtx {
@@ -98,7 +109,7 @@ impl RequestCtx {
 }
 
 /// The JSON body of an answer the gateway gives itself.
-fn error_body(
+pub(crate) fn error_body(
     code: &str,
     message: &str,
     decision_id: &str,
@@ -129,6 +140,17 @@ async fn respond_json(
     session.write_response_body(Some(body), true).await
 }
 
+/// Whether the client hung up or stopped reading: nobody is left to answer.
+fn client_went_away(e: &Error) -> bool {
+    matches!(
+        e.etype(),
+        ErrorType::ConnectionClosed
+            | ErrorType::ReadError
+            | ErrorType::WriteError
+            | ErrorType::WriteTimedout
+    )
+}
+
 /// What a 451 or 503 names: the capability and the account's constraints
 /// that narrowed its pools (never another customer's data).
 fn route_refusal_detail(admission: &Admission) -> serde_json::Value {
@@ -152,13 +174,29 @@ fn peer_ip(session: &Session) -> Option<IpAddr> {
         .map(|a| a.ip())
 }
 
+/// Removes every header whose name satisfies `doomed`, in any case and number.
+fn remove_headers_where(req: &mut RequestHeader, doomed: impl Fn(&str) -> bool) {
+    let names: Vec<http::HeaderName> = req
+        .headers
+        .keys()
+        .filter(|name| doomed(name.as_str()))
+        .cloned()
+        .collect();
+    for name in names {
+        req.remove_header(&name);
+    }
+}
+
 /// Whether `name` is a header a client may never decide (spec §7): the
-/// gateway's own, a client address, the identity header, a pool's credential.
-/// (`Authorization` goes too, but by name: see [`strip_client_controlled`].)
+/// gateway's own, an underscore name, a client address, one the operator
+/// strips, the identity header, a pool's credential. (`Authorization` goes
+/// too, but by name: see [`strip_client_controlled`].)
 fn client_controlled(name: &HeaderName, snapshot: &Snapshot) -> bool {
     let text = name.as_str();
     stamp::is_reserved(text)
+        || stamp::is_underscore_name(text)
         || stamp::ADDRESS_HEADERS.contains(&text)
+        || snapshot.strip_headers.contains(name)
         || snapshot.identity_header.as_ref() == Some(name)
         || snapshot.upstreams.credential_headers().any(|c| c == name)
 }
@@ -180,34 +218,43 @@ fn strip_client_controlled(headers: &mut HeaderMap, snapshot: &Snapshot) {
     }
 }
 
-/// The request as it leaves for `pool`: what the client may not decide
-/// removed, the header contract stamped. (Public for the benchmarks, which
-/// count what it allocates.)
+/// The request as it leaves for `target`: what the client may not decide
+/// removed, the decided target in origin form with the pool's `Host`, the
+/// header contract stamped. (Public for the benchmarks, which count what it
+/// allocates.)
 ///
 /// Edited as plain [`http::request::Parts`], taken out of Pingora's
 /// `RequestHeader` and put back: Pingora's own `insert_header` parses each
 /// name anew and keeps a second map of name spellings, which cost more than
 /// the rest of the gateway's work together. Without that map, Pingora writes
 /// the names in lower case (a few standard ones title-cased), which HTTP
-/// treats alike; the request target (kept byte for byte when Pingora kept
-/// it so) and everything else leave as before.
+/// treats alike; everything else leaves as before.
 pub fn rewrite_upstream_request(
     req: &mut RequestHeader,
     snapshot: &Snapshot,
     admission: &Admission,
     decision_id: &str,
-    pool: &PoolUpstream,
+    target: Target,
 ) -> Result<()> {
+    let no_target = || Error::explain(ErrorType::InternalError, "no target chosen");
+    let upstreams = &snapshot.upstreams;
+    let pool = upstreams.pool(target.pool).ok_or_else(no_target)?;
+    let host = upstreams.host(target).ok_or_else(no_target)?;
     let stamps = admission
         .stamps(snapshot, decision_id, pool)
         .map_err(|e| Error::explain(ErrorType::InternalError, e.to_string()))?;
-    let verbatim_target = stored_target(req).map(<[u8]>::to_vec);
     let end_stream = req.send_end_stream();
     let mut parts = http::request::Parts::from(std::mem::replace(req, empty_request()));
+    // The request that goes upstream is the one decided (spec §7): the
+    // normalised path in origin form, and the pool's Host, never the client's.
+    parts.uri = admission.target.uri();
     let headers = &mut parts.headers;
     strip_client_controlled(headers, snapshot);
     let too_many = |_| Error::explain(ErrorType::InvalidHTTPHeader, "too many headers");
-    headers.try_reserve(stamps.len() + 1).map_err(too_many)?;
+    headers.try_reserve(stamps.len() + 2).map_err(too_many)?;
+    headers
+        .try_insert(http::header::HOST, host.clone())
+        .map_err(too_many)?;
     for (name, value) in stamps {
         headers.try_insert(name.clone(), value).map_err(too_many)?;
     }
@@ -216,29 +263,12 @@ pub fn rewrite_upstream_request(
             .try_insert(credential.header().clone(), credential.value().clone())
             .map_err(too_many)?;
     }
+    // From `Parts`, the target is the URI's (as `set_uri` would make it).
     *req = RequestHeader::from(parts);
-    if let Some(target) = verbatim_target {
-        req.set_raw_path(&target)?;
-    }
     if end_stream == Some(false) {
         req.set_send_end_stream(false);
     }
     Ok(())
-}
-
-/// The request target Pingora keeps apart from the URI (an absolute-form
-/// or non-UTF-8 target, sent byte for byte), if it keeps one: then
-/// `raw_path` does not point into the URI.
-fn stored_target(req: &RequestHeader) -> Option<&[u8]> {
-    let raw = req.raw_path();
-    let uri = req
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .or_else(|| req.uri.authority().map(|a| a.as_str()))
-        .unwrap_or_default();
-    let from_uri = raw.is_empty() || (req.raw_path_is_utf8() && std::ptr::eq(raw, uri.as_bytes()));
-    (!from_uri).then_some(raw)
 }
 
 /// A request head with nothing in it (allocates nothing), to stand in while
@@ -263,7 +293,19 @@ impl ProxyHttp for PrivacyProxy {
             error_code: None,
             upstream_started: None,
             _in_flight: self.lifecycle.begin_request(),
+            body_bytes: 0,
         }
+    }
+
+    async fn early_request_filter(
+        &self,
+        session: &mut Session,
+        _ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        // Between-read and between-write silences (nginx client_body_timeout, send_timeout).
+        session.set_read_timeout(Some(self.limits.body_timeout));
+        session.set_write_timeout(Some(self.limits.send_timeout));
+        Ok(())
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
@@ -278,10 +320,28 @@ impl ProxyHttp for PrivacyProxy {
             respond_json(session, 400, ctx.decision_id.as_str(), body).await?;
             return Ok(true);
         };
+        let headers = &session.req_header().headers;
+        let shape = request_shape::refuse_upgrade(headers).and_then(|()| {
+            request_shape::check_declared_length(headers, self.limits.max_body_bytes)
+        });
+        if let Err(refusal) = shape {
+            ctx.error_code = Some(refusal.code());
+            let body = error_body(
+                refusal.code(),
+                &refusal.to_string(),
+                ctx.decision_id.as_str(),
+                None,
+            );
+            respond_json(session, refusal.status(), ctx.decision_id.as_str(), body).await?;
+            return Ok(true);
+        }
+        // Underscore names go before anything reads the request (spec §7).
+        remove_headers_where(session.req_header_mut(), stamp::is_underscore_name);
         let req = session.req_header();
         let head = RequestHead {
             method: &req.method,
-            path: req.uri.path(),
+            target: req.raw_path(),
+            received: req.uri.path_and_query(),
             headers: &req.headers,
             peer,
             listener_product: self.listener_product,
@@ -391,6 +451,22 @@ impl ProxyHttp for PrivacyProxy {
         e
     }
 
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        ctx.body_bytes += body.as_ref().map_or(0, |b| b.len() as u64);
+        match self.limits.max_body_bytes {
+            Some(max) if ctx.body_bytes > max => {
+                Error::e_explain(BODY_TOO_LARGE, "request body larger than max_body_bytes")
+            }
+            _ => Ok(()),
+        }
+    }
+
     async fn upstream_request_filter(
         &self,
         _session: &mut Session,
@@ -398,16 +474,15 @@ impl ProxyHttp for PrivacyProxy {
         ctx: &mut Self::CTX,
     ) -> Result<()> {
         let admission = ctx.admitted()?;
-        let pool = ctx
+        let target = ctx
             .target
-            .and_then(|t| ctx.snapshot.upstreams.pool(t.pool))
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "no target chosen"))?;
         rewrite_upstream_request(
             upstream_request,
             &ctx.snapshot,
             admission,
             ctx.decision_id.as_str(),
-            pool,
+            target,
         )
     }
 
@@ -437,20 +512,30 @@ impl ProxyHttp for PrivacyProxy {
         e: &Error,
         ctx: &mut Self::CTX,
     ) -> FailToProxy {
-        let (status, code, message) = match (e.etype(), e.esource()) {
+        let too_large = ShapeError::BodyTooLarge;
+        let (status, code, message): (u16, &'static str, String) = match (e.etype(), e.esource()) {
             (t, _) if *t == NO_PERMITTED_ENDPOINT => (
                 503,
                 "permitted_pools_unavailable",
-                "every pool permitted for this request is unavailable",
+                "every pool permitted for this request is unavailable".into(),
             ),
-            (ErrorType::HTTPStatus(s), _) => (*s, "http_error", "the request could not be proxied"),
-            (_, ErrorSource::Upstream) => (502, "upstream_error", "the upstream failed"),
-            (
-                ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError,
-                ErrorSource::Downstream,
-            ) => (0, "", ""),
-            (_, ErrorSource::Downstream) => (400, "bad_request", "the request is malformed"),
-            _ => (500, "internal_error", "the gateway failed"),
+            (t, _) if *t == BODY_TOO_LARGE => (413, too_large.code(), too_large.to_string()),
+            (ErrorType::HTTPStatus(s), _) => {
+                (*s, "http_error", "the request could not be proxied".into())
+            }
+            (ErrorType::ReadTimedout, ErrorSource::Downstream) => (
+                408,
+                "body_timeout",
+                "the request body stopped arriving".into(),
+            ),
+            (_, ErrorSource::Downstream) if client_went_away(e) => (0, "", String::new()),
+            (_, ErrorSource::Upstream) => (502, "upstream_error", "the upstream failed".into()),
+            (_, ErrorSource::Downstream) => (
+                400,
+                "malformed_body",
+                "the request body is malformed".into(),
+            ),
+            _ => (500, "internal_error", "the gateway failed".into()),
         };
         if !code.is_empty() {
             ctx.error_code = Some(code);
@@ -464,7 +549,7 @@ impl ProxyHttp for PrivacyProxy {
                 .as_ref()
                 .filter(|_| status == 503)
                 .map(route_refusal_detail);
-            let body = error_body(code, message, ctx.decision_id.as_str(), extra);
+            let body = error_body(code, &message, ctx.decision_id.as_str(), extra);
             // The client may be gone; there is nobody left to tell.
             let _ = respond_json(session, status, ctx.decision_id.as_str(), body).await;
         }
@@ -476,21 +561,27 @@ impl ProxyHttp for PrivacyProxy {
 
     /// Pingora logs every failed request at ERROR. A 503 because every
     /// permitted pool is down is an answer the policy chose (pool health is
-    /// logged when it changes, and counted), and a client hanging up is the
-    /// client's business: neither is an error of the gateway.
-    fn suppress_error_log(&self, _session: &Session, _ctx: &Self::CTX, e: &Error) -> bool {
-        *e.etype() == NO_PERMITTED_ENDPOINT
-            || (*e.esource() == ErrorSource::Downstream
-                && matches!(
-                    e.etype(),
-                    ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError
-                ))
+    /// logged when it changes, and counted), and what a client does (hang
+    /// up, stop reading or sending, send a malformed body) is the client's
+    /// business: neither is an error of the gateway.
+    fn suppress_error_log(&self, _session: &Session, ctx: &Self::CTX, e: &Error) -> bool {
+        // Answered (when anyone is left), counted and audited; logged at debug.
+        let client_side = *e.esource() == ErrorSource::Downstream;
+        if client_side {
+            tracing::debug!(decision_id = %ctx.decision_id, error = e.etype().as_str(), "client side ended the request");
+        }
+        *e.etype() == NO_PERMITTED_ENDPOINT || client_side
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Self::CTX) {
         let now = Instant::now();
         let req = session.req_header();
-        let (method, path) = (req.method.as_str(), req.uri.path());
+        // An admitted request is recorded under the path it was decided and forwarded on.
+        let path = ctx
+            .admission
+            .as_ref()
+            .map_or(req.uri.path(), |a| a.target.path());
+        let method = req.method.as_str();
         self.observers.request_done(&Completed {
             decision_id: ctx.decision_id.as_str(),
             method,

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use http::HeaderValue;
 use pingora::tls::x509::X509;
 use pingora::upstreams::peer::HttpPeer;
 use thiserror::Error;
@@ -51,6 +52,10 @@ pub struct Endpoint {
     pub tls: bool,
     /// SNI and certificate name.
     pub server_name: String,
+    /// `host[:port]` as written in the address (port only when not the
+    /// scheme's default): the `Host` sent when the pool sets none, made
+    /// once so that sending it copies nothing.
+    pub authority: HeaderValue,
     /// Share of the pool's traffic relative to its other addresses.
     pub weight: u32,
     /// Where the host resolves now (never empty).
@@ -105,11 +110,25 @@ impl Endpoint {
             },
         };
         let server_name = server_name.unwrap_or(&host).to_string();
+        let host_text = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host.clone()
+        };
+        let default_port = if tls { 443 } else { 80 };
+        let authority = if port == default_port {
+            host_text
+        } else {
+            format!("{host_text}:{port}")
+        };
+        let authority = HeaderValue::try_from(authority)
+            .map_err(|_| EndpointError::Syntax(address.to_string()))?;
         let endpoint = Endpoint {
             host,
             port,
             tls,
             server_name,
+            authority,
             weight: weight.max(1),
             addresses: ArcSwap::from_pointee(Vec::new()),
             next_address: AtomicUsize::new(0),
@@ -248,6 +267,9 @@ pub struct PoolUpstream {
     pub health_check: Option<CheckSpec>,
     /// The operator's credential, sent on every request to the pool.
     pub credential: Option<UpstreamCredential>,
+    /// The `Host` every request to this pool carries (`host` in pools.toml);
+    /// `None`: each address's own `host[:port]`. Never the client's.
+    pub host: Option<HeaderValue>,
     next_endpoint: AtomicUsize,
 }
 
@@ -280,6 +302,7 @@ impl PoolUpstream {
             ca,
             health_check,
             credential: None,
+            host: None,
             next_endpoint: AtomicUsize::new(0),
         }
     }
@@ -287,6 +310,12 @@ impl PoolUpstream {
     /// The same pool, sending `credential` on every request.
     pub fn with_credential(mut self, credential: Option<UpstreamCredential>) -> Self {
         self.credential = credential;
+        self
+    }
+
+    /// Sends `host` as every request's `Host` instead of each address's own.
+    pub fn with_host(mut self, host: Option<HeaderValue>) -> Self {
+        self.host = host;
         self
     }
 
@@ -464,6 +493,14 @@ impl Upstreams {
             .filter(|e| e.is_named())
     }
 
+    /// The `Host` a request to `target` carries: the pool's `host`, else the
+    /// address's own `host[:port]`.
+    pub fn host(&self, target: Target) -> Option<&HeaderValue> {
+        let pool = self.pools.get(target.pool)?;
+        let endpoint = pool.endpoints.get(target.endpoint)?;
+        Some(pool.host.as_ref().unwrap_or(&endpoint.authority))
+    }
+
     /// The Pingora peer for a target.
     pub fn peer(&self, target: Target) -> Option<HttpPeer> {
         let pool = self.pools.get(target.pool)?;
@@ -525,9 +562,13 @@ mod tests {
         assert!(e.tls);
         assert_eq!(e.addresses()[0].socket.port(), 8443);
         assert_eq!(e.server_name, "inference.test");
+        assert_eq!(e.authority, "127.0.0.1:8443");
         let e = parse("http://[::1]", None, &r).unwrap();
         assert_eq!(e.addresses()[0].socket.port(), 80);
+        assert_eq!(e.authority, "[::1]");
         assert!(!e.is_named());
+        let e = parse("https://127.0.0.1:443/", None, &r).unwrap();
+        assert_eq!(e.authority, "127.0.0.1");
         assert!(parse("ftp://x", None, &r).is_err());
         assert!(parse("http://127.0.0.1:1/path", None, &r).is_err());
         // A name needs an answer from the load.

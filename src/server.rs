@@ -1,6 +1,6 @@
-//! Assembles the Pingora server: one proxy service per listener (behind
-//! TLS and the PROXY protocol when configured), all reading the same
-//! snapshot handle.
+//! Assembles the Pingora server: one service per listener (its connection
+//! limits around a Pingora proxy, behind TLS and the PROXY protocol when
+//! configured), all reading the same snapshot handle.
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
@@ -20,6 +20,7 @@ use crate::config::{GatewaySettings, Listener, SnapshotHandle};
 use crate::dns::DnsRefresher;
 use crate::health::HealthChecker;
 use crate::lifecycle::{Drain, Lifecycle, Lingering, Listening, Signals};
+use crate::listener::GatewayListener;
 use crate::observe::Observers;
 use crate::proxy::PrivacyProxy;
 use crate::proxy_protocol::{self, ProxyHeaders};
@@ -141,6 +142,7 @@ pub fn build(
                 listener.product,
                 observers.clone(),
                 lifecycle,
+                settings.limits,
             ),
         );
         if listener.h2c {
@@ -148,7 +150,15 @@ pub fn build(
             options.h2c = true;
             proxy.server_options = Some(options);
         }
-        let proxy = Lingering::new(proxy);
+        let proxy = GatewayListener::new(
+            Lingering::new(proxy),
+            &listener.address.to_string(),
+            listener.product,
+            settings.limits,
+            snapshots.clone(),
+            observers.clone(),
+            lifecycle,
+        );
         let headers = listener.proxy_protocol.then(|| {
             ProxyHeaders::new(
                 snapshots.clone(),

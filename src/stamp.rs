@@ -113,14 +113,51 @@ impl std::fmt::Debug for DecisionId {
     }
 }
 
-/// Headers that carry a client address; they never leave the gateway as sent.
-pub const ADDRESS_HEADERS: [&str; 5] = [
+/// Headers that carry a client address (spec §7): removed from every request
+/// before it is forwarded, whether the peer is trusted or not; only the
+/// gateway's own truncated `x-forwarded-for` goes upstream. Edge proxies and
+/// CDNs add these themselves, so a client behind one arrives with several.
+/// `[trust] strip_headers` adds names; underscore spellings never get this
+/// far (see [`is_underscore_name`]).
+pub const ADDRESS_HEADERS: [&str; 26] = [
+    // Believed from a trusted proxy (`x-forwarded-for`), then replaced.
     "x-forwarded-for",
     "forwarded",
     "x-real-ip",
     "true-client-ip",
     "cf-connecting-ip",
+    // The spec's list (e2).
+    "x-client-ip",
+    "x-cluster-client-ip",
+    "x-original-forwarded-for",
+    "forwarded-for",
+    "x-forwarded",
+    "x-envoy-external-address",
+    "cloudfront-viewer-address",
+    "x-azure-clientip",
+    "x-azure-socketip",
+    "fastly-client-ip",
+    "cf-connecting-ipv6",
+    "cf-pseudo-ipv4",
+    "x-proxyuser-ip",
+    // Other common spellings (application servers, PaaS edges).
+    "client-ip",
+    "x-originating-ip",
+    "x-remote-ip",
+    "x-remote-addr",
+    "proxy-client-ip",
+    "wl-proxy-client-ip",
+    "fly-client-ip",
+    "x-appengine-user-ip",
 ];
+
+/// Whether a client-sent header name contains an underscore. Such headers are
+/// dropped on arrival, before the decision, and never forwarded (spec §7, as
+/// nginx does by default): CGI, WSGI and PHP upstreams read
+/// `x_privacy_training` as `X-Privacy-Training`.
+pub fn is_underscore_name(name: &str) -> bool {
+    name.contains('_')
+}
 
 /// Whether a client-sent header name is one only the gateway may set
 /// (`x-privacy-*`, `x-zero-data-retention`). Names arrive lower-cased.
@@ -407,6 +444,7 @@ pub fn signature<'n, 'v>(
     key: &SigningKey,
     headers: impl IntoIterator<Item = (&'n str, &'v [u8])>,
 ) -> [u8; 64] {
+    // The keyed state, copied: no fallback, no made-up signature.
     let mut mac = key.0.clone();
     for (name, value) in headers {
         mac.update(name.as_bytes());
@@ -462,6 +500,17 @@ mod tests {
                 prefix.to_string().as_bytes(),
                 "{ip} /{v4} /{v6}"
             );
+        }
+    }
+
+    #[test]
+    fn address_headers_are_lower_case_unique_and_none_is_reserved() {
+        let mut seen = std::collections::HashSet::new();
+        for name in ADDRESS_HEADERS {
+            assert_eq!(name, name.to_ascii_lowercase());
+            assert!(http::HeaderName::try_from(name).is_ok(), "{name}");
+            assert!(seen.insert(name), "{name} listed twice");
+            assert!(!is_reserved(name) && !is_underscore_name(name), "{name}");
         }
     }
 

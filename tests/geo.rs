@@ -152,7 +152,8 @@ impl Setup {
         }
         let head = privacy_gateway::evaluate::RequestHead {
             method: &http::Method::POST,
-            path: CHAT,
+            target: CHAT.as_bytes(),
+            received: None,
             headers: &headers,
             peer: CLIENT_V4.parse::<IpAddr>().expect("client address"),
             listener_product: Product::Chat,

@@ -25,6 +25,9 @@ pub struct GatewayFile {
     /// Upstream connection settings.
     #[serde(default)]
     pub upstream: UpstreamEntry,
+    /// What one client connection may cost.
+    #[serde(default)]
+    pub limits: LimitsEntry,
     /// Worker threads per listener service (default 2).
     #[serde(default)]
     pub threads: Option<usize>,
@@ -71,6 +74,10 @@ pub struct LogEntry {
     /// `text` (default) or `json`. The level comes from `RUST_LOG` (default: warnings, plus access lines).
     #[serde(default)]
     pub format: Option<String>,
+    /// One `access` line per request at info level (default true), unless
+    /// `RUST_LOG` says otherwise about the `access` target.
+    #[serde(default)]
+    pub access: Option<bool>,
 }
 
 /// `[process]`.
@@ -155,6 +162,10 @@ pub struct TrustEntry {
     /// Header naming the account, set by a trusted front service.
     #[serde(default)]
     pub identity_header: Option<String>,
+    /// More headers that carry a client address, removed from every request
+    /// like the built-in list (e.g. a CDN's own `x-cdn-client-addr`).
+    #[serde(default)]
+    pub strip_headers: Vec<String>,
 }
 
 /// `[signing]`.
@@ -189,6 +200,33 @@ pub struct UpstreamEntry {
     /// milliseconds (default 30000; sooner when the record's TTL ends).
     #[serde(default)]
     pub dns_refresh_ms: Option<u64>,
+}
+
+/// `[limits]`: what one client connection may cost. Defaults follow nginx.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsEntry {
+    /// Silence allowed between requests on a kept-alive connection, in milliseconds (default 75000).
+    #[serde(default)]
+    pub keepalive_timeout_ms: Option<u64>,
+    /// Time allowed for a whole request head, in milliseconds (default 60000); then 408.
+    #[serde(default)]
+    pub header_timeout_ms: Option<u64>,
+    /// Longest request head in bytes (default 32768); then 431.
+    #[serde(default)]
+    pub max_header_bytes: Option<usize>,
+    /// Open connections per listener (default 4096); beyond it idle ones are shed, else new ones refused.
+    #[serde(default)]
+    pub max_connections: Option<usize>,
+    /// Silence allowed between two reads of a request body, in milliseconds (default 60000); then 408.
+    #[serde(default)]
+    pub body_timeout_ms: Option<u64>,
+    /// Silence allowed while a client does not read its answer, in milliseconds (default 60000).
+    #[serde(default)]
+    pub send_timeout_ms: Option<u64>,
+    /// Largest request body in bytes; no limit when absent. Then 413.
+    #[serde(default)]
+    pub max_body_bytes: Option<u64>,
 }
 
 /// `rules.toml`: what the policy needs to know about plans, paths and addresses.
@@ -308,6 +346,10 @@ pub struct PoolEntry {
     /// (default: the system's).
     #[serde(default)]
     pub tls_ca_file: Option<PathBuf>,
+    /// `Host` sent with every request to the pool, `host` or `host:port`
+    /// (default: each address's own host, and port when not the default).
+    #[serde(default)]
+    pub host: Option<String>,
     /// Active health checks of the pool's addresses; none when absent.
     #[serde(default)]
     pub health_check: Option<HealthCheckEntry>,

@@ -3,17 +3,20 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
+use http::header::{CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
 use http::HeaderName;
 use ipnet::IpNet;
 
 use super::diagnostics::FileErrors;
-use super::files::GatewayFile;
+use super::files::{GatewayFile, LimitsEntry};
 use super::snapshot::{GatewaySettings, Listener, ListenerTls};
 use crate::admin::AdminToken;
 use crate::audit::AuditTarget;
 use crate::client_ip::TrustedProxies;
 use crate::dns::DnsSettings;
+use crate::listener::Limits;
 use crate::policy::Product;
 use crate::routing::UpstreamTimeouts;
 use crate::stamp::SigningKey;
@@ -25,6 +28,7 @@ pub(super) struct Gateway {
     pub settings: GatewaySettings,
     pub trusted_proxies: TrustedProxies,
     pub identity_header: Option<HeaderName>,
+    pub strip_headers: Vec<HeaderName>,
     pub signing_key: Option<SigningKey>,
     pub timeouts: UpstreamTimeouts,
     pub admin_token: Option<AdminToken>,
@@ -61,6 +65,13 @@ pub(super) fn compile_gateway(
                 g.at_line(None, format!("identity header `{name}` is a reserved name"));
                 None
             }
+            Ok(h) if crate::stamp::is_underscore_name(h.as_str()) => {
+                g.at_line(
+                    None,
+                    format!("identity header `{name}` has an underscore: such headers are dropped on arrival"),
+                );
+                None
+            }
             Ok(h) => Some(h),
             Err(_) => {
                 g.at_line(
@@ -71,6 +82,7 @@ pub(super) fn compile_gateway(
             }
         },
     };
+    let strip_headers = strip_headers(&gateway.trust.strip_headers, g);
     let mut sources = Vec::new();
     let signing_key = match &gateway.signing.key_file {
         None => None,
@@ -140,6 +152,7 @@ pub(super) fn compile_gateway(
         dns,
         trusted_proxies: TrustedProxies::new(trusted),
         identity_header,
+        strip_headers,
         signing_key,
         timeouts,
         admin_token,
@@ -162,6 +175,76 @@ fn collide(a: SocketAddr, b: SocketAddr) -> bool {
         && a.port() != 0
         && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
+
+/// `[trust] strip_headers`: header names, none that forwarding needs.
+fn strip_headers(names: &[String], g: &mut FileErrors<'_>) -> Vec<HeaderName> {
+    let mut out = Vec::new();
+    for name in names {
+        match HeaderName::try_from(name.as_str()) {
+            Ok(h) if [HOST, CONTENT_LENGTH, TRANSFER_ENCODING].contains(&h) => g.at_line(
+                None,
+                format!("strip header `{name}` is needed to forward a request"),
+            ),
+            Ok(h) => out.push(h),
+            Err(_) => g.at_line(None, format!("strip header `{name}` is not a header name")),
+        }
+    }
+    out
+}
+
+/// `[limits]`, over nginx-like defaults.
+fn limits(entry: &LimitsEntry, g: &mut FileErrors<'_>) -> Limits {
+    let d = Limits::default();
+    let mut duration = |name: &str, value: Option<u64>, default: Duration| match value {
+        Some(0) => {
+            g.at_line(None, format!("[limits] {name} must be at least 1"));
+            default
+        }
+        Some(ms) => Duration::from_millis(ms),
+        None => default,
+    };
+    let keepalive_timeout = duration(
+        "keepalive_timeout_ms",
+        entry.keepalive_timeout_ms,
+        d.keepalive_timeout,
+    );
+    let header_timeout = duration(
+        "header_timeout_ms",
+        entry.header_timeout_ms,
+        d.header_timeout,
+    );
+    let body_timeout = duration("body_timeout_ms", entry.body_timeout_ms, d.body_timeout);
+    let send_timeout = duration("send_timeout_ms", entry.send_timeout_ms, d.send_timeout);
+    let max_header_bytes = entry.max_header_bytes.unwrap_or(d.max_header_bytes);
+    if !(1024..=MAX_HEADER_BYTES).contains(&max_header_bytes) {
+        g.at_line(
+            None,
+            format!("[limits] max_header_bytes must be between 1024 and {MAX_HEADER_BYTES}"),
+        );
+    }
+    let max_connections = entry.max_connections.unwrap_or(d.max_connections);
+    if max_connections == 0 {
+        g.at_line(None, "[limits] max_connections must be at least 1");
+    }
+    if entry.max_body_bytes == Some(0) {
+        g.at_line(
+            None,
+            "[limits] max_body_bytes must be at least 1 (leave it out for no limit)",
+        );
+    }
+    Limits {
+        keepalive_timeout,
+        header_timeout,
+        max_header_bytes: max_header_bytes.clamp(1024, MAX_HEADER_BYTES),
+        max_connections: max_connections.max(1),
+        body_timeout,
+        send_timeout,
+        max_body_bytes: entry.max_body_bytes,
+    }
+}
+
+/// Pingora refuses request heads from 1 MiB on; the limit stays below.
+const MAX_HEADER_BYTES: usize = 1024 * 1024 - 1;
 
 fn gateway_settings(gateway: &GatewayFile, base: &Path, g: &mut FileErrors<'_>) -> GatewaySettings {
     let mut listeners = Vec::new();
@@ -257,6 +340,8 @@ fn gateway_settings(gateway: &GatewayFile, base: &Path, g: &mut FileErrors<'_>) 
             .as_ref()
             .and_then(|a| a.buffer)
             .unwrap_or(65_536),
+        log_access: gateway.log.access.unwrap_or(true),
+        limits: limits(&gateway.limits, g),
         log_json: match gateway.log.format.as_deref() {
             None | Some("text") => false,
             Some("json") => true,

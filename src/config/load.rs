@@ -113,6 +113,7 @@ pub fn load(
         geo,
         trusted_proxies: gateway.trusted_proxies,
         identity_header: gateway.identity_header,
+        strip_headers: gateway.strip_headers,
         signing_key: gateway.signing_key,
         admin_token: gateway.admin_token,
         tls_certificates: gateway.tls_certificates,

@@ -165,6 +165,16 @@ pub(super) fn compile_pools(
                 }
             }
         };
+        let host = pool.host.as_ref().and_then(|h| {
+            if let Some(value) = valid_host(h) {
+                return Some(value);
+            }
+            p.at_span(
+                span.clone(),
+                format!("pool `{}`: host `{h}` is not host or host:port", pool.name),
+            );
+            None
+        });
         let weight = pool.weight.unwrap_or(1);
         if weight == 0 {
             p.at_span(
@@ -239,7 +249,8 @@ pub(super) fn compile_pools(
                 ca,
                 health_check,
             )
-            .with_credential(credential),
+            .with_credential(credential)
+            .with_host(host),
         );
     }
     Pools {
@@ -248,6 +259,15 @@ pub(super) fn compile_pools(
         subprocessors,
         regions,
     }
+}
+
+/// A `Host` value: an authority without userinfo, as a header value.
+fn valid_host(host: &str) -> Option<http::HeaderValue> {
+    let authority =
+        !host.is_empty() && !host.contains('@') && http::uri::Authority::try_from(host).is_ok();
+    authority
+        .then(|| http::HeaderValue::try_from(host).ok())
+        .flatten()
 }
 
 fn check_spec(entry: &HealthCheckEntry) -> Result<CheckSpec, String> {

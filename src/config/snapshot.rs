@@ -14,6 +14,7 @@ use crate::audit::AuditTarget;
 use crate::capability::CapabilityRoutes;
 use crate::client_ip::{PrefixLengths, TrustedProxies};
 use crate::geo::GeoDb;
+use crate::listener::Limits;
 use crate::policy::{PlanClass, PoolCatalog, Product};
 use crate::routing::Upstreams;
 use crate::stamp::SigningKey;
@@ -66,6 +67,10 @@ pub struct GatewaySettings {
     pub audit_buffer: usize,
     /// Logs as JSON lines.
     pub log_json: bool,
+    /// An `access` log line per request.
+    pub log_access: bool,
+    /// What one client connection may cost.
+    pub limits: Limits,
 }
 
 /// Everything a request is decided and forwarded under. One is loaded at the
@@ -99,6 +104,8 @@ pub struct Snapshot {
     pub trusted_proxies: TrustedProxies,
     /// Header naming the account, from trusted peers only.
     pub identity_header: Option<HeaderName>,
+    /// `[trust] strip_headers`: address-carrying headers beyond the built-in list.
+    pub strip_headers: Vec<HeaderName>,
     /// Key for `x-privacy-signature`.
     pub signing_key: Option<SigningKey>,
     /// The bearer token `/metrics` requires, when configured.

@@ -281,6 +281,15 @@ impl Gateway {
     /// [`Self::start`] with `RUST_LOG=rust_log` (e.g. `trace`, to show that
     /// even the most verbose logs hold no secret).
     pub fn start_logging(config: &TestConfig, rust_log: &str) -> Gateway {
+        Self::start_with_log_filter(config, Some(rust_log))
+    }
+
+    /// [`Self::start`] without `RUST_LOG`: the process's default log settings.
+    pub fn start_at_default_log_settings(config: &TestConfig) -> Gateway {
+        Self::start_with_log_filter(config, None)
+    }
+
+    fn start_with_log_filter(config: &TestConfig, rust_log: Option<&str>) -> Gateway {
         let dir = tempfile::tempdir().expect("tempdir");
         let host: IpAddr = config.listen_host.parse().expect("listen host");
         let api = SocketAddr::new(host, free_port());
@@ -369,7 +378,7 @@ impl Gateway {
     /// (logging to `upgrade.log`): it takes the listeners over once the
     /// running one is sent `SIGQUIT`.
     pub fn start_upgrade(&self) -> Child {
-        spawn(self.dir.path(), "upgrade.log", true, "info")
+        spawn(self.dir.path(), "upgrade.log", true, Some("info"))
     }
 
     /// Where the new process of an upgrade waits for the listening sockets
@@ -487,7 +496,7 @@ impl Gateway {
 
 /// Starts the gateway binary on `dir/gateway.toml`, logging to `dir/log`
 /// (standard output, where `[audit] path = "-"` writes, to `dir/log.stdout`).
-fn spawn(dir: &Path, log: &str, upgrade: bool, rust_log: &str) -> Child {
+fn spawn(dir: &Path, log: &str, upgrade: bool, rust_log: Option<&str>) -> Child {
     let stdout = std::fs::File::create(dir.join(format!("{log}.stdout"))).expect("stdout file");
     let log = std::fs::File::create(dir.join(log)).expect("log file");
     let mut command = Command::new(binary());
@@ -498,8 +507,11 @@ fn spawn(dir: &Path, log: &str, upgrade: bool, rust_log: &str) -> Child {
     if upgrade {
         command.arg("--upgrade");
     }
+    match rust_log {
+        Some(filter) => command.env("RUST_LOG", filter),
+        None => command.env_remove("RUST_LOG"),
+    };
     command
-        .env("RUST_LOG", rust_log)
         .stdout(stdout)
         .stderr(log)
         .stdin(Stdio::null())
