@@ -15,9 +15,9 @@
 //!   (`Admission::stamps`), the gateway's own work;
 //! - `rewrite`: all of the upstream rewrite as the proxy does it: strip
 //!   what a client may not send, set the decided target and the pool's
-//!   `Host`, then the stamps inserted into Pingora's
-//!   `RequestHeader` (whose `insert_header` copies every custom header
-//!   name, and whose map grows to hold them);
+//!   `Host`, then the stamps inserted into the request's header map (taken
+//!   out of Pingora's `RequestHeader` and put back, with room for them
+//!   reserved once);
 //! - `observe`: metrics, access line (no subscriber is installed here, so
 //!   it is not formatted) and the audit line queued to its writer.
 //!

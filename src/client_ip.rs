@@ -149,6 +149,11 @@ impl ClientPrefix {
     pub fn address(&self) -> IpAddr {
         self.0.network()
     }
+
+    /// How many leading bits are kept, e.g. 24.
+    pub fn prefix_len(&self) -> u8 {
+        self.0.prefix_len()
+    }
 }
 
 impl fmt::Display for ClientPrefix {

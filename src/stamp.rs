@@ -5,7 +5,7 @@ use std::cell::RefCell;
 
 use bytes::BytesMut;
 use hmac::{Hmac, Mac};
-use http::HeaderValue;
+use http::{HeaderName, HeaderValue};
 use sha2::Sha256;
 use thiserror::Error;
 
@@ -43,6 +43,35 @@ pub const POOL: &str = "x-privacy-pool";
 pub const SUBPROCESSOR: &str = "x-privacy-subprocessor";
 /// HMAC-SHA256 over the stamped headers.
 pub const SIGNATURE: &str = "x-privacy-signature";
+
+/// The stamped names as [`HeaderName`]s, built at compile time: inserting
+/// one into a header map neither parses nor allocates its name.
+mod names {
+    use http::HeaderName;
+
+    macro_rules! names {
+        ($($name:ident),* $(,)?) => {
+            $(pub static $name: HeaderName = HeaderName::from_static(super::$name);)*
+        };
+    }
+    names!(
+        DECISION_ID,
+        POLICY_VERSION,
+        PRODUCT,
+        PLAN,
+        ACCOUNT,
+        TRAINING,
+        TRAINING_BASIS,
+        RETENTION,
+        ZERO_DATA_RETENTION,
+        COUNTRY,
+        FORWARDED_FOR,
+        CLIENT_PREFIX,
+        POOL,
+        SUBPROCESSOR,
+        SIGNATURE,
+    );
+}
 
 /// A request's decision id: a UUIDv7 (time-ordered, so ids sort by when
 /// requests came) as 32 lower-case hex digits, made without a system call
@@ -137,14 +166,19 @@ pub fn is_reserved(name: &str) -> bool {
 }
 
 /// The key that signs stamped headers, so an upstream can tell they came
-/// from the gateway. Never printed.
+/// from the gateway. Never printed. Kept as HMAC's state after the key is
+/// absorbed (the key itself is not kept): each signature starts from a copy
+/// instead of hashing the key again, two SHA-256 blocks fewer a request.
 #[derive(Clone)]
-pub struct SigningKey(Vec<u8>);
+pub struct SigningKey(Hmac<Sha256>);
 
 impl SigningKey {
     /// Wraps raw key bytes.
     pub fn new(bytes: Vec<u8>) -> Self {
-        SigningKey(bytes)
+        // HMAC accepts keys of any length, so `new_from_slice` cannot fail.
+        let mac =
+            Hmac::<Sha256>::new_from_slice(&bytes).expect("HMAC-SHA256 takes a key of any length");
+        SigningKey(mac)
     }
 
     /// A keyed id of the key: the HMAC of a fixed label. It changes with the
@@ -199,20 +233,33 @@ const MAX_STAMPS: usize = 16;
 /// from it is dropped, or replaced by a fresh one when it is full: one
 /// allocation for hundreds of requests.
 pub struct Stamps {
-    entries: [(&'static str, HeaderValue); MAX_STAMPS],
+    entries: [(&'static HeaderName, HeaderValue); MAX_STAMPS],
     len: usize,
 }
 
 impl Stamps {
     /// The stamped headers, in order.
     pub fn iter(&self) -> impl Iterator<Item = (&'static str, &HeaderValue)> {
-        self.entries[..self.len].iter().map(|(n, v)| (*n, v))
+        self.entries[..self.len]
+            .iter()
+            .map(|(n, v)| (n.as_str(), v))
+    }
+
+    /// How many headers are stamped.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is stamped (never, for a forwarded request).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 }
 
 impl IntoIterator for Stamps {
-    type Item = (&'static str, HeaderValue);
-    type IntoIter = std::iter::Take<std::array::IntoIter<(&'static str, HeaderValue), MAX_STAMPS>>;
+    type Item = (&'static HeaderName, HeaderValue);
+    type IntoIter =
+        std::iter::Take<std::array::IntoIter<(&'static HeaderName, HeaderValue), MAX_STAMPS>>;
 
     fn into_iter(self) -> Self::IntoIter {
         self.entries.into_iter().take(self.len)
@@ -257,12 +304,12 @@ pub fn stamps(input: &StampInput<'_>, key: Option<&SigningKey>) -> Result<Stamps
 /// The stamps of one request while they are written: names, and where
 /// each value is.
 struct Draft {
-    list: [(&'static str, Value); MAX_STAMPS],
+    list: [(&'static HeaderName, Value); MAX_STAMPS],
     len: usize,
 }
 
 impl Draft {
-    fn push(&mut self, name: &'static str, value: Value) {
+    fn push(&mut self, name: &'static HeaderName, value: Value) {
         // The contract has fewer headers than MAX_STAMPS.
         self.list[self.len] = (name, value);
         self.len += 1;
@@ -274,7 +321,7 @@ impl Draft {
                 Value::Static(s) => s.as_bytes(),
                 Value::Written(a, b) => &buf[a..b],
             };
-            (name, bytes)
+            (name.as_str(), bytes)
         })
     }
 }
@@ -295,6 +342,42 @@ fn displayed(buf: &mut BytesMut, value: impl std::fmt::Display) -> Value {
     Value::Written(start, buf.len())
 }
 
+/// Appends `prefix` in CIDR form, e.g. `203.0.113.0/24`, as a copy of its
+/// `address` already written (formatting an address costs more than
+/// copying it) and its length; where it is.
+fn with_length(buf: &mut BytesMut, address: Value, prefix: ClientPrefix) -> Value {
+    // The longest address text (an IPv6 address with an IPv4 tail) has 45 bytes.
+    let mut copy = [0u8; 48];
+    let text = match address {
+        Value::Written(a, b) if b - a <= copy.len() => {
+            copy[..b - a].copy_from_slice(&buf[a..b]);
+            &copy[..b - a]
+        }
+        _ => return displayed(buf, prefix),
+    };
+    let start = buf.len();
+    buf.extend_from_slice(text);
+    buf.extend_from_slice(b"/");
+    let mut digits = [0u8; 3];
+    let len = prefix.prefix_len();
+    let shown: &[u8] = match len {
+        0..=9 => {
+            digits[0] = b'0' + len;
+            &digits[..1]
+        }
+        10..=99 => {
+            digits = [b'0' + len / 10, b'0' + len % 10, 0];
+            &digits[..2]
+        }
+        _ => {
+            digits = [b'0' + len / 100, b'0' + len / 10 % 10, b'0' + len % 10];
+            &digits[..]
+        }
+    };
+    buf.extend_from_slice(shown);
+    Value::Written(start, buf.len())
+}
+
 fn write_stamps(
     buf: &mut BytesMut,
     input: &StampInput<'_>,
@@ -307,45 +390,49 @@ fn write_stamps(
     }
     let d = input.decision;
     let mut draft = Draft {
-        list: [("", Value::Static("")); MAX_STAMPS],
+        list: [(&names::DECISION_ID, Value::Static("")); MAX_STAMPS],
         len: 0,
     };
-    draft.push(DECISION_ID, written(buf, input.decision_id));
-    draft.push(POLICY_VERSION, written(buf, input.policy_version));
-    draft.push(PRODUCT, Value::Static(input.product.as_str()));
-    draft.push(PLAN, written(buf, input.plan));
-    draft.push(ACCOUNT, written(buf, input.account));
-    draft.push(TRAINING, Value::Static(d.training.as_str()));
-    draft.push(TRAINING_BASIS, Value::Static(d.training_basis.as_str()));
-    draft.push(RETENTION, Value::Static(d.retention.as_str()));
+    draft.push(&names::DECISION_ID, written(buf, input.decision_id));
+    draft.push(&names::POLICY_VERSION, written(buf, input.policy_version));
+    draft.push(&names::PRODUCT, Value::Static(input.product.as_str()));
+    draft.push(&names::PLAN, written(buf, input.plan));
+    draft.push(&names::ACCOUNT, written(buf, input.account));
+    draft.push(&names::TRAINING, Value::Static(d.training.as_str()));
+    draft.push(
+        &names::TRAINING_BASIS,
+        Value::Static(d.training_basis.as_str()),
+    );
+    draft.push(&names::RETENTION, Value::Static(d.retention.as_str()));
     if d.retention == Retention::Zdr {
-        draft.push(ZERO_DATA_RETENTION, Value::Static("1"));
+        draft.push(&names::ZERO_DATA_RETENTION, Value::Static("1"));
     }
     if let Some(country) = input.country {
-        draft.push(COUNTRY, written(buf, country.as_str()));
+        draft.push(&names::COUNTRY, written(buf, country.as_str()));
     }
     if let Some(prefix) = input.client_prefix {
-        draft.push(FORWARDED_FOR, displayed(buf, prefix.address()));
-        draft.push(CLIENT_PREFIX, displayed(buf, prefix));
+        let address = displayed(buf, prefix.address());
+        draft.push(&names::FORWARDED_FOR, address);
+        draft.push(&names::CLIENT_PREFIX, with_length(buf, address, prefix));
     }
-    draft.push(POOL, written(buf, input.pool));
-    draft.push(SUBPROCESSOR, written(buf, input.subprocessor));
+    draft.push(&names::POOL, written(buf, input.pool));
+    draft.push(&names::SUBPROCESSOR, written(buf, input.subprocessor));
     if let Some(key) = key {
         let hex = signature(key, draft.entries(buf));
         let start = buf.len();
         buf.extend_from_slice(&hex);
-        draft.push(SIGNATURE, Value::Written(start, buf.len()));
+        draft.push(&names::SIGNATURE, Value::Written(start, buf.len()));
     }
     let values = buf.split().freeze();
     let mut stamps = Stamps {
-        entries: std::array::from_fn(|_| ("", HeaderValue::from_static(""))),
+        entries: std::array::from_fn(|_| (&names::DECISION_ID, HeaderValue::from_static(""))),
         len: draft.len,
     };
     for (slot, &(name, value)) in stamps.entries.iter_mut().zip(&draft.list[..draft.len]) {
         let value = match value {
             Value::Static(s) => HeaderValue::from_static(s),
             Value::Written(a, b) => HeaderValue::from_maybe_shared(values.slice(a..b))
-                .map_err(|_| UnsendableStamp(name))?,
+                .map_err(|_| UnsendableStamp(name.as_str()))?,
         };
         *slot = (name, value);
     }
@@ -357,9 +444,8 @@ pub fn signature<'n, 'v>(
     key: &SigningKey,
     headers: impl IntoIterator<Item = (&'n str, &'v [u8])>,
 ) -> [u8; 64] {
-    // No fallback: a made-up signature would be forwarded as if signed.
-    let mut mac =
-        Hmac::<Sha256>::new_from_slice(&key.0).expect("HMAC-SHA256 accepts keys of any length");
+    // The keyed state, copied: no fallback, no made-up signature.
+    let mut mac = key.0.clone();
     for (name, value) in headers {
         mac.update(name.as_bytes());
         mac.update(b":");
@@ -387,6 +473,34 @@ mod tests {
             assert!(is_reserved(name), "{name}");
         }
         assert!(!is_reserved("x-request-id"));
+    }
+
+    #[test]
+    fn client_prefix_is_written_as_its_cidr_form() {
+        use crate::client_ip::PrefixLengths;
+        for (ip, v4, v6) in [
+            ("203.0.113.77", 24, 48),
+            ("203.0.113.77", 32, 48),
+            ("203.0.113.77", 0, 48),
+            ("203.0.113.77", 8, 48),
+            ("2001:db8:abcd:12::9", 24, 48),
+            ("2001:db8:abcd:12::9", 24, 128),
+            ("2001:db8:abcd:12::9", 24, 7),
+            ("::ffff:198.51.100.9", 16, 56),
+        ] {
+            let lengths = PrefixLengths { ipv4: v4, ipv6: v6 };
+            let prefix = ClientPrefix::new(ip.parse().unwrap(), lengths);
+            let mut buf = BytesMut::new();
+            let address = displayed(&mut buf, prefix.address());
+            let Value::Written(a, b) = with_length(&mut buf, address, prefix) else {
+                panic!("written");
+            };
+            assert_eq!(
+                &buf[a..b],
+                prefix.to_string().as_bytes(),
+                "{ip} /{v4} /{v6}"
+            );
+        }
     }
 
     #[test]

@@ -477,6 +477,62 @@ async fn spoofed_privacy_headers_in_any_case_and_number_have_no_effect() {
     assert_eq!(r.header_values("x-privacy-pool").len(), 1);
 }
 
+/// The upstream request is rebuilt from the client's (the stamps go into its
+/// header map directly): the target, query and all, leaves byte for byte;
+/// a header the client sent twice, in any case, leaves with both values in
+/// order; each stamp once; the key and the spoofed stamp not at all.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_rewritten_request_keeps_the_target_and_the_clients_other_headers() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = setup().await;
+    let target = "/v1/chat/completions?q=%2F%C3%A9&x=1&x=2";
+    let request = format!(
+        "POST {target} HTTP/1.1\r\nHost: gw\r\nX-Trace: first\r\nAuthorization: Bearer demo-api-paid\r\n\
+         x-TRACE: second\r\nX-Privacy-Training: allowed\r\nContent-Length: 2\r\n\r\n{{}}"
+    );
+    let mut tcp = tokio::net::TcpStream::connect(s.gw.api)
+        .await
+        .expect("connect");
+    tcp.write_all(request.as_bytes()).await.expect("write");
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(10), tcp.read(&mut answer))
+        .await
+        .expect("answered in time")
+        .expect("read");
+    let answer = String::from_utf8_lossy(&answer[..n]).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let (_, r) = s
+        .ups
+        .all_requests()
+        .into_iter()
+        .find(|(_, r)| r.header("x-trace").is_some())
+        .expect("forwarded");
+    assert_eq!(r.path, target);
+    assert_eq!(r.header_values("x-trace"), vec!["first", "second"]);
+    assert_decision(&r, "denied", "3.4.2/paid", "30d");
+    for stamp in [
+        "x-privacy-decision-id",
+        "x-privacy-policy-version",
+        "x-privacy-account",
+        "x-privacy-training",
+        "x-forwarded-for",
+        "x-privacy-client-prefix",
+        "x-privacy-pool",
+    ] {
+        assert_eq!(r.header_values(stamp).len(), 1, "{stamp}");
+    }
+    let bytes = String::from_utf8_lossy(&s.ups.all_bytes()).into_owned();
+    assert!(
+        bytes.contains(&format!("POST {target} HTTP/1.1\r\n")),
+        "{bytes}"
+    );
+    assert!(!bytes.contains("demo-api-paid"), "the key reached upstream");
+    assert!(
+        !bytes.to_ascii_lowercase().contains("authorization"),
+        "{bytes}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn forwarding_headers_from_an_untrusted_peer_are_ignored_and_removed() {
     let s = setup().await;
