@@ -292,10 +292,11 @@ async fn an_error_body_from_a_credentialed_pool_holds_no_secret() {
     let ups = Upstreams::start().await;
     let mut config = credentialed(&ups);
     // Every eu pool refuses connections: demo-api-eu-only gets a 503.
+    let closed = support::ClosedPort::new();
     let mut pools: toml::Table = toml::from_str(&config.pools).expect("pools");
     for pool in pools["pool"].as_array_mut().expect("pools") {
         if pool["region"].as_str() == Some("eu") {
-            pool["addresses"] = vec![format!("http://127.0.0.1:{}", support::free_port())].into();
+            pool["addresses"] = vec![closed.url()].into();
         }
     }
     config.pools = toml::to_string(&pools).expect("pools");

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use privacy_gateway::echo::{EchoUpstream, StreamPace};
 
 use reqwest::StatusCode;
-use support::{client, free_port, Gateway, TestConfig, Upstreams};
+use support::{client, ClosedPort, Gateway, TestConfig, Upstreams};
 
 const CHAT: &str = "/v1/chat/completions";
 
@@ -33,21 +33,19 @@ fn per_pool(ups: &Upstreams) -> HashMap<String, usize> {
         .collect()
 }
 
-/// A gateway whose EU pools point at ports nobody listens on, the other
-/// pools at their echoes.
-async fn eu_pools_on_closed_ports() -> (Upstreams, Gateway) {
+/// A gateway whose EU pools point at ports nobody listens on (closed while
+/// the returned `ClosedPort` lives), the other pools at their echoes.
+async fn eu_pools_on_closed_ports() -> (Upstreams, Gateway, ClosedPort) {
     let ups = Upstreams::start().await;
+    let closed = ClosedPort::new();
     let mut addresses = ups.addresses();
     for pool in ["azure-sweden", "gcp-ireland"] {
-        addresses.insert(
-            pool.into(),
-            vec![format!("http://127.0.0.1:{}", free_port())],
-        );
+        addresses.insert(pool.into(), vec![closed.url()]);
     }
     let mut config = TestConfig::shipped_with(&ups);
     config.pools = support::pools_with_addresses(&addresses);
     let gw = Gateway::start(&config);
-    (ups, gw)
+    (ups, gw, closed)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -55,7 +53,7 @@ async fn a_subprocessor_opt_out_is_never_routed_to() {
     // The opted-out subprocessor (cerebras) is in the US tier: point the EU
     // pools at closed ports so that tier serves, and cerebras is the only
     // other pool there.
-    let (ups, gw) = eu_pools_on_closed_ports().await;
+    let (ups, gw, _closed) = eu_pools_on_closed_ports().await;
     let statuses = send_chat(&gw, "demo-api-no-cerebras", 200).await;
     assert!(statuses.iter().all(|s| *s == StatusCode::OK));
     let counts = per_pool(&ups);
@@ -145,7 +143,7 @@ async fn no_permitted_pool_at_all_is_a_451_naming_capability_and_constraint() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn when_every_permitted_pool_is_down_it_is_a_503_and_never_a_forbidden_pool() {
-    let (ups, gw) = eu_pools_on_closed_ports().await;
+    let (ups, gw, _closed) = eu_pools_on_closed_ports().await;
 
     let statuses = send_chat(&gw, "demo-api-eu-only", 20).await;
     assert!(
@@ -194,7 +192,8 @@ async fn when_every_permitted_pool_is_down_it_is_a_503_and_never_a_forbidden_poo
 async fn a_refused_connection_is_retried_on_another_permitted_address() {
     let ups = Upstreams::start().await;
     let mut addresses = ups.addresses();
-    let dead = format!("http://127.0.0.1:{}", free_port());
+    let closed = ClosedPort::new();
+    let dead = closed.url();
     // azure-sweden: one dead address and the live echo; gcp-ireland: dead only.
     addresses.insert(
         "azure-sweden".into(),

@@ -24,6 +24,27 @@ pub fn shipped(name: &str) -> String {
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
 }
 
+/// A loopback address that refuses every connection for as long as it is
+/// held: bound but never listening, so no other test (or suite running
+/// beside this one) can take the port and answer on it, as a port merely
+/// found free could.
+pub struct ClosedPort(tokio::net::TcpSocket);
+
+impl ClosedPort {
+    pub fn new() -> Self {
+        let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+        socket
+            .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .expect("a loopback port");
+        ClosedPort(socket)
+    }
+
+    /// `http://127.0.0.1:PORT`, for a pool's `addresses`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.0.local_addr().expect("a bound socket"))
+    }
+}
+
 /// A free port (bound, read, released): free on every address, so that a
 /// test may bind it on 0.0.0.0 or any loopback address.
 pub fn free_port() -> u16 {
