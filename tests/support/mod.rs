@@ -311,6 +311,22 @@ impl Gateway {
     }
 
     fn start_with_log_filter(config: &TestConfig, rust_log: Option<&str>) -> Gateway {
+        // Ports found free may be taken by another test before the gateway
+        // binds them: the gateway then says so and exits, and it is started
+        // afresh on other ports (a few times, never forever).
+        let mut attempts = 3;
+        loop {
+            attempts -= 1;
+            match Self::try_start(config, rust_log) {
+                Ok(gateway) => return gateway,
+                Err(logs) if attempts > 0 && logs.contains("address in use") => {}
+                Err(logs) => panic!("gateway exited:\n{logs}"),
+            }
+        }
+    }
+
+    /// One start on freshly chosen ports: the logs if the process exited.
+    fn try_start(config: &TestConfig, rust_log: Option<&str>) -> Result<Gateway, String> {
         let dir = tempfile::tempdir().expect("tempdir");
         let host: IpAddr = config.listen_host.parse().expect("listen host");
         let api = SocketAddr::new(host, free_port());
@@ -374,16 +390,16 @@ impl Gateway {
             chat,
             admin,
         };
-        gateway.wait_ready();
-        gateway
+        gateway.wait_ready().map(|()| gateway)
     }
 
-    fn wait_ready(&mut self) {
+    /// Waits until every listener accepts; the logs if the process exited.
+    fn wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(15);
         for addr in [self.api, self.chat, self.admin] {
             while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
                 if let Ok(Some(status)) = self.child.try_wait() {
-                    panic!("gateway exited with {status}:\n{}", self.logs());
+                    return Err(format!("exit {status}:\n{}", self.logs()));
                 }
                 assert!(
                     Instant::now() < deadline,
@@ -393,6 +409,7 @@ impl Gateway {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
+        Ok(())
     }
 
     /// Starts a second process with `run --upgrade` on the same configuration
