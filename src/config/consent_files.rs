@@ -930,6 +930,15 @@ mod tests {
         setup.change("2.json", &[&opted_out]);
         let e = setup.load().expect_err("not a change file name");
         assert!(e.to_string().contains("2.json: not a change file"), "{e}");
+        std::fs::remove_file(setup.path("changes/2.json")).expect("remove");
+        // A sequence past u64 is refused, never wrapped into an early place.
+        setup.change("99999999999999999999999.jsonl", &[&opted_out]);
+        let e = setup.load().expect_err("a sequence too large");
+        assert!(
+            e.to_string()
+                .contains("99999999999999999999999.jsonl: not a change file"),
+            "{e}"
+        );
     }
 
     #[test]
