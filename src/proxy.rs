@@ -151,6 +151,43 @@ fn client_went_away(e: &Error) -> bool {
     )
 }
 
+/// An upstream attempt that failed after the request was (partly) sent and
+/// before any answer came back: what decides whether it may be sent again.
+#[derive(Debug, Clone, Copy)]
+struct FailedAttempt {
+    /// The connection came from the pool rather than being opened for this request.
+    reused_connection: bool,
+    /// The whole request body read so far is still held for a resend.
+    body_buffered: bool,
+    /// The method may be repeated without a different effect (RFC 9110 §9.2.2).
+    idempotent: bool,
+}
+
+impl FailedAttempt {
+    /// Whether to send the request again (on a fresh connection, to a
+    /// permitted target). A pooled connection the upstream closed while it
+    /// lay idle fails on the first write or read, before any answer: the
+    /// upstream dropped the request unprocessed, so it is sent again whatever
+    /// the method. Anything else is resent only for an idempotent method, as
+    /// Pingora does. Never without the whole body.
+    fn may_resend(self, e: &Error) -> bool {
+        if !self.body_buffered {
+            return false;
+        }
+        let closed_while_idle = matches!(e.retry, pingora::RetryType::ReusedOnly)
+            || matches!(e.etype(), ErrorType::WriteError);
+        if self.reused_connection && closed_while_idle {
+            return true;
+        }
+        if !self.idempotent {
+            return false;
+        }
+        let mut retry = e.retry;
+        retry.decide_reuse(self.reused_connection);
+        retry.retry()
+    }
+}
+
 /// What a 451 or 503 names: the capability and the account's constraints
 /// that narrowed its pools (never another customer's data).
 fn route_refusal_detail(admission: &Admission) -> serde_json::Value {
@@ -436,18 +473,13 @@ impl ProxyHttp for PrivacyProxy {
             c.response_errors.inc();
         }
         let mut e = e.more_context(format!("Peer: {peer}"));
-        // A pooled connection the upstream had already closed fails before
-        // the request was processed: safe to send again (on a fresh connection,
-        // to a permitted target), whatever the method, while the body is buffered.
-        // Anything else is retried only for idempotent methods, as Pingora does.
-        let body_buffered = !session.as_ref().retry_buffer_truncated();
-        if client_reused && body_buffered && matches!(e.retry, pingora::RetryType::ReusedOnly) {
-            e.set_retry(true);
-        } else if !session.req_header().method.is_idempotent() || !body_buffered {
-            e.set_retry(false);
-        } else {
-            e.retry.decide_reuse(client_reused);
-        }
+        let attempt = FailedAttempt {
+            reused_connection: client_reused,
+            body_buffered: !session.as_ref().retry_buffer_truncated(),
+            idempotent: session.req_header().method.is_idempotent(),
+        };
+        let resend = attempt.may_resend(&e);
+        e.set_retry(resend);
         e
     }
 
@@ -609,5 +641,63 @@ impl ProxyHttp for PrivacyProxy {
             req.uri.path(),
             ctx.decision_id
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error(etype: ErrorType, retry: pingora::RetryType) -> Box<Error> {
+        let mut e = Error::explain(etype, "test");
+        e.retry = retry;
+        e
+    }
+
+    const POST_ON_POOLED: FailedAttempt = FailedAttempt {
+        reused_connection: true,
+        body_buffered: true,
+        idempotent: false,
+    };
+
+    #[test]
+    fn a_post_on_a_pooled_connection_the_upstream_closed_is_sent_again() {
+        // The write of the request, or the read of its answer, finds the
+        // connection closed: Pingora marks the read "reused only" and the
+        // write as a plain write error.
+        let closed_read = error(ErrorType::ConnectionClosed, pingora::RetryType::ReusedOnly);
+        let broken_write = error(ErrorType::WriteError, false.into());
+        assert!(POST_ON_POOLED.may_resend(&closed_read));
+        assert!(POST_ON_POOLED.may_resend(&broken_write));
+    }
+
+    #[test]
+    fn a_post_on_a_fresh_connection_or_without_its_body_is_not_sent_again() {
+        let broken_write = error(ErrorType::WriteError, false.into());
+        let fresh = FailedAttempt {
+            reused_connection: false,
+            ..POST_ON_POOLED
+        };
+        assert!(!fresh.may_resend(&broken_write));
+        let truncated = FailedAttempt {
+            body_buffered: false,
+            ..POST_ON_POOLED
+        };
+        assert!(!truncated.may_resend(&broken_write));
+        // A timeout is not a closed connection: the upstream may be working on it.
+        let timeout = error(ErrorType::ReadTimedout, false.into());
+        assert!(!POST_ON_POOLED.may_resend(&timeout));
+    }
+
+    #[test]
+    fn an_idempotent_request_follows_the_error_s_own_retry_flag() {
+        let get = FailedAttempt {
+            idempotent: true,
+            reused_connection: false,
+            ..POST_ON_POOLED
+        };
+        assert!(get.may_resend(&error(ErrorType::ReadError, true.into())));
+        assert!(!get.may_resend(&error(ErrorType::ReadError, false.into())));
+        assert!(!get.may_resend(&error(ErrorType::ReadError, pingora::RetryType::ReusedOnly)));
     }
 }

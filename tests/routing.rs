@@ -7,12 +7,16 @@
 mod support;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use privacy_gateway::echo::{EchoUpstream, StreamPace};
 
 use reqwest::StatusCode;
 use support::{client, ClosedPort, Gateway, TestConfig, Upstreams};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 const CHAT: &str = "/v1/chat/completions";
 
@@ -216,6 +220,113 @@ async fn a_refused_connection_is_retried_on_another_permitted_address() {
         assert_eq!(r.header("x-privacy-pool"), Some("azure-sweden"));
         assert_eq!(r.header("x-privacy-subprocessor"), Some("azure"));
     }
+}
+
+/// An upstream that answers the first request on each connection and resets
+/// the connection as soon as a second request starts arriving on it: a
+/// pooled connection the upstream closed (keep-alive timeout, restart) just
+/// as the gateway picked it again.
+struct ResetsReusedConnections {
+    addr: std::net::SocketAddr,
+    answered: Arc<AtomicUsize>,
+    resets: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ResetsReusedConnections {
+    async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (answered, resets) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (a, r) = (answered.clone(), resets.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(Self::serve(stream, a.clone(), r.clone()));
+            }
+        });
+        ResetsReusedConnections {
+            addr,
+            answered,
+            resets,
+            task,
+        }
+    }
+
+    async fn serve(mut stream: TcpStream, answered: Arc<AtomicUsize>, resets: Arc<AtomicUsize>) {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        // The first request: its head, then as many body bytes as it declares.
+        let (head_end, length) = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..i]).to_ascii_lowercase();
+                let length = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse::<usize>().ok())
+                    .unwrap_or(0);
+                break (i + 4, length);
+            }
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        while buf.len() < head_end + length {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+        if stream.write_all(answer).await.is_err() {
+            return;
+        }
+        answered.fetch_add(1, Ordering::SeqCst);
+        // The first byte of a second request: reset, unanswered.
+        if let Ok(n) = stream.read(&mut chunk).await {
+            if n > 0 {
+                resets.fetch_add(1, Ordering::SeqCst);
+                let _ = stream.set_zero_linger();
+            }
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for ResetsReusedConnections {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_post_on_a_pooled_connection_the_upstream_reset_is_sent_again_on_a_fresh_one() {
+    let upstream = ResetsReusedConnections::start().await;
+    let addresses: HashMap<String, Vec<String>> = support::shipped_pool_names()
+        .into_iter()
+        .map(|pool| (pool, vec![upstream.url()]))
+        .collect();
+    let config = TestConfig::shipped_with_pools(support::pools_with_addresses(&addresses));
+    let gw = Gateway::start(&config);
+    let requests = 30;
+    let statuses = send_chat(&gw, "demo-api-paid", requests).await;
+    assert!(
+        statuses.iter().all(|s| *s == StatusCode::OK),
+        "{statuses:?}"
+    );
+    // Every request was answered once; each after the first found its
+    // pooled connection reset and was sent again on a new one.
+    assert_eq!(upstream.answered.load(Ordering::SeqCst), requests);
+    let resets = upstream.resets.load(Ordering::SeqCst);
+    assert!(
+        resets >= requests / 2,
+        "pooled connections were not reused: {resets} resets"
+    );
 }
 
 /// Within `tolerance` of `expected`.

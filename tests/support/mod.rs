@@ -270,6 +270,14 @@ impl Drop for Gateway {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // A failed test shows what the gateway logged (the logs hold no full
+        // address, key or body), so a failure in CI can be read from its output.
+        if std::thread::panicking() {
+            let logs = self.logs();
+            let tail: Vec<&str> = logs.lines().rev().take(40).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            eprintln!("--- the gateway's last log lines ---\n{}", tail.join("\n"));
+        }
         // Every test that starts a gateway is also a log-capture test.
         if !std::thread::panicking() {
             let logs = format!(
