@@ -159,7 +159,7 @@ struct FailedAttempt {
     reused_connection: bool,
     /// The whole request body read so far is still held for a resend.
     body_buffered: bool,
-    /// The method may be repeated without a different effect (RFC 9110 §9.2.2).
+    /// The method may be repeated without a different effect, as RFC 9110 §9.2.2 defines.
     idempotent: bool,
 }
 
