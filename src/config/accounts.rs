@@ -465,6 +465,14 @@ impl AccountStore {
         self.by_key_hash(&hash_api_key(key))
     }
 
+    /// Starts bringing the base snapshot's lines for key hash `key` into
+    /// cache (the overlay is small and already there): the one memory miss
+    /// of a large snapshot then overlaps whatever runs before
+    /// [`by_key_hash`](Self::by_key_hash).
+    pub fn prefetch_key(&self, key: &KeyHash) {
+        self.base.image.prefetch_key(key);
+    }
+
     /// The record holding key hash `key`.
     pub fn by_key_hash(&self, key: &KeyHash) -> Option<Record<'_>> {
         if let Some(overlay) = &self.overlay {
