@@ -1832,11 +1832,17 @@ mod tests {
         out.into_inner()
     }
 
-    /// Looks up every account of an `n`-account image by key and by id, and
+    /// Prefetches and looks up every account of an `n`-account image by key and by id, and
     /// decodes every record: whatever the bytes, nothing may panic.
     fn read_everything(image: &ConsentImage, n: u32) {
+        // The prefetch reads from a key's place to three slots on: at the
+        // table's two ends too.
+        image.prefetch_key(&[0u8; 32]);
+        image.prefetch_key(&[0xffu8; 32]);
         for i in 0..n + 5 {
-            if let Some(r) = image.find_key(&hash_api_key(format!("key-{i}").as_bytes())) {
+            let key = hash_api_key(format!("key-{i}").as_bytes());
+            image.prefetch_key(&key);
+            if let Some(r) = image.find_key(&key) {
                 let _ = image.record(r).map(|r| (image.id(&r), image.reason(&r)));
             }
             let _ = image.find_id(&format!("acct-{i}"));
