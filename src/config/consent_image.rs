@@ -1832,8 +1832,9 @@ mod tests {
         out.into_inner()
     }
 
-    /// Prefetches and looks up every account of an `n`-account image by key and by id, and
-    /// decodes every record: whatever the bytes, nothing may panic.
+    /// Prefetches and looks up every account of an `n`-account image by key
+    /// and by id, and decodes every record: whatever the bytes, nothing may
+    /// panic.
     fn read_everything(image: &ConsentImage, n: u32) {
         // The prefetch reads from a key's place to three slots on: at the
         // table's two ends too.
