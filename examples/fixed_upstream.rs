@@ -26,11 +26,23 @@ use privacy_gateway::echo::{event_stream, EchoBody};
 /// A chat completion of about 100 bytes, as the peer table's upstream answers.
 const BODY: &[u8] = br#"{"id":"cmpl-1","object":"chat.completion","choices":[{"message":{"role":"assistant","content":"hello"}}]}"#;
 
-fn answer(req: &Request<Incoming>, events: usize) -> Response<EchoBody> {
+/// Reads the whole request first. Without this read, one stream in about
+/// 150 of 10,000 events lost its end through a proxy (none directly): a
+/// proxy sends head and body in two writes, the answer went out with the
+/// body unread, the connection was closed with those bytes unread, and a
+/// kernel that closes a socket with unread bytes resets the connection,
+/// which discards what the proxy had not read yet.
+async fn answer(req: Request<Incoming>, events: usize) -> Response<EchoBody> {
     let stream = req
         .headers()
         .get(http::header::ACCEPT)
         .is_some_and(|a| a.as_bytes().starts_with(b"text/event-stream"));
+    if req.into_body().collect().await.is_err() {
+        return Response::builder()
+            .status(400)
+            .body(Full::new(Bytes::new()).boxed())
+            .unwrap_or_default();
+    }
     if !stream {
         return Response::builder()
             .header("content-type", "application/json")
@@ -57,7 +69,7 @@ fn main() -> std::io::Result<()> {
             let (tcp, _) = listener.accept().await?;
             tokio::spawn(async move {
                 let service =
-                    service_fn(|req| async move { Ok::<_, Infallible>(answer(&req, events)) });
+                    service_fn(|req| async move { Ok::<_, Infallible>(answer(req, events).await) });
                 let _ = http1::Builder::new()
                     .serve_connection(TokioIo::new(tcp), service)
                     .await;
