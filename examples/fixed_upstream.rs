@@ -91,6 +91,11 @@ fn main() -> std::io::Result<()> {
         let listener = tokio::net::TcpListener::bind(address).await?;
         loop {
             let (tcp, _) = listener.accept().await?;
+            // As model servers do (asyncio, so uvicorn, sets it): with Nagle's
+            // algorithm on, an event written alone after the header waits
+            // for the proxy's delayed ACK of the header on a kept-alive
+            // connection, tens of ms that are this server's, not the proxy's.
+            tcp.set_nodelay(true)?;
             tokio::spawn(async move {
                 let service = service_fn(|req| async move {
                     Ok::<_, Infallible>(answer(req, events, pace).await)

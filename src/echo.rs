@@ -138,6 +138,9 @@ impl EchoUpstream {
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
+                // Events leave when written, as a model server's do (see
+                // examples/fixed_upstream.rs): not held for the proxy's ACK.
+                let _ = tcp.set_nodelay(true);
                 let state = accept_state.clone();
                 let accept = accept.clone();
                 let mut stopped = stopped.clone();
