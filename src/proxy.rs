@@ -165,11 +165,12 @@ struct FailedAttempt {
 
 impl FailedAttempt {
     /// Whether to send the request again (on a fresh connection, to a
-    /// permitted target). A pooled connection the upstream closed while it
-    /// lay idle fails on the first write or read, before any answer: the
-    /// upstream dropped the request unprocessed, so it is sent again whatever
-    /// the method. Anything else is resent only for an idempotent method, as
-    /// Pingora does. Never without the whole body.
+    /// permitted target). A pooled connection that fails on the first write
+    /// or read, before any answer, is nearly always one the upstream closed
+    /// while it lay idle: sent again whatever the method (an upstream that
+    /// took the whole request and then dropped it unanswered sees it twice).
+    /// Anything else is resent only for an idempotent method, as Pingora
+    /// does. Never without the whole body.
     fn may_resend(self, e: &Error) -> bool {
         if !self.body_buffered {
             return false;
