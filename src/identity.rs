@@ -56,13 +56,23 @@ impl IdentityError {
 }
 
 /// An `Authorization` header value, read: the bearer key's SHA-256 (the
-/// key itself is not kept), or not a bearer key at all.
-#[derive(Clone, Copy, Debug)]
+/// key itself is not kept), or not a bearer key at all. Its `Debug` shows
+/// which, never the hash: that names an account in the snapshot.
+#[derive(Clone, Copy)]
 pub enum ApiKey {
     /// `Bearer <key>`, the key hashed.
     Hashed(KeyHash),
     /// Anything else: answered `401 malformed_authorization`.
     Malformed,
+}
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ApiKey::Hashed(_) => "ApiKey::Hashed(..)",
+            ApiKey::Malformed => "ApiKey::Malformed",
+        })
+    }
 }
 
 impl ApiKey {
@@ -127,6 +137,23 @@ fn bearer_token(value: &[u8]) -> Option<&[u8]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_read_key_shows_no_hash_when_debug_printed() {
+        let hash = hash_api_key(b"sk-secret");
+        let credentials = Credentials {
+            api_key: Some(ApiKey::Hashed(hash)),
+            trusted_identity: None,
+        };
+        let printed = format!("{credentials:?}");
+        assert!(printed.contains("Hashed"), "{printed}");
+        // Neither as hex nor as the array of bytes `Debug` would print.
+        assert!(!printed.contains(&hex::encode(hash)[..8]), "{printed}");
+        assert!(
+            !printed.contains(&format!("{:?}", &hash[..4])[1..10]),
+            "{printed}"
+        );
+    }
 
     #[test]
     fn bearer_tokens_parse() {
