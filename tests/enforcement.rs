@@ -871,6 +871,43 @@ async fn an_unknown_route_is_a_404() {
     assert!(s.ups.all_requests().is_empty());
 }
 
+/// The refusals come in one order whatever else is wrong with the request:
+/// the target, then the caller, then the route. A caller who is not known
+/// learns nothing of which routes exist, though `evaluate` looks the route up
+/// before the account (to overlap the account's memory miss).
+#[tokio::test(flavor = "multi_thread")]
+async fn refusals_keep_their_order_target_then_caller_then_route() {
+    let s = setup().await;
+    let send = |path: &'static str, authorization: &'static str| {
+        client()
+            .post(s.gw.api_url(path))
+            .header("authorization", authorization)
+            .body("{}")
+            .send()
+    };
+    let resp = send("/v1/unknown", "Bearer sk-not-a-real-key-123")
+        .await
+        .expect("request");
+    refusal(resp, StatusCode::UNAUTHORIZED, "unknown_api_key").await;
+    let resp = send("/v1/unknown", "Basic Zm9vOmJhcg==")
+        .await
+        .expect("request");
+    refusal(resp, StatusCode::UNAUTHORIZED, "malformed_authorization").await;
+    let resp = send(
+        "/v1/connectors/..%2F..%2Fv1%2Ffine_tuning%2Fjobs/content",
+        "Bearer sk-not-a-real-key-123",
+    )
+    .await
+    .expect("request");
+    refusal(resp, StatusCode::BAD_REQUEST, "invalid_path").await;
+    // A known caller on an unknown route is still told the route is unknown.
+    let resp = send("/v1/unknown", "Bearer demo-api-paid")
+        .await
+        .expect("request");
+    refusal(resp, StatusCode::NOT_FOUND, "unknown_route").await;
+    assert!(s.ups.all_requests().is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn no_log_line_holds_the_full_client_address() {
     let s = setup().await;
