@@ -523,7 +523,7 @@ async fn health_endpoints_report_process_and_pools() {
     // listener a moment before the last listener's service has started.
     let mut last = (0, String::new());
     let ready = support::eventually(std::time::Duration::from_secs(10), || {
-        last = admin_blocking(&gw, "/readyz");
+        last = gw.admin_get_blocking("/readyz");
         last.0 == 200
     })
     .await;
@@ -531,7 +531,7 @@ async fn health_endpoints_report_process_and_pools() {
     // The only image pool goes down: not ready, and it says for what.
     ups.echoes.remove("black-forest-labs");
     let unready = support::eventually(std::time::Duration::from_secs(10), || {
-        last = admin_blocking(&gw, "/readyz");
+        last = gw.admin_get_blocking("/readyz");
         last.0 == 503
     })
     .await;
@@ -547,27 +547,6 @@ async fn health_endpoints_report_process_and_pools() {
         "the process is still up"
     );
     assert_eq!(gw.admin_get("/nope").await.0, 404);
-}
-
-/// `GET path` on the admin listener from inside a synchronous poll (a fresh
-/// blocking client on its own thread).
-fn admin_blocking(gw: &Gateway, path: &str) -> (u16, String) {
-    let url = format!("http://{}{path}", gw.admin);
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async {
-            let resp = reqwest::get(url).await.expect("admin request");
-            (
-                resp.status().as_u16(),
-                resp.text().await.unwrap_or_default(),
-            )
-        })
-    })
-    .join()
-    .expect("admin thread")
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -643,7 +622,7 @@ async fn a_stuck_audit_writer_drops_and_counts_lines_and_never_blocks_requests()
 
 /// `privacy_gateway_audit_lines_dropped_total`, read from a synchronous poll.
 fn dropped_audit_lines(gw: &Gateway) -> f64 {
-    let text = admin_blocking(gw, "/metrics").1;
+    let text = gw.admin_get_blocking("/metrics").1;
     sample(
         &parse_prometheus(&text),
         "privacy_gateway_audit_lines_dropped_total",

@@ -417,7 +417,47 @@ impl Gateway {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
-        Ok(())
+        // The sockets are bound before the services start: accepting is not
+        // yet serving. `/readyz` says when every listener's service runs
+        // (whether the pools are healthy is each test's business).
+        loop {
+            let (_, body) = self.admin_get_blocking("/readyz");
+            if body.contains("\"listening\":true") {
+                return Ok(());
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(format!("exit {status}:\n{}", self.logs()));
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the gateway's listeners did not start serving:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `GET path` on the admin listener from a thread of its own, for code
+    /// that cannot await (status 0 when the request fails).
+    pub fn admin_get_blocking(&self, path: &str) -> (u16, String) {
+        let url = format!("http://{}{path}", self.admin);
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                match reqwest::get(url).await {
+                    Ok(resp) => (
+                        resp.status().as_u16(),
+                        resp.text().await.unwrap_or_default(),
+                    ),
+                    Err(_) => (0, String::new()),
+                }
+            })
+        })
+        .join()
+        .expect("admin thread")
     }
 
     /// Starts a second process with `run --upgrade` on the same configuration
