@@ -117,9 +117,9 @@ impl Setup {
             .1
     }
 
-    /// Every byte the upstreams received, as text.
+    /// Every byte the upstreams received, as text, issued hex blanked.
     fn upstream_text(&self) -> String {
-        String::from_utf8_lossy(&self.ups.all_bytes()).into_owned()
+        self.ups.all_text_outside_issued_hex()
     }
 
     /// The decision's geo part for the same request, decided by the library
