@@ -469,11 +469,14 @@ async fn a_graceful_stop_answers_every_request_it_accepted() {
 
 /// The shipped configuration in `dir`, on the given ports, its process
 /// files inside `dir`.
-fn shipped_config_in(dir: &std::path::Path, api: u16, chat: u16, admin: u16) {
+/// The shipped configuration, listening on `host` (a loopback address no
+/// other test uses, so that a probe there can only reach this test's
+/// gateway, even when another test's gateway holds the same port number).
+fn shipped_config_in(dir: &std::path::Path, host: &str, api: u16, chat: u16, admin: u16) {
     let gateway = support::shipped("gateway.toml")
-        .replace("127.0.0.1:8080", &format!("127.0.0.1:{api}"))
-        .replace("127.0.0.1:8081", &format!("127.0.0.1:{chat}"))
-        .replace("127.0.0.1:9090", &format!("127.0.0.1:{admin}"))
+        .replace("127.0.0.1:8080", &format!("{host}:{api}"))
+        .replace("127.0.0.1:8081", &format!("{host}:{chat}"))
+        .replace("127.0.0.1:9090", &format!("{host}:{admin}"))
         .replace("/tmp/privacy-gateway/", &format!("{}/run/", dir.display()));
     std::fs::write(dir.join("gateway.toml"), gateway).expect("write");
     for name in ["rules.toml", "pools.toml", "accounts.jsonl"] {
@@ -484,10 +487,11 @@ fn shipped_config_in(dir: &std::path::Path, api: u16, chat: u16, admin: u16) {
 #[test]
 fn a_busy_port_fails_the_start_after_a_bounded_retry_and_is_never_ready() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let host = "127.0.85.1";
+    let taken = std::net::TcpListener::bind((host, 0)).expect("bind");
     let chat = taken.local_addr().expect("addr").port();
     let admin = support::free_port();
-    shipped_config_in(dir.path(), support::free_port(), chat, admin);
+    shipped_config_in(dir.path(), host, support::free_port(), chat, admin);
     let started = Instant::now();
     let mut child = std::process::Command::new(support::binary())
         .args(["run", "--config"])
@@ -506,7 +510,7 @@ fn a_busy_port_fails_the_start_after_a_bounded_retry_and_is_never_ready() {
             started.elapsed() < Duration::from_secs(30),
             "still running with its port taken"
         );
-        if let Ok(mut admin) = TcpStream::connect(("127.0.0.1", admin)) {
+        if let Ok(mut admin) = TcpStream::connect((host, admin)) {
             let _ =
                 admin.write_all(b"GET /readyz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
             let mut answer = String::new();
@@ -667,8 +671,9 @@ impl Drop for KillPidOnDrop {
 async fn a_daemon_writes_its_audit_lines_and_stops_gracefully() {
     let ups = Upstreams::start().await;
     let dir = tempfile::tempdir().expect("tempdir");
+    let host = "127.0.85.2";
     let (api, admin) = (support::free_port(), support::free_port());
-    shipped_config_in(dir.path(), api, support::free_port(), admin);
+    shipped_config_in(dir.path(), host, api, support::free_port(), admin);
     let gateway = dir.path().join("gateway.toml");
     let text = std::fs::read_to_string(&gateway).expect("read");
     let text = text
@@ -699,11 +704,11 @@ async fn a_daemon_writes_its_audit_lines_and_stops_gracefully() {
         .parse()
         .expect("a pid");
     let _kill = KillPidOnDrop(pid);
-    let url = format!("http://127.0.0.1:{api}/v1/chat/completions");
+    let url = format!("http://{host}:{api}/v1/chat/completions");
     let c = support::client();
     assert!(
         eventually(Duration::from_secs(10), || {
-            std::net::TcpStream::connect(("127.0.0.1", api)).is_ok()
+            std::net::TcpStream::connect((host, api)).is_ok()
         })
         .await
     );
