@@ -330,6 +330,10 @@ impl BackgroundService for ReloadService {
             {
                 sources = self.reloader.sources();
                 _watcher = self.watch(&sources, &tx);
+                // A newly named file written between that reload and this
+                // watch raised no event anyone listened for: compare
+                // identities once more, as at start-up.
+                let _ = tx.send(Trigger::FileEvent);
             }
         }
     }
