@@ -165,6 +165,17 @@ impl EchoUpstream {
         })
     }
 
+    /// Stops it and returns once its listener is closed: from then on a
+    /// connect to its address is refused. (Dropping it stops it too, but the
+    /// listener closes only when the runtime next gets to the aborted task,
+    /// so a connect just after may still be accepted, then reset.)
+    pub async fn stop(mut self) {
+        let _ = self.stop.send(true);
+        self.task.abort();
+        // Completes, cancelled, once the task and its listener are dropped.
+        let _ = (&mut self.task).await;
+    }
+
     /// Where it listens.
     pub fn addr(&self) -> SocketAddr {
         self.addr
