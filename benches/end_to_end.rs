@@ -106,11 +106,11 @@ fn pools_pointing_at(url: &str) -> String {
     toml::to_string(&pools).expect("serialize pools")
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
+/// Three different free loopback ports (all held until all are chosen).
+fn free_ports() -> [u16; 3] {
+    let held: [TcpListener; 3] =
+        std::array::from_fn(|_| TcpListener::bind("127.0.0.1:0").expect("a free loopback port"));
+    held.map(|l| l.local_addr().expect("a bound socket").port())
 }
 
 impl GatewayProcess {
@@ -118,9 +118,7 @@ impl GatewayProcess {
     /// `upstream`), starts the binary, and waits until both listeners accept.
     fn start(upstream: &str, threads: usize) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let api: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-        let chat: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let [api, chat, admin] = free_ports().map(|port| SocketAddr::from(([127, 0, 0, 1], port)));
         // As deployed: audit lines and metrics on. Upgrade socket and pid
         // file in the temporary folder, clear of any other gateway.
         let gateway = format!(

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::free_port;
+use support::free_ports;
 
 /// Where the image keeps its configuration.
 const CONFIG_DIR: &str = "/etc/privacy-gateway";
@@ -149,6 +149,8 @@ fn free_the_ports(layout: &Layout, config: &str) -> (BTreeSet<u16>, Vec<u16>) {
         toml::from_str(&std::fs::read_to_string(&path).expect("image gateway.toml")).expect("TOML");
     let mut ports = BTreeSet::new();
     let mut moved = Vec::new();
+    // Chosen together, so that no two listeners are given the same one.
+    let mut free = free_ports::<8>().into_iter();
     let mut rebind = |value: &mut toml::Value| {
         let address: std::net::SocketAddr =
             value.as_str().expect("address").parse().expect("host:port");
@@ -157,7 +159,7 @@ fn free_the_ports(layout: &Layout, config: &str) -> (BTreeSet<u16>, Vec<u16>) {
             "{address}: a container must listen on every interface"
         );
         ports.insert(address.port());
-        let port = free_port();
+        let port = free.next().expect("at most 7 listeners and the admin");
         moved.push(port);
         *value = toml::Value::String(format!("{}:{port}", address.ip()));
     };

@@ -6,7 +6,7 @@ mod support;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{client, free_port, shipped, CLIENT_V4};
+use support::{client, free_ports, shipped, CLIENT_V4};
 
 /// The demo process; killed when dropped.
 struct Demo {
@@ -25,7 +25,7 @@ impl Drop for Demo {
 
 fn start_demo() -> Demo {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (api, chat, admin) = (free_port(), free_port(), free_port());
+    let [api, chat, admin] = free_ports();
     let gateway = shipped("gateway.toml")
         .replace("127.0.0.1:8080", &format!("127.0.0.1:{api}"))
         .replace("127.0.0.1:8081", &format!("127.0.0.1:{chat}"))

@@ -118,7 +118,18 @@ fn localize(
                     a.ip().is_unspecified(),
                     "{a}: pods listen on every interface"
                 );
-                let port = *ports.entry(a.port()).or_insert_with(free_port);
+                let port = match ports.get(&a.port()) {
+                    Some(&port) => port,
+                    None => {
+                        // A released port can come back from the next bind:
+                        // never give two listeners the same one.
+                        let port = std::iter::repeat_with(free_port)
+                            .find(|p| !ports.values().any(|v| v == p))
+                            .expect("an endless supply");
+                        ports.insert(a.port(), port);
+                        port
+                    }
+                };
                 *v = format!("{}:{port}", a.ip()).into();
             };
             for l in table["listener"].as_array_mut().expect("listeners") {

@@ -529,7 +529,7 @@ async fn health_endpoints_report_process_and_pools() {
     .await;
     assert!(ready, "readyz never became ready: {last:?}");
     // The only image pool goes down: not ready, and it says for what.
-    ups.echoes.remove("black-forest-labs");
+    ups.stop("black-forest-labs").await;
     let unready = support::eventually(std::time::Duration::from_secs(10), || {
         last = gw.admin_get_blocking("/readyz");
         last.0 == 503
@@ -736,8 +736,8 @@ async fn pools_addresses_and_the_process_have_their_metrics() {
     // Every eu pool goes down: the residency-constrained account gets 503
     // although chat as a whole is still served (by the us pools); the
     // per-pool series show it, by region.
-    ups.echoes.remove("azure-sweden");
-    ups.echoes.remove("gcp-ireland");
+    ups.stop("azure-sweden").await;
+    ups.stop("gcp-ireland").await;
     assert_eq!(
         support::post_as(&c, &chat, "demo-api-eu-only").await,
         StatusCode::SERVICE_UNAVAILABLE

@@ -323,15 +323,9 @@ async fn sighup_reloads_even_when_no_file_changed() {
     let gw = Gateway::start(&TestConfig::shipped_with(&ups));
     let reloads = |logs: &str| logs.matches("configuration reloaded").count();
     assert_eq!(reloads(&gw.logs()), 0);
-    // Give the reload service a moment to install its handler: SIGHUP's
-    // default action would end the process.
-    assert!(
-        eventually(Duration::from_secs(5), || gw
-            .logs()
-            .contains("Starting service: BG configuration reload"))
-        .await
-    );
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Sent before the reload service installs its handler, SIGHUP would
+    // take its default action and end the process.
+    assert!(support::handler_installed(gw.pid(), "HUP").await);
     signal(gw.pid(), "HUP");
     assert!(
         eventually(Duration::from_secs(10), || reloads(&gw.logs()) == 1).await,

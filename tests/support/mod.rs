@@ -48,10 +48,18 @@ impl ClosedPort {
 /// A free port (bound, read, released): free on every address, so that a
 /// test may bind it on 0.0.0.0 or any loopback address.
 pub fn free_port() -> u16 {
-    TcpListener::bind("0.0.0.0:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
+    let [port] = free_ports();
+    port
+}
+
+/// `N` different free ports. Each is held until all are chosen: a port
+/// released at once may be handed out again by the very next bind, and a
+/// gateway given one port for two listeners refuses its configuration.
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let held: [TcpListener; N] = std::array::from_fn(|_| {
+        TcpListener::bind("0.0.0.0:0").expect("a free port on every address")
+    });
+    held.map(|l| l.local_addr().expect("a bound socket").port())
 }
 
 /// One echo upstream per pool of the shipped `pools.toml`.
@@ -103,6 +111,13 @@ impl Upstreams {
             .find(|(_, r)| r.header("x-privacy-decision-id") == Some(id))
     }
 
+    /// Stops `pool`'s upstream: once this returns, connects to it are refused.
+    pub async fn stop(&mut self, pool: &str) {
+        if let Some(echo) = self.echoes.remove(pool) {
+            echo.stop().await;
+        }
+    }
+
     /// Every byte any pool received.
     pub fn all_bytes(&self) -> Vec<u8> {
         self.echoes
@@ -112,18 +127,24 @@ impl Upstreams {
     }
 
     /// Every byte any pool received, as text, with the values of the
-    /// headers the gateway fills with random or keyed hex (decision id,
-    /// signature) blanked. A search for a hex fragment of an address
-    /// ("cb00", "abcd") would otherwise find it, by chance, in one of those
-    /// 32- or 64-digit values about once in a hundred runs.
+    /// headers the gateway fills with random or hashed hex blanked: the
+    /// decision id, the signature, and the policy version (its `+r...` part
+    /// hashes the pools file, which names the echo upstreams' random
+    /// ports). A search for a hex fragment of an address ("cb00", "abcd")
+    /// would otherwise find it, by chance, in one of those values about once
+    /// in a hundred runs.
     pub fn all_text_outside_issued_hex(&self) -> String {
         let text = String::from_utf8_lossy(&self.all_bytes()).into_owned();
         text.split("\r\n")
             .map(|line| match line.split_once(':') {
                 Some((name, _))
-                    if ["x-privacy-decision-id", "x-privacy-signature"]
-                        .iter()
-                        .any(|issued| name.eq_ignore_ascii_case(issued)) =>
+                    if [
+                        "x-privacy-decision-id",
+                        "x-privacy-signature",
+                        "x-privacy-policy-version",
+                    ]
+                    .iter()
+                    .any(|issued| name.eq_ignore_ascii_case(issued)) =>
                 {
                     format!("{name}: <issued>")
                 }
@@ -160,12 +181,15 @@ pub fn pools_with_addresses(addresses: &HashMap<String, Vec<String>>) -> String 
     toml::to_string(&pools).expect("serialize pools")
 }
 
-/// `pools` with an active HTTP health check on every pool.
+/// `pools` with an active HTTP health check on every pool. A stopped echo
+/// refuses the check's connect at once; the generous timeout and the second
+/// failure needed keep a test process that stalls for a moment from taking
+/// a live pool out.
 pub fn with_health_checks(pools: &str, interval_ms: u64) -> String {
     let mut table: toml::Table = toml::from_str(pools).expect("pools parse");
     for pool in table["pool"].as_array_mut().expect("pools") {
         let check: toml::Table = toml::from_str(&format!(
-            "kind = \"http\"\npath = \"/healthz\"\ninterval_ms = {interval_ms}\ntimeout_ms = 500\nhealthy_threshold = 1\nunhealthy_threshold = 1\n"
+            "kind = \"http\"\npath = \"/healthz\"\ninterval_ms = {interval_ms}\ntimeout_ms = 2000\nhealthy_threshold = 1\nunhealthy_threshold = 2\n"
         ))
         .expect("health check table");
         pool.as_table_mut()
@@ -359,9 +383,10 @@ impl Gateway {
     fn try_start(config: &TestConfig, rust_log: Option<&str>) -> Result<Gateway, String> {
         let dir = tempfile::tempdir().expect("tempdir");
         let host: IpAddr = config.listen_host.parse().expect("listen host");
-        let api = SocketAddr::new(host, free_port());
-        let chat = SocketAddr::new(host, free_port());
-        let admin = SocketAddr::new("127.0.0.1".parse().expect("loopback"), free_port());
+        let [api, chat, admin] = free_ports();
+        let api = SocketAddr::new(host, api);
+        let chat = SocketAddr::new(host, chat);
+        let admin = SocketAddr::new("127.0.0.1".parse().expect("loopback"), admin);
         let accounts = if config.compiled_accounts {
             "accounts = \"accounts.pgcs\"\naccount_changes = \"changes\""
         } else {
@@ -663,12 +688,44 @@ pub fn configmap_publish(dir: &Path, version: &str, files: &[(&str, &[u8])]) {
 
 /// Sends `signal` (e.g. `HUP`, `QUIT`) to process `pid`.
 pub fn signal(pid: u32, signal: &str) {
-    let status = Command::new("kill")
-        .arg(format!("-{signal}"))
-        .arg(pid.to_string())
-        .status()
-        .expect("run kill");
-    assert!(status.success(), "kill -{signal} {pid} failed");
+    let number = signal_number(signal);
+    let pid = libc::pid_t::try_from(pid).expect("a pid fits pid_t");
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+    let sent = unsafe { libc::kill(pid, number) };
+    assert_eq!(
+        sent,
+        0,
+        "kill -{signal} {pid}: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+fn signal_number(signal: &str) -> libc::c_int {
+    match signal {
+        "HUP" => libc::SIGHUP,
+        "QUIT" => libc::SIGQUIT,
+        "TERM" => libc::SIGTERM,
+        "USR1" => libc::SIGUSR1,
+        "KILL" => libc::SIGKILL,
+        other => panic!("no such signal in the tests: {other}"),
+    }
+}
+
+/// Waits (bounded) until process `pid` catches `signal`, read from its
+/// `SigCgt` mask: a signal sent before its handler is installed would take
+/// its default action (ending the process) or be lost.
+pub async fn handler_installed(pid: u32, signal: &str) -> bool {
+    let bit = 1u64 << (signal_number(signal) - 1);
+    let status = format!("/proc/{pid}/status");
+    eventually(Duration::from_secs(10), || {
+        std::fs::read_to_string(&status).is_ok_and(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("SigCgt:"))
+                .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+                .is_some_and(|mask| mask & bit != 0)
+        })
+    })
+    .await
 }
 
 /// Waits (bounded) until `f` holds; returns whether it did.
