@@ -1,8 +1,9 @@
 //! The admin listener: `/metrics` (Prometheus text, behind a bearer token
 //! when one is configured), `/healthz` (the process is up) and `/readyz`
 //! (every listener accepting, not stopping, and a healthy pool for every
-//! capability a pool serves; with the policy version serving). Probes need
-//! no token.
+//! capability a pool serves; with the policy version serving, and the
+//! capabilities served only by a higher priority tier, each request an
+//! exception to EU first). Probes need no token.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::path::Path;
@@ -17,7 +18,7 @@ use pingora::protocols::http::ServerSession;
 use crate::config::SnapshotHandle;
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
-use crate::policy::Capability;
+use crate::policy::{Capability, PoolCatalog};
 
 /// The bearer token `/metrics` requires, kept only as its SHA-256 so that
 /// comparing a presented token reveals nothing about it.
@@ -103,20 +104,58 @@ impl AdminApp {
         }
     }
 
-    /// Capabilities some pool serves but no pool can take right now.
-    fn unready_capabilities(&self) -> Vec<&'static str> {
+    /// The capabilities in each state `/readyz` names: (no pool can take
+    /// them, only a higher tier can).
+    fn capabilities_by_state(&self) -> (Vec<&'static str>, Vec<&'static str>) {
         let snapshot = self.snapshots.current();
-        Capability::ALL
-            .into_iter()
-            .filter(|&c| {
-                let serving = snapshot.pools.serving(c);
-                !serving.is_empty()
-                    && !serving
-                        .iter()
-                        .any(|i| snapshot.upstreams.pool(i).is_some_and(|p| p.is_available()))
-            })
-            .map(Capability::as_str)
-            .collect()
+        let available = |i: usize| snapshot.upstreams.pool(i).is_some_and(|p| p.is_available());
+        let (mut unavailable, mut exception) = (Vec::new(), Vec::new());
+        for c in Capability::ALL {
+            match serving_state(&snapshot.pools, c, available) {
+                ServingState::Unavailable => unavailable.push(c.as_str()),
+                ServingState::ExceptionTier => exception.push(c.as_str()),
+                ServingState::NotOffered | ServingState::LowestTier => {}
+            }
+        }
+        (unavailable, exception)
+    }
+}
+
+/// How a capability can be served now, as `/readyz` reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ServingState {
+    /// No pool serves it: nothing to be ready for.
+    NotOffered,
+    /// A pool of its lowest priority tier can take requests.
+    LowestTier,
+    /// Only a higher tier can: still served, but every request is an
+    /// exception to EU first (spec route 7), which operators want to see.
+    ExceptionTier,
+    /// No pool can take it: not ready.
+    Unavailable,
+}
+
+/// Where `capability` stands, given which pools are `available`.
+fn serving_state(
+    pools: &PoolCatalog,
+    capability: Capability,
+    available: impl Fn(usize) -> bool,
+) -> ServingState {
+    let offered = pools.serving(capability);
+    let mut tiers = pools
+        .tiers()
+        .iter()
+        .map(|t| t.pools.intersect(offered))
+        .filter(|pools| !pools.is_empty());
+    let Some(lowest) = tiers.next() else {
+        return ServingState::NotOffered;
+    };
+    if lowest.iter().any(&available) {
+        ServingState::LowestTier
+    } else if tiers.any(|tier| tier.iter().any(&available)) {
+        ServingState::ExceptionTier
+    } else {
+        ServingState::Unavailable
     }
 }
 
@@ -159,7 +198,7 @@ impl ServeHttp for AdminApp {
             }
             "/healthz" => reply(200, "text/plain", "ok\n".into()),
             "/readyz" => {
-                let unready = self.unready_capabilities();
+                let (unready, on_exception_tier) = self.capabilities_by_state();
                 let version = self.snapshots.current().policy_version.clone();
                 let listening = self.lifecycle.is_listening();
                 let stopping = self.lifecycle.is_stopping();
@@ -170,6 +209,7 @@ impl ServeHttp for AdminApp {
                     "listening": listening,
                     "stopping": stopping,
                     "capabilities_without_healthy_pool": unready,
+                    "capabilities_on_exception_tier": on_exception_tier,
                 });
                 reply(
                     if ready { 200 } else { 503 },
@@ -179,5 +219,53 @@ impl ServeHttp for AdminApp {
             }
             _ => reply(404, "text/plain", "not found\n".into()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{CapabilitySet, PoolProfile, RegionId};
+
+    /// Pools by (priority, serves chat): chat at 0, 0 and 1, images at 1.
+    fn catalog() -> PoolCatalog {
+        let pool = |priority, capability| {
+            let mut capabilities = CapabilitySet::default();
+            capabilities.insert(capability);
+            PoolProfile {
+                priority,
+                ..PoolProfile::new(0, RegionId(0), capabilities)
+            }
+        };
+        PoolCatalog::new(vec![
+            pool(0, Capability::Chat),
+            pool(0, Capability::Chat),
+            pool(1, Capability::Chat),
+            pool(1, Capability::ImageGeneration),
+        ])
+    }
+
+    #[test]
+    fn a_capability_is_on_its_exception_tier_only_while_every_lower_pool_is_down() {
+        let pools = catalog();
+        let state = |up: &[usize]| serving_state(&pools, Capability::Chat, |i| up.contains(&i));
+        assert_eq!(state(&[0, 1, 2]), ServingState::LowestTier);
+        assert_eq!(state(&[1]), ServingState::LowestTier);
+        assert_eq!(state(&[2, 3]), ServingState::ExceptionTier);
+        assert_eq!(state(&[3]), ServingState::Unavailable);
+    }
+
+    #[test]
+    fn a_capability_served_by_one_tier_has_no_exception_and_one_nobody_serves_is_not_offered() {
+        let pools = catalog();
+        // Image generation's only tier is priority 1: its lowest.
+        let images =
+            |up: &[usize]| serving_state(&pools, Capability::ImageGeneration, |i| up.contains(&i));
+        assert_eq!(images(&[3]), ServingState::LowestTier);
+        assert_eq!(images(&[0, 1, 2]), ServingState::Unavailable);
+        assert_eq!(
+            serving_state(&pools, Capability::Embeddings, |_| true),
+            ServingState::NotOffered
+        );
     }
 }

@@ -606,6 +606,21 @@ async fn route_7_eu_first_us_tier_serves_only_while_the_eu_pools_are_down_and_is
         );
     }
     assert_eq!(eu_first_exceptions(&gw, 30.0).await, 30.0);
+    // /readyz names what is now served only as an exception, beside what
+    // is not served at all (the capabilities only EU pools offer).
+    let (status, body) = gw.admin_get("/readyz").await;
+    let ready: serde_json::Value = serde_json::from_str(&body).expect("readyz JSON");
+    assert_eq!(status, 503, "{ready}");
+    assert_eq!(
+        ready["capabilities_on_exception_tier"],
+        serde_json::json!(["chat", "embeddings"]),
+        "{ready}"
+    );
+    assert_eq!(
+        ready["capabilities_without_healthy_pool"],
+        serde_json::json!(["fine_tuning", "feedback", "connector"]),
+        "{ready}"
+    );
 
     // Back on the same addresses: once checks pass, the EU tier serves again.
     for (pool, addr) in eu.iter().zip(eu_addrs) {
@@ -631,6 +646,13 @@ async fn route_7_eu_first_us_tier_serves_only_while_the_eu_pools_are_down_and_is
         assert!(Instant::now() < deadline, "the EU tier did not come back");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let (_, body) = gw.admin_get("/readyz").await;
+    let ready: serde_json::Value = serde_json::from_str(&body).expect("readyz JSON");
+    assert_eq!(
+        ready["capabilities_on_exception_tier"],
+        serde_json::json!([]),
+        "{ready}"
+    );
     let counts = paid_per_pool(&ups);
     let us_before = counts["gcp-us"] + counts["cerebras"];
     let eu_before = counts["azure-sweden"] + counts["gcp-ireland"];
