@@ -135,27 +135,33 @@ impl EchoUpstream {
         });
         let accept_state = state.clone();
         let accept = Arc::new(accept);
-        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(async move {
-            while let Ok((tcp, _)) = listener.accept().await {
+            // Its connections, so that a stop can end them all and wait.
+            let mut connections = tokio::task::JoinSet::new();
+            loop {
+                let tcp = tokio::select! {
+                    accepted = listener.accept() => match accepted {
+                        Ok((tcp, _)) => tcp,
+                        Err(_) => break,
+                    },
+                    _ = stopped.wait_for(|stop| *stop) => break,
+                    // Finished connections leave the set: a demo runs for long.
+                    Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+                };
                 // Events leave when written, as a model server's do (see
                 // examples/fixed_upstream.rs): not held for the proxy's ACK.
                 let _ = tcp.set_nodelay(true);
                 let state = accept_state.clone();
                 let accept = accept.clone();
-                let mut stopped = stopped.clone();
-                tokio::spawn(async move {
-                    let serving = async {
-                        if let Ok(stream) = accept(tcp).await {
-                            serve(state, stream).await;
-                        }
-                    };
-                    tokio::select! {
-                        _ = serving => {}
-                        _ = stopped.wait_for(|stop| *stop) => {}
+                connections.spawn(async move {
+                    if let Ok(stream) = accept(tcp).await {
+                        serve(state, stream).await;
                     }
                 });
             }
+            drop(listener);
+            connections.shutdown().await;
         });
         Ok(EchoUpstream {
             state,
@@ -165,14 +171,13 @@ impl EchoUpstream {
         })
     }
 
-    /// Stops it and returns once its listener is closed: from then on a
-    /// connect to its address is refused. (Dropping it stops it too, but the
-    /// listener closes only when the runtime next gets to the aborted task,
-    /// so a connect just after may still be accepted, then reset.)
+    /// Stops it and returns once its listener and every connection it had
+    /// are closed: from then on a connect to its address is refused and a
+    /// kept-alive connection to it is dead. (Dropping it stops it too, but
+    /// only when the runtime next gets to the aborted task, so a request
+    /// just after may still be answered.)
     pub async fn stop(mut self) {
         let _ = self.stop.send(true);
-        self.task.abort();
-        // Completes, cancelled, once the task and its listener are dropped.
         let _ = (&mut self.task).await;
     }
 
