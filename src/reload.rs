@@ -215,6 +215,20 @@ impl ReloadService {
         ReloadService { reloader, debounce }
     }
 
+    /// [`Self::watch`], then one comparison of the files' identities: a file
+    /// changed before the watch began (after the start-up load, while the
+    /// listeners already accept, or after a reload that named it) raised no
+    /// event anyone listened for. A reload follows only if one changed.
+    fn watch_and_recheck(
+        &self,
+        sources: &[PathBuf],
+        tx: &mpsc::UnboundedSender<Trigger>,
+    ) -> Option<notify::RecommendedWatcher> {
+        let watcher = self.watch(sources, tx);
+        let _ = tx.send(Trigger::FileEvent);
+        watcher
+    }
+
     /// Watches the folders of `sources` for changes to their files.
     fn watch(
         &self,
@@ -294,10 +308,7 @@ impl BackgroundService for ReloadService {
             }
         };
         let mut sources = self.reloader.sources();
-        let mut _watcher = self.watch(&sources, &tx);
-        // A file changed between the start-up load and this watch (the
-        // listeners already accept by then) is seen by comparing identities.
-        let _ = tx.send(Trigger::FileEvent);
+        let mut _watcher = self.watch_and_recheck(&sources, &tx);
         // Network volumes (NFS, EFS) deliver no change events for writes made
         // elsewhere: the files' identities are also compared on a schedule
         // (a reload happens only if one changed).
@@ -329,11 +340,7 @@ impl BackgroundService for ReloadService {
                 && self.reloader.sources() != sources
             {
                 sources = self.reloader.sources();
-                _watcher = self.watch(&sources, &tx);
-                // A newly named file written between that reload and this
-                // watch raised no event anyone listened for: compare
-                // identities once more, as at start-up.
-                let _ = tx.send(Trigger::FileEvent);
+                _watcher = self.watch_and_recheck(&sources, &tx);
             }
         }
     }
