@@ -117,9 +117,9 @@ impl Setup {
             .1
     }
 
-    /// Every byte the upstreams received, as text, issued hex blanked.
+    /// Every byte the upstreams received, as text.
     fn upstream_text(&self) -> String {
-        self.ups.all_text_outside_issued_hex()
+        String::from_utf8_lossy(&self.ups.all_bytes()).into_owned()
     }
 
     /// The decision's geo part for the same request, decided by the library
@@ -295,7 +295,10 @@ async fn ipv6_and_ipv4_mapped_client_addresses_are_looked_up() {
 
     let bytes = s.upstream_text();
     assert!(
-        !bytes.contains("5678") && !bytes.contains("abcd") && !bytes.contains(FR_CLIENT),
+        !support::V6_CLIENT_PARTS
+            .iter()
+            .any(|part| bytes.contains(part))
+            && !bytes.contains(FR_CLIENT),
         "a full address reached upstream:\n{bytes}"
     );
 }

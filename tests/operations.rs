@@ -313,6 +313,15 @@ async fn upgrade_under_keep_alive_load(signal_first: bool) -> Upgraded {
     let start_new = |gw: &Gateway| KillOnDrop(gw.start_upgrade());
     let new = if signal_first {
         signal(gw.pid(), "QUIT");
+        // The new process starts only once the old one has looked for its
+        // socket and is waiting (it tries again each second, five times).
+        assert!(
+            eventually(Duration::from_secs(10), || gw
+                .logs()
+                .contains("server not ready"))
+            .await,
+            "the old process did not wait for the new one"
+        );
         start_new(&gw)
     } else {
         let new = start_new(&gw);
@@ -325,6 +334,17 @@ async fn upgrade_under_keep_alive_load(signal_first: bool) -> Upgraded {
         assert_eq!(
             std::os::unix::fs::PermissionsExt::mode(&folder.permissions()) & 0o777,
             0o700
+        );
+        // The old process is signalled only once the new one has waited
+        // for the sockets (it looks again each second).
+        let new_log = gw.dir.path().join("upgrade.log");
+        assert!(
+            eventually(Duration::from_secs(10), || {
+                std::fs::read_to_string(&new_log)
+                    .is_ok_and(|log| log.contains("No incoming socket transfer"))
+            })
+            .await,
+            "the new process did not wait for the sockets"
         );
         signal(gw.pid(), "QUIT");
         new
@@ -392,14 +412,14 @@ async fn keep_alive_clients_lose_no_request_across_a_graceful_upgrade() {
     ] {
         assert!(old_log.contains(step), "{step}: {old_log}");
     }
-    // Waiting for the sockets is a normal step: at INFO, if the new process
-    // had to wait at all (it need not, when the old one is quick).
+    // The new process waited for the sockets: a normal step, at INFO.
     assert_normal_step_at_info(&new_log, "No incoming socket transfer");
 }
 
-/// Every line of `log` that says `step` says it at INFO (Pingora logs
-/// these waits of an upgrade as failures; the gateway re-levels them).
+/// `log` says `step`, and every line that does says it at INFO (Pingora
+/// logs these waits of an upgrade as failures; the gateway re-levels them).
 fn assert_normal_step_at_info(log: &str, step: &str) {
+    assert!(log.contains(step), "{step}: {log}");
     for line in log.lines().filter(|l| l.contains(step)) {
         assert!(line.contains(" INFO "), "{line}");
     }
@@ -408,7 +428,7 @@ fn assert_normal_step_at_info(log: &str, step: &str) {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_systemd_units_reload_order_signal_first_loses_no_request_either() {
     let Upgraded { old_log, .. } = upgrade_under_keep_alive_load(true).await;
-    // The old process waiting for the new one's socket: a normal step too.
+    // The old process waited for the new one's socket: a normal step too.
     assert_normal_step_at_info(&old_log, "server not ready");
 }
 
@@ -476,11 +496,10 @@ async fn a_graceful_stop_answers_every_request_it_accepted() {
     }
 }
 
-/// The shipped configuration in `dir`, on the given ports, its process
-/// files inside `dir`.
-/// The shipped configuration, listening on `host` (a loopback address no
-/// other test uses, so that a probe there can only reach this test's
-/// gateway, even when another test's gateway holds the same port number).
+/// The shipped configuration in `dir`, its process files inside `dir`,
+/// listening on the given ports of `host`: a loopback address no other test
+/// listens on, so that a probe there reaches this test's gateway even when
+/// another test's gateway has the same port number on 127.0.0.1.
 fn shipped_config_in(dir: &std::path::Path, host: &str, api: u16, chat: u16, admin: u16) {
     let gateway = support::shipped("gateway.toml")
         .replace("127.0.0.1:8080", &format!("{host}:{api}"))
@@ -670,7 +689,8 @@ struct KillPidOnDrop(u32);
 
 impl Drop for KillPidOnDrop {
     fn drop(&mut self) {
-        if let Ok(pid) = libc::pid_t::try_from(self.0) {
+        // Never 0: kill(0, ...) would signal the test's own process group.
+        if let Ok(pid @ 1..) = libc::pid_t::try_from(self.0) {
             // SAFETY: kill(2) takes plain integers; a process already gone
             // is an error nobody needs to hear of here.
             unsafe { libc::kill(pid, libc::SIGKILL) };

@@ -323,8 +323,8 @@ async fn sighup_reloads_even_when_no_file_changed() {
     let gw = Gateway::start(&TestConfig::shipped_with(&ups));
     let reloads = |logs: &str| logs.matches("configuration reloaded").count();
     assert_eq!(reloads(&gw.logs()), 0);
-    // Sent before the reload service installs its handler, SIGHUP would
-    // take its default action and end the process.
+    // Sent before the reload service listens for it, SIGHUP would be
+    // ignored and no reload would come.
     assert!(support::handler_installed(gw.pid(), "HUP").await);
     signal(gw.pid(), "HUP");
     assert!(
