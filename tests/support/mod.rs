@@ -424,40 +424,47 @@ impl Gateway {
         gateway.wait_ready().map(|()| gateway)
     }
 
-    /// Waits until every listener accepts; the logs if the process exited.
+    /// Waits until every listener accepts and serves; the logs if the
+    /// process exited.
     fn wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(15);
         for addr in [self.api, self.chat, self.admin] {
-            while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-                if let Ok(Some(status)) = self.child.try_wait() {
-                    return Err(format!("exit {status}:\n{}", self.logs()));
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "gateway did not listen on {addr}:\n{}",
-                    self.logs()
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            self.poll_until(
+                deadline,
+                &format!("gateway did not listen on {addr}"),
+                |_| TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok(),
+            )?;
         }
         // The sockets are bound before the services start: accepting is not
         // yet serving. `/readyz` says when every listener's service runs
         // (whether the pools are healthy is each test's business).
-        loop {
-            let (_, body) = self.admin_get_blocking("/readyz");
-            if body.contains("\"listening\":true") {
-                return Ok(());
-            }
+        self.poll_until(
+            deadline,
+            "the gateway's listeners did not start serving",
+            |gw| {
+                gw.admin_get_blocking("/readyz")
+                    .1
+                    .contains("\"listening\":true")
+            },
+        )
+    }
+
+    /// Polls `done` every 20 ms until it holds: the logs if the process
+    /// exits first, a panic naming `what` at `deadline`.
+    fn poll_until(
+        &mut self,
+        deadline: Instant,
+        what: &str,
+        mut done: impl FnMut(&Self) -> bool,
+    ) -> Result<(), String> {
+        while !done(self) {
             if let Ok(Some(status)) = self.child.try_wait() {
                 return Err(format!("exit {status}:\n{}", self.logs()));
             }
-            assert!(
-                Instant::now() < deadline,
-                "the gateway's listeners did not start serving:\n{}",
-                self.logs()
-            );
+            assert!(Instant::now() < deadline, "{what}:\n{}", self.logs());
             std::thread::sleep(Duration::from_millis(20));
         }
+        Ok(())
     }
 
     /// `GET path` on the admin listener from a thread of its own, for code
